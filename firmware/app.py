@@ -1,0 +1,109 @@
+# The device: built from a board object, no module-level state, so one process can run many.
+# Boot order: bootstrap config from flash (retried, never a crash loop), boot counter, then
+# the MQTT connection task and the telemetry task on one asyncio loop.
+import asyncio
+import json
+
+from backoff import Backoff, Rng
+from mqtt.client import MQTTClient
+from firmware import bootconfig, bootlog
+from firmware.telemetry import Telemetry
+from firmware.topics import Topics
+from firmware.version import FW_VERSION, SCHEMA
+
+CONFIG_RETRY_S = 5
+
+
+class Device:
+    def __init__(self, board, config_retry_s=CONFIG_RETRY_S):
+        self.board = board
+        self.config_retry_s = config_retry_s
+        self.rnd = Rng(board.entropy())
+        self.name = board.label
+        self.cfg = None
+        self.client = None
+        self.telemetry = None
+        self.boot = 0
+        self._tasks = []
+
+    def log(self, level, msg):
+        self.board.log("%s %s %s" % (self.name, level, msg))
+
+    async def load_config(self):
+        """Bootstrap config, waiting for a valid one: a missing or bad file is logged once
+        (and again only if the error changes), then re-read every config_retry_s."""
+        last = None
+        while True:
+            try:
+                return bootconfig.load(self.board.fs)
+            except bootconfig.ConfigError as e:
+                if str(e) != last:
+                    last = str(e)
+                    self.log("E", "bootstrap config: %s; retrying every %d s" % (e, self.config_retry_s))
+            await asyncio.sleep(self.config_retry_s)
+
+    def _status(self, state):
+        return json.dumps(
+            {"v": SCHEMA, "state": state, "boot": self.boot, "fw": FW_VERSION}
+        )
+
+    def build(self, cfg):
+        """Wire the tasks for a validated config (no I/O, nothing started)."""
+        self.cfg = cfg
+        self.name = cfg["device_id"]
+        self.topics = Topics(cfg["prefix"], cfg["device_id"])
+        b = cfg["broker"]
+        self.client = MQTTClient(
+            cfg["device_id"],
+            b["host"],
+            b["port"],
+            keepalive=b["keepalive"],
+            clean=False,
+            will=(self.topics.status, json.dumps({"v": SCHEMA, "state": "offline"}), 1, True),
+            user=b["user"],
+            password=b["password"],
+            backoff=Backoff(self.rnd),
+            ticks_ms=self.board.ticks_ms,
+            log=self.log,
+            on_connect=self._on_connect,
+        )
+        self.telemetry = Telemetry(
+            self.board, self.rnd, self._publish_q1, self.topics.telemetry, self.boot,
+            cfg["telemetry_interval"],
+        )
+
+    def _on_connect(self, session_present):
+        # Birth message: retained, so a late subscriber sees the device online at once.
+        asyncio.create_task(
+            self.client.publish(self.topics.status, self._status("online"), 1, True, wait=False)
+        )
+
+    async def _publish_q1(self, topic, payload):
+        await self.client.publish(topic, payload, 1, False, wait=False)
+
+    async def run(self):
+        cfg = await self.load_config()
+        self.boot = bootlog.next_boot(self.board.fs)["boot"]
+        self.build(cfg)
+        self.log("I", "boot %d, firmware %s, broker %s:%d" % (
+            self.boot, FW_VERSION, cfg["broker"]["host"], cfg["broker"]["port"]))
+        self._tasks = [
+            asyncio.create_task(self.client.run()),
+            asyncio.create_task(self.telemetry.run()),
+        ]
+        await asyncio.gather(*self._tasks)
+
+    async def stop(self):
+        """Graceful stop: retained offline status, then DISCONNECT (no last will)."""
+        if self.client:
+            await self.client.disconnect((self.topics.status, self._status("offline"), True))
+        for t in self._tasks:
+            t.cancel()
+
+
+async def run_devices(devices):
+    await asyncio.gather(*[d.run() for d in devices])
+
+
+async def stop_devices(devices):
+    await asyncio.gather(*[d.stop() for d in devices])

@@ -1,0 +1,106 @@
+# Bootstrap config: the few settings a device needs before it can reach anything (identity,
+# broker, Wi-Fi, TLS paths, topic prefix), read from /config.json on its flash and checked
+# whole, so a bad file is one clear error instead of a crash somewhere later.
+import json
+
+PATH = "/config.json"
+MAX_BYTES = 4096
+
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _check_id(what, s, max_len=64):
+    if not isinstance(s, str) or not 0 < len(s) <= max_len:
+        raise ConfigError("%s must be a string of 1..%d characters" % (what, max_len))
+    for c in s:
+        if c not in _ID_CHARS:
+            raise ConfigError("%s %r has a character outside [A-Za-z0-9-_.]" % (what, s))
+    return s
+
+
+def _num(d, key, default, lo, hi, kind=int):
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+        raise ConfigError("%s must be %s" % (key, "a number" if kind is float else "an integer"))
+    if not lo <= v <= hi:
+        raise ConfigError("%s must be in %s..%s" % (key, lo, hi))
+    return v
+
+
+def _str(d, key, default=None):
+    v = d.get(key, default)
+    if v is not None and not isinstance(v, str):
+        raise ConfigError("%s must be a string" % key)
+    return v
+
+
+def validate(doc):
+    """Return a normalised config dict or raise ConfigError naming the first bad field."""
+    if not isinstance(doc, dict):
+        raise ConfigError("top level must be a JSON object")
+    cfg = {"device_id": _check_id("device_id", doc.get("device_id"))}
+    prefix = _str(doc, "prefix", "")
+    for c in "+#\x00":
+        if c in prefix:
+            raise ConfigError("prefix must not contain MQTT wildcards or NUL")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    cfg["prefix"] = prefix
+    b = doc.get("broker")
+    if not isinstance(b, dict):
+        raise ConfigError("broker must be an object with host and port")
+    broker = {
+        "host": _str(b, "host"),
+        "port": _num(b, "port", 1883, 1, 65535),
+        "keepalive": _num(b, "keepalive", 60, 2, 65535),
+        "user": _str(b, "user"),
+        "password": _str(b, "password"),
+    }
+    if not broker["host"]:
+        raise ConfigError("broker.host is required")
+    tls = b.get("tls")
+    if tls is not None:
+        if not isinstance(tls, dict):
+            raise ConfigError("broker.tls must be an object")
+        broker["tls"] = {
+            "ca": _str(tls, "ca"),
+            "cert": _str(tls, "cert"),
+            "key": _str(tls, "key"),
+            "server_hostname": _str(tls, "server_hostname"),
+        }
+    cfg["broker"] = broker
+    wifi = doc.get("wifi", [])
+    if not isinstance(wifi, list):
+        raise ConfigError("wifi must be a list of {ssid, password}")
+    nets = []
+    for n in wifi:
+        if not isinstance(n, dict) or not isinstance(n.get("ssid"), str):
+            raise ConfigError("each wifi entry needs an ssid string")
+        nets.append((n["ssid"], _str(n, "password", "")))
+    cfg["wifi"] = nets
+    groups = doc.get("groups", [])
+    if not isinstance(groups, list):
+        raise ConfigError("groups must be a list")
+    cfg["groups"] = [_check_id("group", g) for g in groups]
+    cfg["telemetry_interval"] = _num(doc, "telemetry_interval", 60, 0.05, 86400, float)
+    return cfg
+
+
+def load(fs):
+    """Read and validate the bootstrap config from the board's filesystem."""
+    try:
+        with fs.open(PATH, "r") as f:
+            text = f.read(MAX_BYTES + 1)
+    except OSError:
+        raise ConfigError("%s missing: provision the device (see README)" % PATH)
+    if len(text) > MAX_BYTES:
+        raise ConfigError("%s larger than %d bytes" % (PATH, MAX_BYTES))
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ConfigError("%s is not valid JSON" % PATH)
+    return validate(doc)

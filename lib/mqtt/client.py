@@ -1,0 +1,405 @@
+# Async MQTT 3.1.1 client: one connection task that connects, resumes the session, reads,
+# keeps the link alive and reconnects with jittered backoff. Wire format lives in codec,
+# in-flight state in session; this module only does the asyncio I/O around them.
+import asyncio
+import time
+
+from mqtt import codec
+from mqtt.session import Message, Session
+from backoff import Backoff, Rng
+
+
+class MQTTError(Exception):
+    pass
+
+
+def _b(s):
+    return s.encode() if isinstance(s, str) else s
+
+
+def _log(level, msg):
+    print(level, msg)
+
+
+class MQTTClient:
+    """Connection-owning MQTT client.
+
+    Subscriptions are declared with `subscribe()` before or while `run()` goes; they are sent
+    only when the broker has no session for us (CONNACK session-present = 0).
+    QoS 1 publishes pipeline through an in-flight window of `window` messages.
+    """
+
+    def __init__(
+        self,
+        client_id,
+        host,
+        port=1883,
+        keepalive=60,
+        clean=False,
+        will=None,
+        user=None,
+        password=None,
+        ssl=None,
+        server_hostname=None,
+        window=16,
+        max_frame=4096,
+        timeout=10,
+        backoff=None,
+        ticks_ms=time.ticks_ms,
+        log=_log,
+        on_message=None,
+        on_connect=None,
+        on_ack=None,
+    ):
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.keepalive = keepalive
+        self.clean = clean
+        self.will = will
+        self.user = user
+        self.password = password
+        self.ssl = ssl
+        self.server_hostname = server_hostname or host
+        self.max_frame = max_frame
+        self.timeout = timeout
+        self.backoff = backoff or Backoff(Rng(time.ticks_ms()))
+        self.ticks_ms = ticks_ms
+        self.log = log
+        self.on_message = on_message  # async or plain fn(topic: bytes, payload: memoryview, retain)
+        self.on_connect = on_connect  # fn(session_present) after subscribe/resend on each connect
+        self.on_ack = on_ack  # fn(Message) when a QoS 1 message is acknowledged
+        self.session = Session(window)
+        self.subs = []  # [(topic, qos)]
+        self.connected = asyncio.Event()
+        self.stats = {
+            "connects": 0,
+            "connect_failures": 0,
+            "refusals": 0,
+            "protocol_errors": 0,
+            "keepalive_timeouts": 0,
+            "resends": 0,
+            "pings": 0,
+            "rx": 0,
+            "tx": 0,
+            "last_refusal": 0,
+        }
+        self._writer = None
+        self._reader = None
+        self._wlock = asyncio.Lock()
+        self._space = asyncio.Event()
+        self._suback = asyncio.Event()
+        self._sub_pid = 0
+        self._dead = asyncio.Event()
+        self._stop = False
+        self._last_rx = 0
+        self._last_tx = 0
+        self._txbuf = bytearray(max_frame + 8)
+        self._ackbuf = bytearray(4)
+        self._rxbuf = bytearray(max_frame)
+        self._rxmv = memoryview(self._rxbuf)
+        self._b1 = bytearray(1)
+        self._vl = codec.VarlenDecoder()
+
+    # ---- app API -------------------------------------------------------------------
+
+    def subscribe(self, topic, qos=1):
+        """Declare a subscription; it is sent whenever the broker has no session for us."""
+        self.subs.append((_b(topic), qos))
+
+    def is_connected(self):
+        return self.connected.is_set()
+
+    async def publish(self, topic, payload, qos=0, retain=False, wait=True, token=None):
+        """Publish. QoS 0 goes out only while connected (returns False otherwise).
+        QoS 1 waits for room in the in-flight window, is kept until its PUBACK and survives
+        reconnects; with wait=True this returns once acknowledged, else once handed over
+        (on_ack tells later). Returns the packet id for QoS 1."""
+        topic = _b(topic)
+        payload = _b(payload)
+        if codec.publish_size(topic, payload, qos) > len(self._txbuf):
+            raise ValueError("message larger than max_frame")
+        if qos == 0:
+            if not self.connected.is_set():
+                return False
+            await self._send_publish(topic, payload, 0, retain, False, 0)
+            return True
+        while self.session.full():
+            self._space.clear()
+            await self._space.wait()
+        msg = Message(topic, payload, 1, retain, token)
+        done = None
+        if wait:
+            done = asyncio.Event()
+            msg.token = (token, done)
+        self.session.add(msg)
+        if self.connected.is_set():
+            await self._send_msg(msg, False)
+        if done:
+            await done.wait()
+        return msg.pid
+
+    async def disconnect(self, final=None):
+        """Graceful stop: an optional final (topic, payload, retain) QoS 1 publish, then
+        DISCONNECT so the broker discards the last will. TCP keeps the two in order, so
+        this does not wait for the PUBACK (the loop may already be stopping)."""
+        self._stop = True
+        if self.connected.is_set():
+            try:
+                if final:
+                    msg = Message(_b(final[0]), _b(final[1]), 1, final[2])
+                    if not self.session.full():
+                        self.session.add(msg)
+                        await self._send_msg(msg, False)
+                await self._send(codec.DISCONNECT_PACKET)
+            except OSError:
+                pass
+        self._dead.set()
+        await self._close()
+
+    # ---- connection task -------------------------------------------------------------
+
+    async def run(self):
+        """Connect and stay connected until disconnect(); never raises for network faults."""
+        while not self._stop:
+            try:
+                present = await self._connect()
+            except asyncio.CancelledError:
+                await self._close()
+                raise
+            except Exception as e:  # every failure mode of a connect ends in a backoff
+                self.stats["connect_failures"] += 1
+                self.log("W", "connect failed: %r" % (e,))
+                await self._close()
+                await asyncio.sleep(self.backoff.next_delay())
+                continue
+            up = self.ticks_ms()
+            tasks = (
+                asyncio.create_task(self._read_loop()),
+                asyncio.create_task(self._keepalive_loop()),
+            )
+            try:
+                await self._resume(present)
+                await self._dead.wait()
+            except asyncio.CancelledError:
+                self._stop = True
+                raise
+            except Exception as e:
+                self.log("W", "session setup failed: %r" % (e,))
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await self._close()
+            if self._stop:
+                break
+            lasted = time.ticks_diff(self.ticks_ms(), up) / 1000
+            self.backoff.connected_for(lasted)
+            if self.backoff.attempt == 0:
+                delay = self.backoff.first_delay()
+            else:
+                delay = self.backoff.next_delay()
+            self.log("I", "link lost after %.1f s; reconnect in %.1f s" % (lasted, delay))
+            await asyncio.sleep(delay)
+
+    async def _connect(self):
+        self._dead.clear()
+        if self.ssl:
+            coro = asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
+            )
+        else:
+            coro = asyncio.open_connection(self.host, self.port)
+        self._reader, self._writer = await asyncio.wait_for(coro, self.timeout)
+        pkt = codec.connect_packet(
+            self.client_id, self.keepalive, self.clean, self.will, self.user, self.password
+        )
+        await self._send(pkt)
+        byte0, body = await asyncio.wait_for(self._read_packet(), self.timeout)
+        if byte0 & 0xF0 != codec.CONNACK:
+            raise codec.ProtocolError("expected CONNACK")
+        present, rc = codec.decode_connack(body)
+        if rc:
+            self.stats["refusals"] += 1
+            self.stats["last_refusal"] = rc
+            raise MQTTError("CONNACK refused: %s" % codec.CONNACK_REASONS.get(rc, rc))
+        self.stats["connects"] += 1
+        self._last_rx = self.ticks_ms()
+        return present
+
+    async def _resume(self, present):
+        """After CONNACK: with the session kept, resend unacknowledged messages with DUP and
+        their ids; without it, subscribe first, then send them again as new messages."""
+        if present and not self.clean:
+            msgs = self.session.pending()
+        else:
+            if self.subs:
+                await self._subscribe_all()
+            msgs = self.session.renumber()
+        self.connected.set()
+        for m in msgs:
+            if m.sent:
+                self.stats["resends"] += 1
+            await self._send_msg(m, m.sent)
+        self.log("I", "connected (session present: %d, resent: %d)" % (present, len(msgs)))
+        if self.on_connect:
+            self.on_connect(present)
+
+    async def _subscribe_all(self):
+        pid = self.session.next_pid()
+        self._sub_pid = pid
+        self._suback.clear()
+        await self._send(codec.subscribe_packet(pid, self.subs))
+        await asyncio.wait_for(self._suback.wait(), self.timeout)
+
+    async def _close(self):
+        self.connected.clear()
+        w = self._writer
+        self._writer = None
+        self._reader = None
+        if w:
+            try:
+                await w.wait_closed()  # closes the socket on MicroPython
+            except Exception:
+                pass
+
+    # ---- reading ---------------------------------------------------------------------
+
+    async def _readexactly(self, mv):
+        r = self._reader
+        got = 0
+        n = len(mv)
+        while got < n:
+            k = await r.readinto(mv[got:] if got else mv)
+            if not k:
+                raise OSError("connection closed by broker")
+            got += k
+
+    async def _read_packet(self):
+        """Read one frame into the preallocated rx buffer; validate before reading the body."""
+        b1 = self._b1
+        await self._readexactly(b1)
+        byte0 = b1[0]
+        vl = self._vl
+        vl.reset()
+        n = None
+        while n is None:
+            await self._readexactly(b1)
+            n = vl.feed(b1[0])
+        codec.check_fixed_header(byte0, n, self.max_frame)
+        body = self._rxmv[:n]
+        if n:
+            await self._readexactly(body)
+        self._last_rx = self.ticks_ms()
+        self.stats["rx"] += 1
+        return byte0, body
+
+    async def _read_loop(self):
+        try:
+            while not self._dead.is_set():
+                byte0, body = await self._read_packet()
+                await self._dispatch(byte0, body)
+        except asyncio.CancelledError:
+            pass
+        except codec.ProtocolError as e:
+            self.stats["protocol_errors"] += 1
+            self.log("E", "protocol error from broker: %s" % e)
+        except Exception as e:
+            self.log("W", "read failed: %r" % (e,))
+        self._dead.set()
+
+    async def _dispatch(self, byte0, body):
+        ptype = byte0 & 0xF0
+        if ptype == codec.PUBLISH:
+            topic, payload, qos, pid, dup, retain = codec.decode_publish(byte0 & 0x0F, body)
+            if qos == 2:
+                raise codec.ProtocolError("QoS 2 PUBLISH on a QoS 1 subscription")
+            if qos == 0 or not self.session.seen_inbound(pid, dup):
+                if self.on_message:
+                    r = self.on_message(topic, payload, retain)
+                    if r is not None and hasattr(r, "send"):
+                        await r
+            if qos == 1:
+                # After the handler ran: a crash before this line means a redelivery.
+                codec.ack_into(self._ackbuf, codec.PUBACK, pid)
+                await self._send(self._ackbuf)
+        elif ptype == codec.PUBACK:
+            msg = self.session.ack(codec.decode_pid(body))
+            if msg is not None:
+                self._space.set()
+                t = msg.token
+                if isinstance(t, tuple):
+                    msg.token = t[0]
+                    t[1].set()
+                if self.on_ack:
+                    self.on_ack(msg)
+        elif ptype == codec.SUBACK:
+            pid, granted = codec.decode_suback(body)
+            if pid == self._sub_pid:
+                if 0x80 in granted:
+                    self.log("E", "broker refused a subscription: %r" % (granted,))
+                self._suback.set()
+        elif ptype == codec.PINGRESP:
+            pass
+        else:
+            raise codec.ProtocolError("unexpected packet type %d" % (ptype >> 4))
+
+    # ---- writing ---------------------------------------------------------------------
+
+    async def _send(self, pkt):
+        """Write one whole packet and drain it. The lock keeps drains from interleaving,
+        so the stream buffer never holds more than one packet."""
+        async with self._wlock:
+            w = self._writer
+            if w is None:
+                raise OSError("not connected")
+            w.write(pkt)
+            await w.drain()
+            self._last_tx = self.ticks_ms()
+            self.stats["tx"] += 1
+
+    async def _send_publish(self, topic, payload, qos, retain, dup, pid):
+        async with self._wlock:
+            w = self._writer
+            if w is None:
+                raise OSError("not connected")
+            n = codec.publish_into(self._txbuf, topic, payload, qos, retain, dup, pid)
+            # One write per packet: a header sent apart from its payload stalls on Nagle.
+            w.write(memoryview(self._txbuf)[:n])
+            await w.drain()
+            self._last_tx = self.ticks_ms()
+            self.stats["tx"] += 1
+
+    async def _send_msg(self, msg, dup):
+        try:
+            await self._send_publish(msg.topic, msg.payload, 1, msg.retain, dup, msg.pid)
+            msg.sent = True
+        except OSError:
+            # Stays in flight; the next connection resends it.
+            self._dead.set()
+
+    # ---- keepalive ---------------------------------------------------------------------
+
+    async def _keepalive_loop(self):
+        """PINGREQ when idle for the keepalive interval; a link silent for 1.5 x keepalive
+        is dead even if TCP never says so (a black-holed connection)."""
+        ka = self.keepalive * 1000
+        if not ka:
+            return
+        step = min(1000, ka // 4)
+        while not self._dead.is_set():
+            await asyncio.sleep_ms(step)
+            now = self.ticks_ms()
+            if time.ticks_diff(now, self._last_rx) >= ka * 3 // 2:
+                self.stats["keepalive_timeouts"] += 1
+                self.log("W", "no traffic from broker for 1.5 x keepalive: link dead")
+                self._dead.set()
+                break
+            if (
+                time.ticks_diff(now, self._last_tx) >= ka
+                or time.ticks_diff(now, self._last_rx) >= ka
+            ) and self.connected.is_set():
+                try:
+                    self.stats["pings"] += 1
+                    await self._send(codec.PINGREQ_PACKET)
+                except OSError:
+                    self._dead.set()
