@@ -1,4 +1,4 @@
-# ESP32 board: MCU temperature as the built-in sensor; the rest is McuBoard.
+# ESP32 board: the die temperature sensor as the built-in reading; the rest is McuBoard.
 import esp32
 
 from firmware.boards.mcu import McuBoard
@@ -8,4 +8,5 @@ class Board(McuBoard):
     name = "esp32"
 
     def read_sensors(self, rnd):
-        return {"temp_c": esp32.mcu_temperature()}
+        # raw_temperature() is the classic ESP32's die sensor, in Fahrenheit.
+        return {"temp_c": round((esp32.raw_temperature() - 32) / 1.8, 1)}
