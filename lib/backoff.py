@@ -7,7 +7,11 @@ class Rng:
     each device needs its own stream so many devices in one process stay independent."""
 
     def __init__(self, seed):
-        self._s = (seed & 0xFFFFFFFF) or 0x9E3779B9
+        # Scramble the seed and skip the first outputs: xorshift's early values from a
+        # small seed are small too, which would put every device at the start of a window.
+        self._s = ((seed * 2654435761) & 0xFFFFFFFF) or 0x9E3779B9
+        for _ in range(8):
+            self.u32()
 
     def u32(self):
         s = self._s

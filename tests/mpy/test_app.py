@@ -1,0 +1,97 @@
+# Device object: config retry without crash-looping, boot counter, per-device random phase,
+# and several devices in one process with nothing shared.
+import asyncio
+import json
+import time
+
+from firmware import bootlog
+from firmware.app import Device
+from firmware.boards.unix import Board
+from firmware.telemetry import Telemetry
+from backoff import Rng
+from mpyutil import fresh_image
+
+
+def _board(name):
+    b = Board(fresh_image(name), 64 * 4096)
+    b.lines = []
+    b.log = b.lines.append
+    return b
+
+
+async def test_missing_config_logs_once_then_picks_up_the_file():
+    b = _board("retry")
+    d = Device(b, config_retry_s=0.02)
+    task = asyncio.create_task(d.load_config())
+    await asyncio.sleep(0.15)
+    assert not task.done()
+    errors = [l for l in b.lines if " E " in l]
+    assert len(errors) == 1 and "/config.json missing" in errors[0], b.lines
+    with b.fs.open("/config.json", "w") as f:
+        f.write(json.dumps({"device_id": "late", "broker": {"host": "h"}}))
+    for _ in range(50):
+        if task.done():
+            break
+        await asyncio.sleep(0.02)
+    assert task.done()
+    assert (await task)["device_id"] == "late"
+
+
+async def test_changed_error_is_logged_again():
+    b = _board("retry2")
+    d = Device(b, config_retry_s=0.02)
+    task = asyncio.create_task(d.load_config())
+    await asyncio.sleep(0.05)
+    with b.fs.open("/config.json", "w") as f:
+        f.write("{")
+    await asyncio.sleep(0.1)
+    task.cancel()
+    errors = [l for l in b.lines if " E " in l]
+    assert len(errors) == 2 and "not valid JSON" in errors[1], b.lines
+
+
+def test_boot_counter_survives_a_restart_of_the_flash():
+    path = fresh_image("boot")
+    b = Board(path, 64 * 4096)
+    assert bootlog.next_boot(b.fs)["boot"] == 1
+    assert bootlog.next_boot(b.fs)["boot"] == 2
+    b2 = Board(path)  # same image opened again, as after a power cycle
+    assert bootlog.next_boot(b2.fs)["boot"] == 3
+
+
+async def test_telemetry_starts_at_a_random_phase_per_device():
+    firsts = []
+    t0 = time.ticks_ms()
+
+    def recorder():
+        async def pub(topic, payload):
+            firsts.append((time.ticks_diff(time.ticks_ms(), t0), json.loads(payload)))
+            raise asyncio.CancelledError
+        return pub
+
+    b = _board("phase")
+    tasks = [
+        asyncio.create_task(Telemetry(b, Rng(seed), recorder(), "t", 1, 0.4).run())
+        for seed in (11, 22, 33, 44)
+    ]
+    await asyncio.sleep(0.5)
+    for t in tasks:
+        t.cancel()
+    assert len(firsts) == 4
+    phases = sorted(ms for ms, _ in firsts)
+    assert phases[0] >= 0 and phases[-1] <= 450
+    assert phases[-1] - phases[0] > 40, phases  # not all at once
+    assert all(m["seq"] == 1 and m["v"] == 1 and "up" in m and "ts" in m for _, m in firsts)
+
+
+def test_two_devices_share_nothing():
+    d1, d2 = Device(_board("a")), Device(_board("b"))
+    d1.build({"device_id": "one", "prefix": "", "telemetry_interval": 1,
+              "broker": {"host": "h", "port": 1, "keepalive": 10, "user": None, "password": None}})
+    d2.build({"device_id": "two", "prefix": "p/", "telemetry_interval": 1,
+              "broker": {"host": "h", "port": 1, "keepalive": 10, "user": None, "password": None}})
+    assert d1.topics.telemetry == "devices/one/telemetry"
+    assert d2.topics.telemetry == "p/devices/two/telemetry"
+    assert d1.client.session is not d2.client.session
+    assert d1.rnd.u32() != d2.rnd.u32()
+    assert d1.client.will[0] == "devices/one/status"

@@ -1,0 +1,59 @@
+# Bootstrap config: a bad file is one clear ConfigError, never a crash later.
+import json
+
+from firmware import bootconfig
+from firmware.boards.unix import open_flash
+from mpyutil import fresh_image, raises
+
+GOOD = {"device_id": "dev-1", "broker": {"host": "127.0.0.1", "port": 1883}}
+
+
+def _with(**over):
+    d = json.loads(json.dumps(GOOD))
+    d.update(over)
+    return d
+
+
+def test_minimal_config_gets_defaults():
+    cfg = bootconfig.validate(GOOD)
+    assert cfg["device_id"] == "dev-1"
+    assert cfg["prefix"] == ""
+    assert cfg["broker"]["keepalive"] == 60
+    assert cfg["telemetry_interval"] == 60
+    assert cfg["wifi"] == [] and cfg["groups"] == []
+
+
+def test_prefix_gets_trailing_slash():
+    assert bootconfig.validate(_with(prefix="acme"))["prefix"] == "acme/"
+
+
+def test_rejects_ids_that_could_reach_other_topics():
+    for bad in ("", "a/b", "a+b", "a#", "a\x00", "x" * 65, 5, None):
+        e = raises(bootconfig.ConfigError, bootconfig.validate, _with(device_id=bad))
+        assert "device_id" in str(e)
+    raises(bootconfig.ConfigError, bootconfig.validate, _with(groups=["ok", "bad/+"]))
+    raises(bootconfig.ConfigError, bootconfig.validate, _with(prefix="a/#"))
+
+
+def test_rejects_bad_types_and_ranges():
+    for broker in ({"port": 1883}, {"host": "h", "port": 0}, {"host": "h", "port": "1883"},
+                   {"host": "h", "port": True}, {"host": "h", "keepalive": 1}):
+        raises(bootconfig.ConfigError, bootconfig.validate, _with(broker=broker))
+    raises(bootconfig.ConfigError, bootconfig.validate, _with(telemetry_interval="1"))
+    raises(bootconfig.ConfigError, bootconfig.validate, _with(wifi={"ssid": "x"}))
+    raises(bootconfig.ConfigError, bootconfig.validate, [GOOD])
+
+
+def test_load_missing_malformed_and_oversized_files():
+    bdev, fs = open_flash(fresh_image("bootcfg"), 64 * 4096)
+    e = raises(bootconfig.ConfigError, bootconfig.load, fs)
+    assert "missing" in str(e)
+    with fs.open("/config.json", "w") as f:
+        f.write('{"device_id": ')
+    assert "not valid JSON" in str(raises(bootconfig.ConfigError, bootconfig.load, fs))
+    with fs.open("/config.json", "w") as f:
+        f.write(" " * 5000)
+    assert "larger than" in str(raises(bootconfig.ConfigError, bootconfig.load, fs))
+    with fs.open("/config.json", "w") as f:
+        f.write(json.dumps(GOOD))
+    assert bootconfig.load(fs)["device_id"] == "dev-1"
