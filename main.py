@@ -18,7 +18,7 @@ def main():
     except KeyboardInterrupt:
         # Ctrl-C / SIGINT on Unix: a fresh loop for the graceful stop.
         asyncio.new_event_loop()
-        asyncio.run(stop_devices(devices))
+        asyncio.run(stop_devices(devices, loop_restarted=True))
 
 
 main()

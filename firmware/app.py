@@ -93,10 +93,12 @@ class Device:
         ]
         await asyncio.gather(*self._tasks)
 
-    async def stop(self):
+    async def stop(self, loop_restarted=False):
         """Graceful stop: retained offline status, then DISCONNECT (no last will)."""
         if self.client:
-            await self.client.disconnect((self.topics.status, self._status("offline"), True))
+            await self.client.disconnect(
+                (self.topics.status, self._status("offline"), True), not loop_restarted
+            )
         for t in self._tasks:
             t.cancel()
 
@@ -105,5 +107,5 @@ async def run_devices(devices):
     await asyncio.gather(*[d.run() for d in devices])
 
 
-async def stop_devices(devices):
-    await asyncio.gather(*[d.stop() for d in devices])
+async def stop_devices(devices, loop_restarted=False):
+    await asyncio.gather(*[d.stop(loop_restarted) for d in devices])

@@ -50,13 +50,15 @@ class Spec:
 
 
 class DeviceProcess:
-    def __init__(self, specs, workdir, heapsize=None, flash_size=None, echo=None, env=None):
+    def __init__(self, specs, workdir, heapsize=None, flash_size=None, echo=None, env=None,
+                 main=None):
         self.specs = specs
         self.workdir = workdir
         self.heapsize = heapsize
         self.flash_size = flash_size
         self.echo = echo  # callable(line) for live output, or None
         self.env = env
+        self.main = main or os.path.join(ROOT, "main.py")  # or a build/ main.py
         self.lines = []
         self.cond = threading.Condition()
         self.proc = None
@@ -65,7 +67,7 @@ class DeviceProcess:
         args = [micropython_path()]
         if self.heapsize:
             args += ["-X", "heapsize=%s" % self.heapsize]
-        args.append(os.path.join(ROOT, "main.py"))
+        args.append(self.main)
         if self.flash_size:
             args += ["--flash-size", str(self.flash_size)]
         for i, s in enumerate(self.specs):

@@ -139,10 +139,13 @@ class MQTTClient:
             await done.wait()
         return msg.pid
 
-    async def disconnect(self, final=None):
+    async def disconnect(self, final=None, reader_alive=True):
         """Graceful stop: an optional final (topic, payload, retain) QoS 1 publish, then
         DISCONNECT so the broker discards the last will. TCP keeps the two in order, so
-        this does not wait for the PUBACK (the loop may already be stopping)."""
+        this does not wait for the PUBACK. It does wait (bounded) for the broker to close:
+        closing with unread bytes makes the kernel send RST, which can destroy the
+        DISCONNECT before the broker reads it and fire the will after all.
+        reader_alive=False when the loop that ran the read task is gone (after Ctrl-C)."""
         self._stop = True
         if self.connected.is_set():
             try:
@@ -152,10 +155,20 @@ class MQTTClient:
                         self.session.add(msg)
                         await self._send_msg(msg, False)
                 await self._send(codec.DISCONNECT_PACKET)
-            except OSError:
-                pass
+                if reader_alive:
+                    await asyncio.wait_for(self._dead.wait(), self.timeout)
+                else:
+                    await asyncio.wait_for(self._discard_until_eof(), self.timeout)
+                self.log("I", "disconnected")
+            except (OSError, asyncio.TimeoutError) as e:
+                self.log("W", "graceful disconnect incomplete: %r" % (e,))
         self._dead.set()
         await self._close()
+
+    async def _discard_until_eof(self):
+        buf = self._rxmv
+        while await self._reader.readinto(buf):
+            pass
 
     # ---- connection task -------------------------------------------------------------
 
