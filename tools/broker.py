@@ -72,6 +72,7 @@ class Mosquitto:
             [mosquitto_path(), "-c", self.conf_path],
             stdout=subprocess.DEVNULL,
             stderr=open(self.log_path + ".stderr", "wb"),
+            start_new_session=True,  # a terminal's Ctrl-C must not stop the broker first
         )
         try:
             wait_port(self.host, self.port)

@@ -90,6 +90,9 @@ class DeviceProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=self.env,
+            # Own process group: a terminal's Ctrl-C reaches the simulator alone, which then
+            # stops each device once (a second SIGINT would cut its graceful stop short).
+            start_new_session=True,
         )
         threading.Thread(target=self._pump, daemon=True).start()
         return self
