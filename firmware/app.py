@@ -81,12 +81,21 @@ class Device:
     async def _publish_q1(self, topic, payload):
         await self.client.publish(topic, payload, 1, False, wait=False)
 
+    async def join_network(self):
+        """Bring the link up before MQTT (Wi-Fi on boards), retrying with full jitter."""
+        bo = Backoff(self.rnd, base=2, cap=60)
+        while not await self.board.network_up(self.cfg["wifi"]):
+            d = bo.next_delay()
+            self.log("W", "no network reachable; retry in %.1f s" % d)
+            await asyncio.sleep(d)
+
     async def run(self):
         cfg = await self.load_config()
         self.boot = bootlog.next_boot(self.board.fs)["boot"]
         self.build(cfg)
         self.log("I", "boot %d, firmware %s, broker %s:%d" % (
             self.boot, FW_VERSION, cfg["broker"]["host"], cfg["broker"]["port"]))
+        await self.join_network()
         self._tasks = [
             asyncio.create_task(self.client.run()),
             asyncio.create_task(self.telemetry.run()),

@@ -1,5 +1,6 @@
 # What ESP32 and RP2040 boards share: the root filesystem, the clock, the watchdog and
 # Wi-Fi station handling. Board modules subclass McuBoard and add their own sensors.
+import asyncio
 import os
 import time
 
@@ -65,8 +66,18 @@ class McuBoard:
     def read_sensors(self, rnd):
         return {}
 
-    async def network_up(self):
-        return self.wlan.isconnected()
+    async def network_up(self, networks, timeout_s=15):
+        """Join the first reachable network of [(ssid, password)] in priority order."""
+        if self.wlan.isconnected():
+            return True
+        for ssid, password in networks:
+            self.wlan_connect(ssid, password)
+            for _ in range(timeout_s * 4):
+                if self.wlan.isconnected():
+                    return True
+                await asyncio.sleep_ms(250)
+            self.wlan.disconnect()
+        return False
 
     def wlan_connect(self, ssid, password):
         self.wlan.active(True)

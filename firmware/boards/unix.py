@@ -98,7 +98,7 @@ class Board:
         # The host has no sensor; a plausible drifting value keeps payloads realistic.
         return {"temp_c": round(21.0 + rnd.uniform(-0.5, 0.5), 2)}
 
-    async def network_up(self):
+    async def network_up(self, networks):
         """No radio on the host: the link is the host's network."""
         return True
 
