@@ -7,6 +7,8 @@ import time
 import machine
 import network
 
+from firmware.boards.base import BaseBoard
+
 # Seconds from 1970 to 2000, the epoch of ports built without a 1970 epoch.
 _EPOCH_OFFSET = 0 if time.gmtime(0)[0] == 1970 else 946684800
 _VALID_AFTER = 1700000000  # an RTC earlier than late 2023 has not been set
@@ -37,7 +39,7 @@ class RootFs:
         return os.statvfs(path)
 
 
-class McuBoard:
+class McuBoard(BaseBoard):
     name = "mcu"
 
     def __init__(self):
@@ -46,25 +48,12 @@ class McuBoard:
         self.wlan = network.WLAN(network.STA_IF)
         self.wdt = None
 
-    def entropy(self):
-        b = os.urandom(4)
-        return b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24)
-
-    def ticks_ms(self):
-        return time.ticks_ms()
-
     def uptime_ms(self):
         return time.ticks_ms()
 
     def unix_time(self):
         t = time.time() + _EPOCH_OFFSET
         return round(t, 3) if t > _VALID_AFTER else None
-
-    def log(self, line):
-        print(line)
-
-    def read_sensors(self, rnd):
-        return {}
 
     async def network_up(self, networks, timeout_s=15):
         """Join the first reachable network of [(ssid, password)] in priority order."""

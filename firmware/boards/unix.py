@@ -1,11 +1,12 @@
 # Unix-port board: flash is a littlefs2 image in a host file, so storage limits and
 # filesystem behaviour match a real board; one process can drive many such boards.
-import os
 import sys
 import time
 
 import vfs
 from micropython import const
+
+from firmware.boards.base import BaseBoard
 
 _BLOCK = const(4096)
 DEFAULT_FLASH = const(1048576)
@@ -68,7 +69,7 @@ def open_flash(path, size=DEFAULT_FLASH):
     return bdev, fs
 
 
-class Board:
+class Board(BaseBoard):
     name = "unix"
 
     def __init__(self, flash_path, flash_size=DEFAULT_FLASH, label=None):
@@ -77,22 +78,12 @@ class Board:
         self.label = label or flash_path
         self._t0 = time.ticks_ms()
 
-    def entropy(self):
-        b = os.urandom(4)
-        return b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24)
-
-    def ticks_ms(self):
-        return time.ticks_ms()
-
     def uptime_ms(self):
         return time.ticks_diff(time.ticks_ms(), self._t0)
 
     def unix_time(self):
         """Seconds since 1970, or None while the clock is not set (the host clock always is)."""
         return round(time.time(), 3)
-
-    def log(self, line):
-        print(line)
 
     def read_sensors(self, rnd):
         # The host has no sensor; a plausible drifting value keeps payloads realistic.

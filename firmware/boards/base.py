@@ -1,0 +1,21 @@
+# What every board does the same way (entropy, monotonic clock, console log); no hardware
+# imports here, so the Unix board can share it.
+import os
+import time
+
+
+class BaseBoard:
+    name = "base"
+
+    def entropy(self):
+        b = os.urandom(4)
+        return b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24)
+
+    def ticks_ms(self):
+        return time.ticks_ms()
+
+    def log(self, line):
+        print(line)
+
+    def read_sensors(self, rnd):
+        return {}
