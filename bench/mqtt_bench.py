@@ -1,0 +1,78 @@
+# MQTT client benchmark, run inside the Unix port by bench/run.py against a local mosquitto:
+# QoS 0 / pipelined QoS 1 / window-1 / awaited QoS 1 rates, PUBACK latency, client heap.
+# Prints one JSON line of figures.
+import gc
+
+gc.collect()
+_heap0 = gc.mem_alloc()
+
+import sys
+
+sys.path.append(sys.path[0].rsplit("/", 1)[0] + "/lib")
+
+import asyncio
+import json
+import time
+
+from mqtt.client import MQTTClient
+
+HOST = sys.argv[1]
+PORT = int(sys.argv[2])
+N = int(sys.argv[3]) if len(sys.argv) > 3 else 5000
+PAYLOAD = b"x" * 64
+TOPIC = b"bench/t"
+
+
+def quiet(level, msg):
+    pass
+
+
+async def connected(cid, window=16):
+    c = MQTTClient(cid, HOST, PORT, keepalive=60, clean=True, window=window, log=quiet)
+    task = asyncio.create_task(c.run())
+    await c.connected.wait()
+    return c, task
+
+
+async def drain(c):
+    while len(c.session):
+        await asyncio.sleep_ms(1)
+
+
+async def rate(c, n, qos):
+    t0 = time.ticks_us()
+    for _ in range(n):
+        await c.publish(TOPIC, PAYLOAD, qos, False, wait=False)
+    await drain(c)
+    return n * 1e6 / time.ticks_diff(time.ticks_us(), t0)
+
+
+async def main():
+    out = {}
+    c, task = await connected("bench-a")
+    gc.collect()
+    out["client_heap_bytes"] = gc.mem_alloc() - _heap0
+    out["qos0_msg_s"] = await rate(c, N, 0)
+    out["qos1_pipelined_msg_s"] = await rate(c, N, 1)
+    lat = []
+    t0 = time.ticks_us()
+    for _ in range(N // 5):
+        t = time.ticks_us()
+        await c.publish(TOPIC, PAYLOAD, 1, False, wait=True)
+        lat.append(time.ticks_diff(time.ticks_us(), t))
+    out["qos1_awaited_msg_s"] = len(lat) * 1e6 / time.ticks_diff(time.ticks_us(), t0)
+    lat.sort()
+    out["puback_p50_ms"] = lat[len(lat) // 2] / 1000
+    out["puback_p99_ms"] = lat[len(lat) * 99 // 100] / 1000
+    await c.disconnect()
+    task.cancel()
+    c1, task1 = await connected("bench-b", window=1)
+    out["qos1_window1_msg_s"] = await rate(c1, N // 5, 1)
+    await c1.disconnect()
+    task1.cancel()
+    for k in out:
+        out[k] = round(out[k], 3) if isinstance(out[k], float) else out[k]
+    print(json.dumps(out))
+
+
+asyncio.run(main())

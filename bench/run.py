@@ -1,0 +1,56 @@
+"""`make bench`: run the benchmarks on the Unix port against a private mosquitto, print a
+table, and merge the figures into bench/results.json (one flat object shared by all
+benchmarks). Figures, not pass/fail: targets are printed beside them."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tools.broker import Mosquitto  # noqa: E402
+from tools.devices import micropython_path  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "bench", "results.json")
+TARGETS = {
+    "qos1_pipelined_msg_s": ">= 5000 and >= 40% of qos0",
+    "qos1_awaited_msg_s": ">= 1000",
+    "client_heap_bytes": "<= 16384",
+}
+
+
+def mqtt_bench(broker, n):
+    r = subprocess.run(
+        [micropython_path(), os.path.join(ROOT, "bench", "mqtt_bench.py"),
+         broker.host, str(broker.port), str(n)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if r.returncode != 0:
+        raise SystemExit("mqtt bench failed:\n" + r.stdout + r.stderr)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    quick = os.environ.get("QUICK") == "1"
+    n = 2000 if quick else 10000
+    with tempfile.TemporaryDirectory() as tmp:
+        with Mosquitto(tmp, persistence=False) as broker:
+            figures = mqtt_bench(broker, n)
+    results = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            results = json.load(f)
+    results.update(figures)
+    with open(RESULTS, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+        f.write("\n")
+    print("%-26s %14s  %s" % ("figure", "value", "target"))
+    for k in sorted(figures):
+        print("%-26s %14s  %s" % (k, figures[k], TARGETS.get(k, "")))
+    print("written to %s" % os.path.relpath(RESULTS, ROOT))
+
+
+if __name__ == "__main__":
+    main()
