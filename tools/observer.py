@@ -7,11 +7,15 @@ import paho.mqtt.client as mqtt
 
 
 class Observer:
-    def __init__(self, host, port, topics=("#",), on_message=None, client_id=None):
+    def __init__(self, host, port, topics=("#",), on_message=None, client_id=None, clean=True):
+        """clean=False with a fixed client_id keeps a broker session, so messages published
+        while this observer was away are delivered when it comes back."""
         self.messages = []  # (monotonic time, topic, payload bytes, retain)
         self.cond = threading.Condition()
         self.on_message = on_message
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "")
+        self.c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean
+        )
         self.c.on_message = self._on_message
         self._subscribed = threading.Event()
         self.c.on_subscribe = lambda *a: self._subscribed.set()
