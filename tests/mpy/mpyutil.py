@@ -11,10 +11,20 @@ def raises(exc, fn, *args):
 
 
 def fresh_image(name):
-    """Path of a new flash image under /tmp (removed if left from an earlier run)."""
-    path = "/tmp/mpytest-%s-%d.img" % (name, os.getpid() if hasattr(os, "getpid") else 0)
-    try:
-        os.remove(path)
-    except OSError:
-        pass
+    """Path of a new flash image under /tmp; the random part keeps parallel runs apart
+    (the Unix port's os has no getpid)."""
+    tag = "".join("%02x" % b for b in os.urandom(4))
+    path = "/tmp/mpytest-%s-%s.img" % (name, tag)
+    CREATED.append(path)
     return path
+
+
+CREATED = []  # images to remove when the module's tests are done (runner.py)
+
+
+def cleanup():
+    while CREATED:
+        try:
+            os.remove(CREATED.pop())
+        except OSError:
+            pass

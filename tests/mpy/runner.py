@@ -30,3 +30,7 @@ for fn_name in sorted(dir(mod)):
         sys.print_exception(e, buf)
         tb = buf.getvalue()
     print("@@MPY " + json.dumps({"name": fn_name, "ok": ok, "tb": tb}))
+
+import mpyutil
+
+mpyutil.cleanup()
