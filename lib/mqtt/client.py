@@ -362,25 +362,23 @@ class MQTTClient:
         """Write one whole packet and drain it. The lock keeps drains from interleaving,
         so the stream buffer never holds more than one packet."""
         async with self._wlock:
-            w = self._writer
-            if w is None:
-                raise OSError("not connected")
-            w.write(pkt)
-            await w.drain()
-            self._last_tx = self.ticks_ms()
-            self.stats["tx"] += 1
+            await self._write(pkt)
 
     async def _send_publish(self, topic, payload, qos, retain, dup, pid):
         async with self._wlock:
-            w = self._writer
-            if w is None:
-                raise OSError("not connected")
+            # Encoded under the lock: the tx buffer is shared by every publisher.
             n = codec.publish_into(self._txbuf, topic, payload, qos, retain, dup, pid)
             # One write per packet: a header sent apart from its payload stalls on Nagle.
-            w.write(memoryview(self._txbuf)[:n])
-            await w.drain()
-            self._last_tx = self.ticks_ms()
-            self.stats["tx"] += 1
+            await self._write(memoryview(self._txbuf)[:n])
+
+    async def _write(self, pkt):
+        w = self._writer
+        if w is None:
+            raise OSError("not connected")
+        w.write(pkt)
+        await w.drain()
+        self._last_tx = self.ticks_ms()
+        self.stats["tx"] += 1
 
     async def _send_msg(self, msg, dup):
         try:
