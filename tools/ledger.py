@@ -44,10 +44,11 @@ class Ledger:
             if now - t <= window_s and self.status.get(dev, {}).get("state") == "online"
         )
 
-    def summary(self, devices, now=None):
+    def summary(self, devices, online=None, now=None):
+        """online: a count taken earlier (sim.py takes it before stopping the devices)."""
         return {
             "devices": devices,
-            "online": self.online(now=now),
+            "online": self.online(now=now) if online is None else online,
             "telemetry": self.received,
             "gaps": self.gaps(),
             "duplicates": self.duplicates,

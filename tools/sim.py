@@ -122,8 +122,7 @@ def main(argv=None):
     if broker:
         broker.stop()
     with lock:
-        summary = ledger.summary(a.devices)
-    summary["online"] = online
+        summary = ledger.summary(a.devices, online)
     print(json.dumps(summary), flush=True)
     return 0
 
