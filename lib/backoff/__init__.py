@@ -39,32 +39,80 @@ def full_jitter(attempt, base, cap, rnd):
 
 
 class Backoff:
-    """Reconnect delay state for one link: attempts grow the window, and only a connection
-    that stayed up `stable_s` seconds resets it, so a flapping link never retries fast."""
+    """Reconnect delay state for one link.
 
-    def __init__(self, rnd, base=1.0, cap=120.0, first_window=5.0, stable_s=30.0):
+    Failed attempts grow the window; only a connection that stayed up `stable_s` seconds
+    resets it, so a flapping link never retries fast. A refusal that says "not now"
+    (server unavailable) lifts the floor of the delay; one that will not fix itself by
+    retrying (bad credentials, not authorised, id rejected) or `flap_limit` connections in
+    a row that the broker closed within `flap_s` switch to hard mode: a delay of
+    hard_floor + full jitter up to hard_cap. Every delay stays randomised, floors included,
+    so a fleet refused at once is not refused again at once.
+    """
+
+    def __init__(self, rnd, base=1.0, cap=120.0, first_window=5.0, stable_s=30.0,
+                 busy_floor=10.0, hard_floor=60.0, hard_cap=1800.0, flap_s=10.0,
+                 flap_limit=3):
         self.rnd = rnd
         self.base = base
         self.cap = cap
         self.first_window = first_window
         self.stable_s = stable_s
+        self.busy_floor = busy_floor
+        self.hard_floor = hard_floor
+        self.hard_cap = hard_cap
+        self.flap_s = flap_s
+        self.flap_limit = flap_limit
         self.attempt = 0
         self.floor = 0.0
+        self.hard = False
+        self.flaps = 0
 
     def first_delay(self):
         """Delay before the first attempt after a drop: the fleet must not return at once."""
         return self.rnd.uniform(0, self.first_window)
 
     def next_delay(self):
-        d = full_jitter(self.attempt, self.base, self.cap, self.rnd)
+        """Delay before the next attempt; each call counts one more attempt."""
+        a = self.attempt
         self.attempt += 1
-        return d if d > self.floor else self.floor + self.rnd.uniform(0, self.base)
+        if self.hard:
+            return self.hard_floor + full_jitter(
+                a, self.hard_floor, self.hard_cap - self.hard_floor, self.rnd)
+        span = self.cap - self.floor
+        return self.floor + full_jitter(a, self.base, span if span > self.base else self.base,
+                                        self.rnd)
 
-    def connected_for(self, seconds):
-        """Report how long the last connection lasted; resets the attempt count if stable."""
+    def refused(self, rc):
+        """CONNACK refused with return code rc."""
+        if rc == 3:
+            if self.floor < self.busy_floor:
+                self.floor = self.busy_floor
+        else:
+            self._harden()
+
+    def dropped(self, seconds):
+        """A connection ended after `seconds`; returns the delay before reconnecting."""
         if seconds >= self.stable_s:
             self.attempt = 0
             self.floor = 0.0
+            self.hard = False
+            self.flaps = 0
+            return self.first_delay()
+        if seconds < self.flap_s:
+            self.flaps += 1
+            if self.flaps >= self.flap_limit:
+                self._harden()
+        else:
+            self.flaps = 0
+        d = self.first_delay()
+        n = self.next_delay()
+        return n if n > d else d
+
+    def _harden(self):
+        if not self.hard:
+            self.hard = True
+            self.attempt = 0
 
 
 def jittered(period, rnd, low=0.5, high=1.5):

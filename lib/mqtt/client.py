@@ -2,7 +2,10 @@
 # keeps the link alive and reconnects with jittered backoff. Wire format lives in codec,
 # in-flight state in session; this module only does the asyncio I/O around them.
 import asyncio
+import select
+import socket
 import time
+from errno import EINPROGRESS
 
 from mqtt import codec
 from mqtt.session import Message, Session
@@ -11,6 +14,14 @@ from backoff import Backoff, Rng
 
 class MQTTError(Exception):
     pass
+
+
+class Refused(MQTTError):
+    """CONNACK with a non-zero return code."""
+
+    def __init__(self, rc):
+        super().__init__("CONNACK refused: %s" % codec.CONNACK_REASONS.get(rc, rc))
+        self.rc = rc
 
 
 def _b(s):
@@ -75,7 +86,10 @@ class MQTTClient:
         self.stats = {
             "connects": 0,
             "connect_failures": 0,
+            "tls_failures": 0,
+            "resolves": 0,
             "refusals": 0,
+            "flaps": 0,
             "protocol_errors": 0,
             "keepalive_timeouts": 0,
             "resends": 0,
@@ -84,9 +98,17 @@ class MQTTClient:
             "tx": 0,
             "last_refusal": 0,
         }
+        # What went wrong since the last successful connect; handed to the app (and reset)
+        # when the next one succeeds, so refusals are reported once there is a link.
+        self.outage = None
+        self._trouble = [0, 0, 0, 0]  # failed attempts, refusals, last refusal code, flaps
+        self._addr = None  # cached getaddrinfo entry: DNS is asked again only after failures
+        self._sock = None
+        self._step = ""
         self._writer = None
         self._reader = None
         self._wlock = asyncio.Lock()
+        self._wq = 0  # writers holding or waiting for _wlock
         self._space = asyncio.Event()
         self._suback = asyncio.Event()
         self._sub_pid = 0
@@ -95,10 +117,14 @@ class MQTTClient:
         self._last_rx = 0
         self._last_tx = 0
         self._txbuf = bytearray(max_frame + 8)
+        self._txmv = memoryview(self._txbuf)
         self._ackbuf = bytearray(4)
-        self._rxbuf = bytearray(max_frame)
+        # Inbound bytes are read in chunks into one buffer and parsed in place: a burst of
+        # PUBACKs costs one read, not three per packet. Room for the largest frame + header.
+        self._rxbuf = bytearray(max_frame + 8)
         self._rxmv = memoryview(self._rxbuf)
-        self._b1 = bytearray(1)
+        self._r0 = 0  # start of unparsed bytes
+        self._r1 = 0  # end of bytes read
         self._vl = codec.VarlenDecoder()
 
     # ---- app API -------------------------------------------------------------------
@@ -122,7 +148,8 @@ class MQTTClient:
         if qos == 0:
             if not self.connected.is_set():
                 return False
-            await self._send_publish(topic, payload, 0, retain, False, 0)
+            n = codec.publish_into(self._txbuf, topic, payload, 0, retain, False, 0)
+            await self._write(self._txmv[:n])
             return True
         while self.session.full():
             self._space.clear()
@@ -134,7 +161,13 @@ class MQTTClient:
             msg.token = (token, done)
         self.session.add(msg)
         if self.connected.is_set():
-            await self._send_msg(msg, False)
+            # Inline rather than via _send_msg: one coroutine less per message.
+            n = codec.publish_into(self._txbuf, topic, payload, 1, retain, False, msg.pid)
+            try:
+                await self._write(self._txmv[:n])
+                msg.sent = True
+            except OSError:
+                self._dead.set()  # stays in flight; the next connection resends it
         if done:
             await done.wait()
         return msg.pid
@@ -167,6 +200,7 @@ class MQTTClient:
 
     async def _discard_until_eof(self):
         buf = self._rxmv
+        self._r0 = self._r1 = 0
         while await self._reader.readinto(buf):
             pass
 
@@ -174,6 +208,7 @@ class MQTTClient:
 
     async def run(self):
         """Connect and stay connected until disconnect(); never raises for network faults."""
+        bo = self.backoff
         while not self._stop:
             try:
                 present = await self._connect()
@@ -181,10 +216,11 @@ class MQTTClient:
                 await self._close()
                 raise
             except Exception as e:  # every failure mode of a connect ends in a backoff
-                self.stats["connect_failures"] += 1
-                self.log("W", "connect failed: %r" % (e,))
                 await self._close()
-                await asyncio.sleep(self.backoff.next_delay())
+                self._failed(e)
+                d = bo.next_delay()
+                self.log("W", "connect failed at %s: %r; retry in %.1f s" % (self._step, e, d))
+                await asyncio.sleep(d)
                 continue
             up = self.ticks_ms()
             tasks = (
@@ -206,36 +242,76 @@ class MQTTClient:
             if self._stop:
                 break
             lasted = time.ticks_diff(self.ticks_ms(), up) / 1000
-            self.backoff.connected_for(lasted)
-            if self.backoff.attempt == 0:
-                delay = self.backoff.first_delay()
-            else:
-                delay = self.backoff.next_delay()
-            self.log("I", "link lost after %.1f s; reconnect in %.1f s" % (lasted, delay))
-            await asyncio.sleep(delay)
+            if lasted < bo.flap_s:
+                self.stats["flaps"] += 1
+                self._trouble[3] += 1
+            d = bo.dropped(lasted)
+            self.log("I", "link lost after %.1f s; reconnect in %.1f s" % (lasted, d))
+            await asyncio.sleep(d)
+
+    def _failed(self, e):
+        t = self._trouble
+        t[0] += 1
+        if isinstance(e, Refused):
+            self.stats["refusals"] += 1
+            self.stats["last_refusal"] = e.rc
+            t[1] += 1
+            t[2] = e.rc
+            self.backoff.refused(e.rc)
+            return
+        self.stats["connect_failures"] += 1
+        if isinstance(e, codec.ProtocolError):
+            self.stats["protocol_errors"] += 1
+        if self._step == "tls":
+            self.stats["tls_failures"] += 1
+        # The broker may have moved (DNS change, failover): look it up again next time.
+        self._addr = None
 
     async def _connect(self):
         self._dead.clear()
+        self._r0 = self._r1 = 0
+        self._step = "dns"
+        if self._addr is None:
+            # Blocking on MicroPython (no async resolver): done once and cached, so an
+            # outage costs one lookup, not one per attempt.
+            self._addr = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
+            self.stats["resolves"] += 1
+        ai = self._addr
+        self._step = "tcp"
+        s = socket.socket(ai[0], ai[1], ai[2])
+        self._sock = s
+        s.setblocking(False)
+        try:
+            s.connect(ai[-1])
+        except OSError as e:
+            if e.args[0] != EINPROGRESS:
+                raise
+        await asyncio.wait_for(_writable(s), self.timeout)
         if self.ssl:
-            coro = asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname
+            self._step = "tls"
+            s = self.ssl.wrap_socket(
+                s, server_hostname=self.server_hostname, do_handshake_on_connect=False
             )
-        else:
-            coro = asyncio.open_connection(self.host, self.port)
-        self._reader, self._writer = await asyncio.wait_for(coro, self.timeout)
+            s.setblocking(False)
+            self._sock = s
+        self._reader = self._writer = asyncio.StreamWriter(s, {})
         pkt = codec.connect_packet(
             self.client_id, self.keepalive, self.clean, self.will, self.user, self.password
         )
-        await self._send(pkt)
+        # With TLS the handshake runs inside this first write.
+        await asyncio.wait_for(self._send(pkt), self.timeout)
+        self._step = "connack"
         byte0, body = await asyncio.wait_for(self._read_packet(), self.timeout)
         if byte0 & 0xF0 != codec.CONNACK:
             raise codec.ProtocolError("expected CONNACK")
         present, rc = codec.decode_connack(body)
         if rc:
-            self.stats["refusals"] += 1
-            self.stats["last_refusal"] = rc
-            raise MQTTError("CONNACK refused: %s" % codec.CONNACK_REASONS.get(rc, rc))
+            raise Refused(rc)
+        self._step = "up"
         self.stats["connects"] += 1
+        t = self._trouble
+        self.outage = {"failed": t[0], "refused": t[1], "rc": t[2], "flaps": t[3]} if t[0] or t[3] else None
+        self._trouble = [0, 0, 0, 0]
         self._last_rx = self.ticks_ms()
         return present
 
@@ -253,7 +329,9 @@ class MQTTClient:
             if m.sent:
                 self.stats["resends"] += 1
             await self._send_msg(m, m.sent)
-        self.log("I", "connected (session present: %d, resent: %d)" % (present, len(msgs)))
+        o = self.outage
+        self.log("I", "connected (session present: %d, resent: %d)%s" % (
+            present, len(msgs), " after %r" % (o,) if o else ""))
         if self.on_connect:
             self.on_connect(present)
 
@@ -267,48 +345,71 @@ class MQTTClient:
     async def _close(self):
         self.connected.clear()
         w = self._writer
-        self._writer = None
-        self._reader = None
-        if w:
-            try:
+        s = self._sock
+        self._writer = self._reader = self._sock = None
+        try:
+            if w:
                 await w.wait_closed()  # closes the socket on MicroPython
-            except Exception:
-                pass
+            elif s:
+                s.close()
+        except Exception:
+            pass
 
     # ---- reading ---------------------------------------------------------------------
 
-    async def _readexactly(self, mv):
-        r = self._reader
-        got = 0
-        n = len(mv)
-        while got < n:
-            k = await r.readinto(mv[got:] if got else mv)
+    async def _fill(self, need):
+        """Read until `need` unparsed bytes are buffered, moving a partial frame to the
+        front when the buffer's tail is too short for it."""
+        buf = self._rxmv
+        while self._r1 - self._r0 < need:
+            if len(buf) - self._r0 < need:
+                n = self._r1 - self._r0
+                buf[0:n] = buf[self._r0 : self._r1]
+                self._r0, self._r1 = 0, n
+            k = await self._reader.readinto(buf[self._r1 :])
             if not k:
                 raise OSError("connection closed by broker")
-            got += k
+            self._r1 += k
 
     async def _read_packet(self):
-        """Read one frame into the preallocated rx buffer; validate before reading the body."""
-        b1 = self._b1
-        await self._readexactly(b1)
-        byte0 = b1[0]
+        """Next frame from the rx buffer, validated before its body is waited for. The body
+        is a memoryview into the buffer, valid until the next read."""
+        if self._r1 - self._r0 < 2:
+            if self._r0 == self._r1:
+                self._r0 = self._r1 = 0
+            await self._fill(2)
+        buf = self._rxbuf
+        byte0 = buf[self._r0]
         vl = self._vl
         vl.reset()
+        off = 1
         n = None
         while n is None:
-            await self._readexactly(b1)
-            n = vl.feed(b1[0])
+            if self._r1 - self._r0 <= off:
+                await self._fill(off + 1)
+            n = vl.feed(buf[self._r0 + off])
+            off += 1
         codec.check_fixed_header(byte0, n, self.max_frame)
-        body = self._rxmv[:n]
-        if n:
-            await self._readexactly(body)
+        if self._r1 - self._r0 < off + n:
+            await self._fill(off + n)
+        start = self._r0 + off
+        self._r0 = start + n
         self._last_rx = self.ticks_ms()
         self.stats["rx"] += 1
-        return byte0, body
+        return byte0, self._rxmv[start : start + n]
 
     async def _read_loop(self):
         try:
+            buf = self._rxbuf
             while not self._dead.is_set():
+                # PUBACKs dominate a pipelined stream: take every one already buffered
+                # without a coroutine or a slice per packet.
+                r0 = self._r0
+                while self._r1 - r0 >= 4 and buf[r0] == 0x40 and buf[r0 + 1] == 2:
+                    self._r0 = r0 + 4
+                    self.stats["rx"] += 1
+                    self._acked((buf[r0 + 2] << 8) | buf[r0 + 3])
+                    r0 = self._r0
                 byte0, body = await self._read_packet()
                 await self._dispatch(byte0, body)
         except asyncio.CancelledError:
@@ -336,15 +437,7 @@ class MQTTClient:
                 codec.ack_into(self._ackbuf, codec.PUBACK, pid)
                 await self._send(self._ackbuf)
         elif ptype == codec.PUBACK:
-            msg = self.session.ack(codec.decode_pid(body))
-            if msg is not None:
-                self._space.set()
-                t = msg.token
-                if isinstance(t, tuple):
-                    msg.token = t[0]
-                    t[1].set()
-                if self.on_ack:
-                    self.on_ack(msg)
+            self._acked(codec.decode_pid(body))
         elif ptype == codec.SUBACK:
             pid, granted = codec.decode_suback(body)
             if pid == self._sub_pid:
@@ -356,29 +449,61 @@ class MQTTClient:
         else:
             raise codec.ProtocolError("unexpected packet type %d" % (ptype >> 4))
 
+    def _acked(self, pid):
+        msg = self.session.ack(pid)
+        if msg is not None:
+            self._space.set()
+            t = msg.token
+            if isinstance(t, tuple):
+                msg.token = t[0]
+                t[1].set()
+            if self.on_ack:
+                self.on_ack(msg)
+
     # ---- writing ---------------------------------------------------------------------
 
     async def _send(self, pkt):
-        """Write one whole packet and drain it. The lock keeps drains from interleaving,
-        so the stream buffer never holds more than one packet."""
-        async with self._wlock:
-            await self._write(pkt)
+        await self._write(pkt)
 
     async def _send_publish(self, topic, payload, qos, retain, dup, pid):
-        async with self._wlock:
-            # Encoded under the lock: the tx buffer is shared by every publisher.
-            n = codec.publish_into(self._txbuf, topic, payload, qos, retain, dup, pid)
-            # One write per packet: a header sent apart from its payload stalls on Nagle.
-            await self._write(memoryview(self._txbuf)[:n])
+        # Encoded straight into the shared tx buffer and written with no await in between,
+        # so no other publisher can touch the buffer meanwhile. One write per packet: a
+        # header sent apart from its payload stalls on Nagle and delayed ACK.
+        n = codec.publish_into(self._txbuf, topic, payload, qos, retain, dup, pid)
+        await self._write(self._txmv[:n])
 
     async def _write(self, pkt):
+        """Write one whole packet. Fast path: the socket takes it at once, then yield once
+        for fairness. If it does not, the rest waits in the stream's buffer and is drained
+        under a lock: asyncio streams must never drain concurrently, and while a drain is
+        pending every other writer queues behind it (with its own copy of the packet)."""
         w = self._writer
         if w is None:
             raise OSError("not connected")
-        w.write(pkt)
-        await w.drain()
+        if self._wq:
+            pkt = bytes(pkt)  # the tx buffer is reused while this one waits its turn
+            await self._write_locked(pkt)
+        else:
+            w.write(pkt)  # sends at once; copies whatever the socket did not take
+            if w.out_buf:
+                await self._write_locked(None)
+            else:
+                await asyncio.sleep_ms(0)
         self._last_tx = self.ticks_ms()
         self.stats["tx"] += 1
+
+    async def _write_locked(self, pkt):
+        self._wq += 1
+        try:
+            async with self._wlock:
+                w = self._writer
+                if w is None:
+                    raise OSError("not connected")
+                if pkt is not None:
+                    w.write(pkt)
+                await w.drain()
+        finally:
+            self._wq -= 1
 
     async def _send_msg(self, msg, dup):
         try:
@@ -414,3 +539,16 @@ class MQTTClient:
                     await self._send(codec.PINGREQ_PACKET)
                 except OSError:
                     self._dead.set()
+
+
+async def _writable(s):
+    """Wait for a non-blocking connect to finish; raise if it failed."""
+    p = select.poll()
+    p.register(s, select.POLLOUT)
+    while True:
+        ev = p.poll(0)
+        if ev:
+            if ev[0][1] & (select.POLLERR | select.POLLHUP):
+                raise OSError("TCP connect failed")
+            return
+        await asyncio.sleep_ms(10)
