@@ -7,6 +7,7 @@ import json
 from backoff import Backoff, Rng
 from mqtt.client import MQTTClient
 from firmware import bootconfig, bootlog
+from firmware.commands import Commands
 from firmware.telemetry import Telemetry
 from firmware.topics import Topics
 from firmware.version import FW_VERSION, SCHEMA
@@ -21,6 +22,7 @@ class Device:
         self.rnd = Rng(board.entropy())
         self.name = board.label
         self.cfg = None
+        self.ssl = None
         self.client = None
         self.telemetry = None
         self.boot = 0
@@ -35,17 +37,25 @@ class Device:
         last = None
         while True:
             try:
-                return bootconfig.load(self.board.fs)
+                cfg = bootconfig.load(self.board.fs)
+                tls = cfg["broker"].get("tls")
+                if tls:
+                    from firmware import tlsctx  # ssl costs heap; only devices using TLS pay
+
+                    self.ssl = tlsctx.context(self.board.fs, tls)
+                return cfg
             except bootconfig.ConfigError as e:
                 if str(e) != last:
                     last = str(e)
                     self.log("E", "bootstrap config: %s; retrying every %d s" % (e, self.config_retry_s))
             await asyncio.sleep(self.config_retry_s)
 
-    def _status(self, state):
-        return json.dumps(
-            {"v": SCHEMA, "state": state, "boot": self.boot, "fw": FW_VERSION}
-        )
+    def _status(self, state, outage=None):
+        d = {"v": SCHEMA, "state": state, "boot": self.boot, "fw": FW_VERSION}
+        if outage:
+            # Refusals and flaps since the previous connection, reported now that we can.
+            d["outage"] = outage
+        return json.dumps(d)
 
     def build(self, cfg):
         """Wire the tasks for a validated config (no I/O, nothing started)."""
@@ -53,6 +63,8 @@ class Device:
         self.name = cfg["device_id"]
         self.topics = Topics(cfg["prefix"], cfg["device_id"])
         b = cfg["broker"]
+        tls = b.get("tls") or {}
+        self.commands = Commands(self.topics, self._publish_q1, self.board.uptime_ms)
         self.client = MQTTClient(
             cfg["device_id"],
             b["host"],
@@ -62,11 +74,18 @@ class Device:
             will=(self.topics.status, json.dumps({"v": SCHEMA, "state": "offline"}), 1, True),
             user=b["user"],
             password=b["password"],
-            backoff=Backoff(self.rnd),
+            ssl=self.ssl,
+            server_hostname=tls.get("server_hostname"),
+            window=b["window"],
+            max_frame=b["max_frame"],
+            timeout=b["timeout"],
+            backoff=Backoff(self.rnd, **b["reconnect"]),
             ticks_ms=self.board.ticks_ms,
             log=self.log,
+            on_message=self.commands.on_message,
             on_connect=self._on_connect,
         )
+        self.client.subscribe(self.topics.cmd_filter, 1)
         self.telemetry = Telemetry(
             self.board, self.rnd, self._publish_q1, self.topics.telemetry, self.boot,
             cfg["telemetry_interval"],
@@ -75,7 +94,9 @@ class Device:
     def _on_connect(self, session_present):
         # Birth message: retained, so a late subscriber sees the device online at once.
         asyncio.create_task(
-            self.client.publish(self.topics.status, self._status("online"), 1, True, wait=False)
+            self.client.publish(
+                self.topics.status, self._status("online", self.client.outage), 1, True, wait=False
+            )
         )
 
     async def _publish_q1(self, topic, payload):

@@ -62,16 +62,28 @@ def validate(doc):
     }
     if not broker["host"]:
         raise ConfigError("broker.host is required")
+    # Every network step (TCP connect, TLS handshake, CONNACK) gets this many seconds.
+    broker["timeout"] = _num(b, "timeout", 10, 1, 120, float)
+    broker["window"] = _num(b, "window", 16, 1, 256)
+    broker["max_frame"] = _num(b, "max_frame", 4096, 256, 65536)
+    broker["reconnect"] = _reconnect(b.get("reconnect", {}))
     tls = b.get("tls")
     if tls is not None:
         if not isinstance(tls, dict):
             raise ConfigError("broker.tls must be an object")
-        broker["tls"] = {
+        t = {
             "ca": _str(tls, "ca"),
             "cert": _str(tls, "cert"),
             "key": _str(tls, "key"),
             "server_hostname": _str(tls, "server_hostname"),
         }
+        # Verification is not optional: without a CA there is nothing to verify against,
+        # and a silent unverified connection is what TLS is there to prevent.
+        if not t["ca"]:
+            raise ConfigError("broker.tls.ca (CA certificate file) is required")
+        if bool(t["cert"]) != bool(t["key"]):
+            raise ConfigError("broker.tls.cert and broker.tls.key go together")
+        broker["tls"] = t
     cfg["broker"] = broker
     wifi = doc.get("wifi", [])
     if not isinstance(wifi, list):
@@ -88,6 +100,36 @@ def validate(doc):
     cfg["groups"] = [_check_id("group", g) for g in groups]
     cfg["telemetry_interval"] = _num(doc, "telemetry_interval", 60, 0.05, 86400, float)
     return cfg
+
+
+# name: (default, low, high). Seconds except flap_limit (a count).
+RECONNECT = {
+    "base": (1.0, 0.05, 60),
+    "cap": (120.0, 1, 3600),
+    "first_window": (5.0, 0, 3600),
+    "stable_s": (30.0, 1, 3600),
+    "busy_floor": (10.0, 0, 3600),
+    "hard_floor": (60.0, 0.5, 7200),
+    "hard_cap": (1800.0, 1, 86400),
+    "flap_s": (10.0, 0, 3600),
+    "flap_limit": (3, 1, 100),
+}
+
+
+def _reconnect(r):
+    """broker.reconnect: the backoff policy (see backoff.Backoff), every key optional, so an
+    operator can widen the first window for a large fleet."""
+    if not isinstance(r, dict):
+        raise ConfigError("broker.reconnect must be an object")
+    for k in r:
+        if k not in RECONNECT:
+            raise ConfigError("broker.reconnect.%s is not a setting" % k)
+    out = {}
+    for k, (d, lo, hi) in RECONNECT.items():
+        out[k] = _num(r, k, d, lo, hi, int if k == "flap_limit" else float)
+    if out["cap"] < out["base"] or out["hard_cap"] < out["hard_floor"]:
+        raise ConfigError("broker.reconnect: a cap is below its base or floor")
+    return out
 
 
 def load(fs):

@@ -7,3 +7,7 @@ class Topics:
         self.base = base
         self.telemetry = base + "telemetry"
         self.status = base + "status"
+        self.cmd_filter = base + "cmd/+"
+
+    def cmd_result(self, name):
+        return "%scmd/%s/result" % (self.base, name)

@@ -9,6 +9,7 @@ from firmware.app import Device
 from firmware.boards.unix import Board
 from firmware.telemetry import Telemetry
 from backoff import Rng
+from firmware import bootconfig
 from mpyutil import fresh_image
 
 
@@ -86,10 +87,8 @@ async def test_telemetry_starts_at_a_random_phase_per_device():
 
 def test_two_devices_share_nothing():
     d1, d2 = Device(_board("a")), Device(_board("b"))
-    d1.build({"device_id": "one", "prefix": "", "telemetry_interval": 1,
-              "broker": {"host": "h", "port": 1, "keepalive": 10, "user": None, "password": None}})
-    d2.build({"device_id": "two", "prefix": "p/", "telemetry_interval": 1,
-              "broker": {"host": "h", "port": 1, "keepalive": 10, "user": None, "password": None}})
+    d1.build(bootconfig.validate({"device_id": "one", "broker": {"host": "h", "port": 1}}))
+    d2.build(bootconfig.validate({"device_id": "two", "prefix": "p", "broker": {"host": "h"}}))
     assert d1.topics.telemetry == "devices/one/telemetry"
     assert d2.topics.telemetry == "p/devices/two/telemetry"
     assert d1.client.session is not d2.client.session

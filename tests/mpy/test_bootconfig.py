@@ -57,3 +57,33 @@ def test_load_missing_malformed_and_oversized_files():
     with fs.open("/config.json", "w") as f:
         f.write(json.dumps(GOOD))
     assert bootconfig.load(fs)["device_id"] == "dev-1"
+
+
+def test_reconnect_policy_and_timeouts_come_from_config():
+    cfg = bootconfig.validate(GOOD)["broker"]
+    assert cfg["timeout"] == 10 and cfg["window"] == 16 and cfg["max_frame"] == 4096
+    r = cfg["reconnect"]
+    assert (r["base"], r["cap"], r["first_window"], r["stable_s"]) == (1, 120, 5, 30)
+    assert (r["hard_floor"], r["hard_cap"]) == (60, 1800)
+    wide = _with(broker={"host": "h", "reconnect": {"first_window": 120, "cap": 600}})
+    r = bootconfig.validate(wide)["broker"]["reconnect"]
+    assert r["first_window"] == 120 and r["cap"] == 600 and r["base"] == 1
+
+
+def test_bad_reconnect_settings_are_refused():
+    for rec in ({"first_window": -1}, {"cap": "x"}, {"bogus": 1}, {"base": 10, "cap": 5},
+                {"flap_limit": 1.5}, []):
+        e = raises(bootconfig.ConfigError, bootconfig.validate,
+                   _with(broker={"host": "h", "reconnect": rec}))
+        assert "reconnect" in str(e) or "flap_limit" in str(e) or "first_window" in str(e) \
+            or "cap" in str(e), (rec, str(e))
+    raises(bootconfig.ConfigError, bootconfig.validate, _with(broker={"host": "h", "timeout": 0}))
+
+
+def test_tls_needs_a_ca_and_a_cert_with_its_key():
+    ok = bootconfig.validate(_with(broker={"host": "h", "tls": {"ca": "/ca.der"}}))
+    assert ok["broker"]["tls"]["ca"] == "/ca.der"
+    e = raises(bootconfig.ConfigError, bootconfig.validate, _with(broker={"host": "h", "tls": {}}))
+    assert "ca" in str(e)
+    raises(bootconfig.ConfigError, bootconfig.validate,
+           _with(broker={"host": "h", "tls": {"ca": "/ca", "cert": "/c"}}))

@@ -1,0 +1,36 @@
+# Commands sent to one device on {prefix}devices/{id}/cmd/{name}: a JSON body with a request
+# id; the answer goes to .../cmd/{name}/result with the same id, a status and data.
+# Only `ping` so far; an unknown command or a bad body gets an error result, never a crash.
+import json
+
+
+class Commands:
+    def __init__(self, topics, publish, uptime_ms):
+        self.topics = topics
+        self.publish = publish  # async fn(topic, payload) -> QoS 1, not retained
+        self.uptime_ms = uptime_ms
+        self.handled = 0
+        self.rejected = 0
+
+    async def on_message(self, topic, payload, retain):
+        name = bytes(topic).decode().rsplit("/", 1)[-1]
+        try:
+            body = json.loads(bytes(payload))
+            if not isinstance(body, dict):
+                raise ValueError("body must be a JSON object")
+            rid = body.get("id")
+        except ValueError as e:
+            self.rejected += 1
+            await self._answer(name, None, "error", {"error": "bad body: %s" % e})
+            return
+        if name == "ping":
+            self.handled += 1
+            await self._answer(name, rid, "ok", {"up": self.uptime_ms() // 1000})
+        else:
+            self.rejected += 1
+            await self._answer(name, rid, "error", {"error": "unknown command"})
+
+    async def _answer(self, name, rid, status, data):
+        await self.publish(
+            self.topics.cmd_result(name), json.dumps({"id": rid, "status": status, "data": data})
+        )

@@ -1,0 +1,280 @@
+"""Fault-injecting TCP proxy between devices and the broker (host side, CPython asyncio).
+
+It runs its own event loop in a thread, so tests and the simulators drive it with plain
+method calls: cut every connection, refuse new ones, black-hole traffic (stop forwarding
+without closing, as a dead route does), add latency, or admit at most R new connections
+per second. It records every connection attempt and every MQTT packet it forwards, by
+type and direction, from the fixed headers (plus the packet id and DUP flag of PUBLISH
+and SUBSCRIBE), so a test can assert what went over the wire rather than what a log says.
+"""
+import asyncio
+import socket
+import struct
+import threading
+import time
+
+NAMES = {
+    1: "CONNECT", 2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 5: "PUBREC", 6: "PUBREL",
+    7: "PUBCOMP", 8: "SUBSCRIBE", 9: "SUBACK", 10: "UNSUBSCRIBE", 11: "UNSUBACK",
+    12: "PINGREQ", 13: "PINGRESP", 14: "DISCONNECT",
+}
+UP = "up"  # device -> broker
+DOWN = "down"  # broker -> device
+
+
+class Packet:
+    __slots__ = ("t", "conn", "dir", "type", "dup", "qos", "pid", "topic", "client_id")
+
+    def __init__(self, t, conn, direction, ptype, flags, body):
+        self.t = t
+        self.conn = conn
+        self.dir = direction
+        self.type = NAMES.get(ptype, str(ptype))
+        self.dup = bool(flags & 8)
+        self.qos = (flags >> 1) & 3
+        self.pid = None
+        self.topic = None
+        self.client_id = None
+        try:
+            if ptype == 3:
+                n = struct.unpack_from(">H", body)[0]
+                self.topic = bytes(body[2:2 + n]).decode("utf-8", "replace")
+                if self.qos:
+                    self.pid = struct.unpack_from(">H", body, 2 + n)[0]
+            elif ptype in (4, 8, 9):
+                self.pid = struct.unpack_from(">H", body)[0]
+            elif ptype == 1:
+                n = struct.unpack_from(">H", body)[0]  # protocol name, then level, flags, keepalive
+                off = 2 + n + 4
+                k = struct.unpack_from(">H", body, off)[0]
+                self.client_id = bytes(body[off + 2:off + 2 + k]).decode("utf-8", "replace")
+        except struct.error:
+            pass  # a malformed packet is still counted by type
+
+    def __repr__(self):
+        return "<%s %s pid=%s dup=%d conn=%d>" % (self.dir, self.type, self.pid, self.dup, self.conn)
+
+
+class _Framer:
+    """Splits one direction of a byte stream into MQTT frames (header + body)."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def feed(self, data):
+        self.buf += data
+        out = []
+        while len(self.buf) >= 2:
+            n, mult, i = 0, 1, 1
+            while True:
+                if i >= len(self.buf):
+                    return out
+                b = self.buf[i]
+                n += (b & 0x7F) * mult
+                mult *= 128
+                i += 1
+                if not b & 0x80 or i > 4:
+                    break
+            if len(self.buf) < i + n:
+                return out
+            out.append((self.buf[0], bytes(self.buf[i:i + n])))
+            del self.buf[:i + n]
+        return out
+
+
+class FaultProxy:
+    def __init__(self, upstream_host, upstream_port, host="127.0.0.1", port=0, record=True):
+        self.upstream = (upstream_host, upstream_port)
+        self.host = host
+        self.port = port
+        self.record = record
+        self.attempts = []  # (monotonic time, outcome) outcome: "accepted" | "refused"
+        self.packets = []  # Packet, in the order the proxy forwarded them
+        self._refusing = False
+        self._blackhole = False
+        self._latency = 0.0
+        self._rate = None  # max new connections admitted per second
+        self._window = []  # admission times within the last second (rate limit)
+        self._conns = {}  # id -> (device writer, broker writer)
+        self._poisoned = set()  # connections that lost bytes to the black hole
+        self._next_id = 0
+        self._loop = None
+        self._server = None
+        self._thread = None
+        self._lock = threading.Lock()
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def start(self):
+        ready = threading.Event()
+
+        def run():
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="fault-proxy")
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("proxy did not start")
+        return self
+
+    async def _start(self):
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, backlog=4096)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self):
+        if not self._loop:
+            return
+        self._call(self._shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop = None
+
+    async def _shutdown(self):
+        self._server.close()
+        await self._cut_all()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _call(self, coro, timeout=30):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    # ---- faults --------------------------------------------------------------------
+
+    def cut(self):
+        """Close every open connection (both sides); returns how many were cut."""
+        return self._call(self._cut_all())
+
+    def refuse(self, on=True):
+        """Accept new connections only to close them at once (the device sees a reset)."""
+        self._refusing = on
+
+    def blackhole(self, on=True):
+        """Stop forwarding in both directions on every connection, old and new, without
+        closing anything: no FIN, no RST, the bytes just vanish. Lifting it closes the
+        connections that lost bytes: unlike a real route, the proxy cannot retransmit them,
+        and forwarding the rest would hand the broker a corrupt stream."""
+        self._blackhole = on
+        if not on and self._loop:
+            self._call(self._cut_poisoned())
+
+    def latency(self, seconds):
+        """Delay every forwarded chunk by this much, in both directions."""
+        self._latency = seconds
+
+    def rate_limit(self, per_second):
+        """Admit at most this many new connections per second; refuse the rest (None: off)."""
+        self._rate = per_second
+
+    # ---- observations --------------------------------------------------------------
+
+    @property
+    def open_connections(self):
+        return len(self._conns)
+
+    def mark(self):
+        """Position in the packet and attempt records, for 'what happened after this'."""
+        return len(self.packets), len(self.attempts), time.monotonic()
+
+    def packets_since(self, mark, ptype=None, direction=None):
+        return [p for p in self.packets[mark[0]:]
+                if (ptype is None or p.type == ptype) and (direction is None or p.dir == direction)]
+
+    def attempts_since(self, mark, outcome=None):
+        return [a for a in self.attempts[mark[1]:] if outcome is None or a[1] == outcome]
+
+    def count(self, ptype, direction=None):
+        return sum(1 for p in self.packets
+                   if p.type == ptype and (direction is None or p.dir == direction))
+
+    # ---- forwarding ----------------------------------------------------------------
+
+    async def _accept(self, dreader, dwriter):
+        now = time.monotonic()
+        admit = not self._refusing
+        if admit and self._rate is not None:
+            self._window = [t for t in self._window if now - t < 1.0]
+            admit = len(self._window) < self._rate
+            if admit:
+                self._window.append(now)
+        self.attempts.append((now, "accepted" if admit else "refused"))
+        if not admit:
+            _reset(dwriter)
+            return
+        try:
+            breader, bwriter = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            _reset(dwriter)
+            return
+        self._next_id += 1
+        cid = self._next_id
+        self._conns[cid] = (dwriter, bwriter)
+        try:
+            await asyncio.gather(
+                self._pump(cid, UP, dreader, bwriter),
+                self._pump(cid, DOWN, breader, dwriter),
+            )
+        finally:
+            self._conns.pop(cid, None)
+            for w in (dwriter, bwriter):
+                w.close()
+
+    async def _pump(self, cid, direction, reader, writer):
+        framer = _Framer() if self.record else None
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if self._latency:
+                    await asyncio.sleep(self._latency)
+                if self._blackhole:
+                    self._poisoned.add(cid)
+                    continue
+                if framer is not None:
+                    t = time.monotonic()
+                    for byte0, body in framer.feed(data):
+                        self.packets.append(Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body))
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            # One side ended: end the other too, as a real TCP path would after a close.
+            writer.close()
+
+    async def _cut_poisoned(self):
+        for cid in list(self._poisoned):
+            ws = self._conns.pop(cid, None)
+            if ws:
+                ws[0].close()
+                ws[1].close()
+        self._poisoned.clear()
+
+    async def _cut_all(self):
+        n = len(self._conns)
+        for dw, bw in list(self._conns.values()):
+            dw.close()
+            bw.close()
+        self._conns.clear()
+        await asyncio.sleep(0)
+        return n
+
+
+def _reset(writer):
+    """Close with RST instead of FIN, as a refusing host does."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.close()
