@@ -14,6 +14,7 @@ sys.path.insert(0, ROOT)
 from tools.broker import Mosquitto  # noqa: E402
 from tools.devices import DeviceProcess, Spec, device_config, micropython_path  # noqa: E402
 from tools.observer import Observer  # noqa: E402
+from tools.proxy import FaultProxy  # noqa: E402
 
 MPY_RUNNER = os.path.join(ROOT, "tests", "mpy", "runner.py")
 MARK = "@@MPY "
@@ -107,10 +108,11 @@ class Fleet:
     def __init__(self, tmp_path, broker):
         self.tmp = tmp_path
         self.broker = broker
+        self.endpoint = (broker.host, broker.port)  # where device configs point
         self.procs = []
 
     def config(self, device_id, **over):
-        return device_config(device_id, self.broker.host, self.broker.port, **over)
+        return device_config(device_id, self.endpoint[0], self.endpoint[1], **over)
 
     def start(self, *specs, **kw):
         p = DeviceProcess(list(specs), str(self.tmp), **kw).start()
@@ -134,3 +136,12 @@ def fleet(tmp_path, broker):
     f = Fleet(tmp_path, broker)
     yield f
     f.close()
+
+
+@pytest.fixture
+def proxy(broker, fleet):
+    """A fault-injecting proxy in front of the broker; the fleet's devices connect through it."""
+    p = FaultProxy(broker.host, broker.port).start()
+    fleet.endpoint = (p.host, p.port)
+    yield p
+    p.stop()

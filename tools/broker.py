@@ -6,6 +6,7 @@ access to our temp files, so the config names the current user.
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -38,7 +39,7 @@ def wait_port(host, port, timeout=10.0):
 class Mosquitto:
     """mosquitto on 127.0.0.1:port with persistence in workdir (so restarts keep sessions)."""
 
-    def __init__(self, workdir, port=None, extra_conf="", persistence=True):
+    def __init__(self, workdir, port=None, extra_conf="", persistence=True, anonymous=True):
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.port = port or free_port()
@@ -48,7 +49,7 @@ class Mosquitto:
         lines = [
             "user %s" % pwd.getpwuid(os.getuid()).pw_name,
             "listener %d 127.0.0.1" % self.port,
-            "allow_anonymous true",
+            "allow_anonymous %s" % ("true" if anonymous else "false"),
             "max_queued_messages 100000",
             "log_dest file %s" % self.log_path,
             "log_type error",
@@ -90,6 +91,10 @@ class Mosquitto:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+
+    def reload(self):
+        """SIGHUP: mosquitto re-reads its password file, ACLs and TLS files."""
+        self.proc.send_signal(signal.SIGHUP)
 
     def log(self):
         try:

@@ -7,9 +7,10 @@ import paho.mqtt.client as mqtt
 
 
 class Observer:
-    def __init__(self, host, port, topics=("#",), on_message=None, client_id=None, clean=True):
+    def __init__(self, host, port, topics=("#",), on_message=None, client_id=None, clean=True,
+                 auth=None):
         """clean=False with a fixed client_id keeps a broker session, so messages published
-        while this observer was away are delivered when it comes back."""
+        while this observer was away are delivered when it comes back. auth: (user, pw)."""
         self.messages = []  # (monotonic time, topic, payload bytes, retain)
         self.cond = threading.Condition()
         self.on_message = on_message
@@ -17,6 +18,8 @@ class Observer:
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean
         )
         self.c.on_message = self._on_message
+        if auth:
+            self.c.username_pw_set(*auth)
         self._subscribed = threading.Event()
         self.c.on_subscribe = lambda *a: self._subscribed.set()
         self.c.connect(host, port, keepalive=30)

@@ -23,7 +23,8 @@ DOWN = "down"  # broker -> device
 
 
 class Packet:
-    __slots__ = ("t", "conn", "dir", "type", "dup", "qos", "pid", "topic", "client_id")
+    __slots__ = ("t", "conn", "dir", "type", "dup", "qos", "pid", "topic", "client_id", "clean",
+                 "rc", "present")
 
     def __init__(self, t, conn, direction, ptype, flags, body):
         self.t = t
@@ -35,16 +36,23 @@ class Packet:
         self.pid = None
         self.topic = None
         self.client_id = None
+        self.clean = None
+        self.rc = None
+        self.present = None
         try:
             if ptype == 3:
                 n = struct.unpack_from(">H", body)[0]
                 self.topic = bytes(body[2:2 + n]).decode("utf-8", "replace")
                 if self.qos:
                     self.pid = struct.unpack_from(">H", body, 2 + n)[0]
+            elif ptype == 2:
+                self.present = bool(body[0] & 1)
+                self.rc = body[1]
             elif ptype in (4, 8, 9):
                 self.pid = struct.unpack_from(">H", body)[0]
             elif ptype == 1:
                 n = struct.unpack_from(">H", body)[0]  # protocol name, then level, flags, keepalive
+                self.clean = bool(body[2 + n + 1] & 2)
                 off = 2 + n + 4
                 k = struct.unpack_from(">H", body, off)[0]
                 self.client_id = bytes(body[off + 2:off + 2 + k]).decode("utf-8", "replace")
@@ -91,7 +99,7 @@ class FaultProxy:
         self.attempts = []  # (monotonic time, outcome) outcome: "accepted" | "refused"
         self.packets = []  # Packet, in the order the proxy forwarded them
         self._refusing = False
-        self._blackhole = False
+        self._blackhole = None  # None, "both", UP or DOWN
         self._latency = 0.0
         self._rate = None  # max new connections admitted per second
         self._window = []  # admission times within the last second (rate limit)
@@ -157,12 +165,13 @@ class FaultProxy:
         """Accept new connections only to close them at once (the device sees a reset)."""
         self._refusing = on
 
-    def blackhole(self, on=True):
-        """Stop forwarding in both directions on every connection, old and new, without
+    def blackhole(self, on=True, direction=None):
+        """Stop forwarding (in `direction`, UP or DOWN, default both) on every connection,
+        old and new, without
         closing anything: no FIN, no RST, the bytes just vanish. Lifting it closes the
         connections that lost bytes: unlike a real route, the proxy cannot retransmit them,
         and forwarding the rest would hand the broker a corrupt stream."""
-        self._blackhole = on
+        self._blackhole = (direction or "both") if on else None
         if not on and self._loop:
             self._call(self._cut_poisoned())
 
@@ -236,7 +245,8 @@ class FaultProxy:
                     break
                 if self._latency:
                     await asyncio.sleep(self._latency)
-                if self._blackhole:
+                bh = self._blackhole
+                if bh and (bh == "both" or bh == direction):
                     self._poisoned.add(cid)
                     continue
                 if framer is not None:

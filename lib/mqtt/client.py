@@ -114,6 +114,7 @@ class MQTTClient:
         self._sub_pid = 0
         self._dead = asyncio.Event()
         self._stop = False
+        self._epoch = 0  # connections made so far; Message.sent refers to it
         self._last_rx = 0
         self._last_tx = 0
         self._txbuf = bytearray(max_frame + 8)
@@ -165,7 +166,7 @@ class MQTTClient:
             n = codec.publish_into(self._txbuf, topic, payload, 1, retain, False, msg.pid)
             try:
                 await self._write(self._txmv[:n])
-                msg.sent = True
+                msg.sent = self._epoch
             except OSError:
                 self._dead.set()  # stays in flight; the next connection resends it
         if done:
@@ -316,22 +317,35 @@ class MQTTClient:
         return present
 
     async def _resume(self, present):
-        """After CONNACK: with the session kept, resend unacknowledged messages with DUP and
-        their ids; without it, subscribe first, then send them again as new messages."""
+        """After CONNACK: with the session kept, first resend every unacknowledged message
+        with DUP and its id (MQTT-4.4.0-1); without it, subscribe first, then send them
+        again as new messages. New publishes wait until this is done, so they cannot
+        overtake a resend; ones handed over meanwhile go out in the same pass."""
+        self._epoch += 1
         if present and not self.clean:
-            msgs = self.session.pending()
+            pass
         else:
             if self.subs:
                 await self._subscribe_all()
-            msgs = self.session.renumber()
+            self.session.renumber()
+        epoch = self._epoch
+        resent = sent = 0
+        while True:
+            todo = [m for m in self.session.pending() if m.sent != epoch]
+            if not todo:
+                break
+            for m in todo:
+                if m.sent:
+                    resent += 1
+                    self.stats["resends"] += 1
+                sent += 1
+                await self._send_msg(m, m.sent != 0)
+                if self._dead.is_set():
+                    raise OSError("link lost while resending")
         self.connected.set()
-        for m in msgs:
-            if m.sent:
-                self.stats["resends"] += 1
-            await self._send_msg(m, m.sent)
         o = self.outage
-        self.log("I", "connected (session present: %d, resent: %d)%s" % (
-            present, len(msgs), " after %r" % (o,) if o else ""))
+        self.log("I", "connected (session present: %d, resent: %d, sent: %d)%s" % (
+            present, resent, sent, " after %r" % (o,) if o else ""))
         if self.on_connect:
             self.on_connect(present)
 
@@ -508,7 +522,7 @@ class MQTTClient:
     async def _send_msg(self, msg, dup):
         try:
             await self._send_publish(msg.topic, msg.payload, 1, msg.retain, dup, msg.pid)
-            msg.sent = True
+            msg.sent = self._epoch
         except OSError:
             # Stays in flight; the next connection resends it.
             self._dead.set()

@@ -16,7 +16,9 @@ class Message:
         self.pid = 0
         self.order = 0
         self.token = token
-        self.sent = False  # False until written on some connection (then a resend carries DUP)
+        # Number of the connection it was last written on (0: never). Written on an earlier
+        # one means a resend, which carries DUP.
+        self.sent = 0
 
 
 class Session:
@@ -56,7 +58,7 @@ class Session:
         msg.pid = self.next_pid()
         self._order += 1
         msg.order = self._order
-        msg.sent = False
+        msg.sent = 0
         self._inflight[msg.pid] = msg
         return msg.pid
 
@@ -77,7 +79,7 @@ class Session:
         self._inflight = {}
         for m in msgs:
             m.pid = self.next_pid()
-            m.sent = False
+            m.sent = 0
             self._inflight[m.pid] = m
         return msgs
 
