@@ -91,6 +91,7 @@ class MQTTClient:
             "refusals": 0,
             "flaps": 0,
             "protocol_errors": 0,
+            "handler_errors": 0,
             "keepalive_timeouts": 0,
             "resends": 0,
             "pings": 0,
@@ -101,7 +102,8 @@ class MQTTClient:
         # What went wrong since the last successful connect; handed to the app (and reset)
         # when the next one succeeds, so refusals are reported once there is a link.
         self.outage = None
-        self._trouble = [0, 0, 0, 0]  # failed attempts, refusals, last refusal code, flaps
+        # failed attempts, refusals, last refusal code, flaps, protocol errors
+        self._trouble = [0, 0, 0, 0, 0]
         self._addr = None  # cached getaddrinfo entry: DNS is asked again only after failures
         self._sock = None
         self._step = ""
@@ -168,7 +170,7 @@ class MQTTClient:
                 await self._write(self._txmv[:n])
                 msg.sent = self._epoch
             except OSError:
-                self._dead.set()  # stays in flight; the next connection resends it
+                self._kill()  # stays in flight; the next connection resends it
         if done:
             await done.wait()
         return msg.pid
@@ -196,7 +198,7 @@ class MQTTClient:
                 self.log("I", "disconnected")
             except (OSError, asyncio.TimeoutError) as e:
                 self.log("W", "graceful disconnect incomplete: %r" % (e,))
-        self._dead.set()
+        self._kill()
         await self._close()
 
     async def _discard_until_eof(self):
@@ -220,7 +222,9 @@ class MQTTClient:
                 await self._close()
                 self._failed(e)
                 d = bo.next_delay()
-                self.log("W", "connect failed at %s: %r; retry in %.1f s" % (self._step, e, d))
+                # A failed handshake is a verification or configuration fault, not weather.
+                self.log("E" if self._step == "tls" else "W",
+                         "connect failed at %s: %r; retry in %.1f s" % (self._step, e, d))
                 await asyncio.sleep(d)
                 continue
             up = self.ticks_ms()
@@ -263,6 +267,7 @@ class MQTTClient:
         self.stats["connect_failures"] += 1
         if isinstance(e, codec.ProtocolError):
             self.stats["protocol_errors"] += 1
+            t[4] += 1
         if self._step == "tls":
             self.stats["tls_failures"] += 1
         # The broker may have moved (DNS change, failover): look it up again next time.
@@ -311,8 +316,11 @@ class MQTTClient:
         self._step = "up"
         self.stats["connects"] += 1
         t = self._trouble
-        self.outage = {"failed": t[0], "refused": t[1], "rc": t[2], "flaps": t[3]} if t[0] or t[3] else None
-        self._trouble = [0, 0, 0, 0]
+        self.outage = None
+        if t[0] or t[3] or t[4]:
+            self.outage = {"failed": t[0], "refused": t[1], "rc": t[2], "flaps": t[3],
+                           "protocol_errors": t[4]}
+        self._trouble = [0, 0, 0, 0, 0]
         self._last_rx = self.ticks_ms()
         return present
 
@@ -349,12 +357,19 @@ class MQTTClient:
         if self.on_connect:
             self.on_connect(present)
 
+    def _kill(self):
+        """The link is dead: wake everything that waits on it."""
+        self._dead.set()
+        self._suback.set()
+
     async def _subscribe_all(self):
         pid = self.session.next_pid()
         self._sub_pid = pid
         self._suback.clear()
         await self._send(codec.subscribe_packet(pid, self.subs))
         await asyncio.wait_for(self._suback.wait(), self.timeout)
+        if self._dead.is_set():
+            raise OSError("link lost while subscribing")
 
     async def _close(self):
         self.connected.clear()
@@ -430,10 +445,11 @@ class MQTTClient:
             pass
         except codec.ProtocolError as e:
             self.stats["protocol_errors"] += 1
+            self._trouble[4] += 1
             self.log("E", "protocol error from broker: %s" % e)
         except Exception as e:
             self.log("W", "read failed: %r" % (e,))
-        self._dead.set()
+        self._kill()
 
     async def _dispatch(self, byte0, body):
         ptype = byte0 & 0xF0
@@ -443,9 +459,15 @@ class MQTTClient:
                 raise codec.ProtocolError("QoS 2 PUBLISH on a QoS 1 subscription")
             if qos == 0 or not self.session.seen_inbound(pid, dup):
                 if self.on_message:
-                    r = self.on_message(topic, payload, retain)
-                    if r is not None and hasattr(r, "send"):
-                        await r
+                    try:
+                        r = self.on_message(topic, payload, retain)
+                        if r is not None and hasattr(r, "send"):
+                            await r
+                    except Exception as e:
+                        # Acknowledged all the same: a message that crashes its handler
+                        # would otherwise come back on every reconnect, forever.
+                        self.stats["handler_errors"] += 1
+                        self.log("E", "message handler failed on %s: %r" % (bytes(topic), e))
             if qos == 1:
                 # After the handler ran: a crash before this line means a redelivery.
                 codec.ack_into(self._ackbuf, codec.PUBACK, pid)
@@ -525,7 +547,7 @@ class MQTTClient:
             msg.sent = self._epoch
         except OSError:
             # Stays in flight; the next connection resends it.
-            self._dead.set()
+            self._kill()
 
     # ---- keepalive ---------------------------------------------------------------------
 
@@ -542,7 +564,7 @@ class MQTTClient:
             if time.ticks_diff(now, self._last_rx) >= ka * 3 // 2:
                 self.stats["keepalive_timeouts"] += 1
                 self.log("W", "no traffic from broker for 1.5 x keepalive: link dead")
-                self._dead.set()
+                self._kill()
                 break
             if (
                 time.ticks_diff(now, self._last_tx) >= ka
@@ -552,7 +574,7 @@ class MQTTClient:
                     self.stats["pings"] += 1
                     await self._send(codec.PINGREQ_PACKET)
                 except OSError:
-                    self._dead.set()
+                    self._kill()
 
 
 async def _writable(s):

@@ -1,11 +1,15 @@
 """The MQTT session across faults, asserted on the wire: a fault-injecting proxy between
 Unix-port devices and a real mosquitto records every packet by type and direction."""
 import json
+import re
+import subprocess
 import time
 
 import paho.mqtt.client as mqtt
 
-from tools.proxy import DOWN, UP
+from tools.broker import Mosquitto
+from tools.observer import Observer
+from tools.proxy import DOWN, UP, FaultProxy
 
 FAST = {"reconnect": {"first_window": 0.5}}
 
@@ -164,3 +168,47 @@ def test_fifty_devices_cut_at_once_come_back_spread_over_the_first_window(
         per_half_s[int(t * 2)] += 1
     assert max(per_half_s) <= 12, per_half_s
     assert not proxy.packets_since(cut, "SUBSCRIBE", UP), "sessions kept: no resubscribe"
+
+
+def _passwd(path, user, password):
+    subprocess.run(["mosquitto_passwd", "-b", str(path), user, password], check=True,
+                   capture_output=True)
+
+
+def test_bad_credentials_back_off_hard_and_are_reported_once_connected(tmp_path, fleet):
+    pw = tmp_path / "passwd"
+    pw.write_text("")
+    _passwd(pw, "obs", "obs")
+    _passwd(pw, "a1", "right")
+    auth = Mosquitto(tmp_path / "auth", anonymous=False, extra_conf="password_file %s\n" % pw)
+    with auth, FaultProxy(auth.host, auth.port) as px:
+        fleet.endpoint = (px.host, px.port)
+        obs = Observer(auth.host, auth.port, auth=("obs", "obs"))
+        try:
+            # Default policy: a refusal for credentials waits 60 s at least, 30 min at most.
+            d = fleet.device("a2", broker={"user": "a2", "password": "wrong"})
+            line = d.wait_line(r"a2 W connect failed at connack: .*refused", 10)[0]
+            delay = float(re.search(r"retry in ([0-9.]+) s", line).group(1))
+            assert 60 <= delay <= 120, line
+            # Scaled down so the test sees several attempts: floor 1.5 s, cap 4 s.
+            p = fleet.device("a1", broker={"user": "a1", "password": "wrong", "reconnect": {
+                "first_window": 0.5, "hard_floor": 1.5, "hard_cap": 4}})
+            p.wait_line(r"a1 W connect failed at connack: .*refused", 15, count=3)
+            mine = [pk.conn for pk in px.packets if pk.type == "CONNECT" and pk.client_id == "a1"]
+            starts = {pk.conn: pk.t for pk in px.packets if pk.type == "CONNECT"}
+            times = [starts[c] for c in mine]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert len(gaps) >= 2 and all(1.4 <= g <= 4.6 for g in gaps), gaps
+            rcs = {pk.rc for pk in px.packets if pk.type == "CONNACK" and pk.conn in mine}
+            assert rcs <= {4, 5} and rcs, rcs
+            # The operator fixes the password: the next attempt gets in and says what happened.
+            _passwd(pw, "a1", "wrong")
+            auth.reload()
+            obs.wait(lambda m: [s for s in obs.json("devices/a1/status")
+                                if s["state"] == "online"], 15, "a1 online")
+            online = [s for s in obs.json("devices/a1/status") if s["state"] == "online"][0]
+            assert online["outage"]["refused"] >= 3 and online["outage"]["rc"] in (4, 5)
+            assert online["outage"]["failed"] >= online["outage"]["refused"]
+            assert d.alive() and not obs.json("devices/a2/telemetry")
+        finally:
+            obs.close()

@@ -1,0 +1,117 @@
+"""Bad input from the network: a rogue broker (a few lines of asyncio speaking just enough
+MQTT) answers CONNECT and then sends one malformed frame. The device must close the link,
+count it, back off and try again, and stay up; never allocate the advertised size or hang."""
+import asyncio
+import threading
+
+import pytest
+
+from tools.devices import Spec, device_config
+
+CONNACK = b"\x20\x02\x00\x00"
+
+CASES = {
+    # name: bytes sent after CONNACK (or instead of it, for the CONNACK cases)
+    "oversized frame": b"\x30\xff\xff\xff\x7f",  # PUBLISH claiming 256 MiB
+    "frame above max_frame": b"\x30\x89\x20" + b"\x00\x03a/b" + b"x" * 100,  # 4105 bytes
+    "five-byte remaining length": b"\x30\xff\xff\xff\xff\x01",
+    "packet type a server never sends": b"\x10\x02\x00\x00",  # CONNECT
+    "reserved packet type 0": b"\x00\x00",
+    "PUBACK with the wrong length": b"\x40\x03\x00\x01\x00",
+    "bad flags on SUBACK": b"\x93\x03\x00\x01\x00",
+    "PUBLISH with QoS 3": b"\x36\x05\x00\x01a\x00\x01",
+    "truncated frame, then close": b"\x30\x0a\x00\x03a/",
+    "random bytes": bytes([0xF7, 0x13, 0x88, 0x02, 0xAB, 0xCD, 0xEF, 0x00, 0x11]),
+    "topic length beyond the frame": b"\x30\x04\x00\x09ab",
+}
+
+
+class RogueBroker:
+    def __init__(self, payload, connack=CONNACK):
+        self.payload = payload
+        self.connack = connack
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(5)
+
+    def _run(self, ready):
+        async def start():
+            self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
+
+        self.loop.run_until_complete(start())
+        ready.set()
+        self.loop.run_forever()
+
+    async def _client(self, reader, writer):
+        self.connections += 1
+        try:
+            await reader.read(1024)  # CONNECT
+            if self.connack:
+                writer.write(self.connack)
+            if self.payload:
+                writer.write(self.payload)
+            await writer.drain()
+            if self.payload and self.payload.startswith(b"\x30\x0a"):
+                writer.close()  # truncated: the rest never comes
+                return
+            await reader.read(65536)  # until the device hangs up
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self):
+        async def shutdown():
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _start(fleet, tmp_path, port, dev):
+    cfg = device_config(dev, "127.0.0.1", port, broker={
+        "keepalive": 60, "timeout": 2, "reconnect": {"first_window": 0.3, "base": 0.3}})
+    return fleet.start(Spec(str(tmp_path / (dev + ".img")), config=cfg))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_frame_closes_counts_and_reconnects(case, fleet, tmp_path):
+    rogue = RogueBroker(CASES[case])
+    try:
+        p = _start(fleet, tmp_path, rogue.port, "rb")
+        p.wait_line(r"rb E protocol error from broker|rb W read failed", 10)
+        if case != "truncated frame, then close":
+            p.wait_line(r"rb E protocol error from broker: \S", 1)
+        # It comes back (with backoff) and meets the same garbage again: still up, counting.
+        p.wait_line(r"rb I link lost after .* reconnect in", 10, count=2)
+        assert rogue.connections >= 2 and p.alive()
+        assert "Traceback" not in p.output() and "MemoryError" not in p.output()
+    finally:
+        rogue.close()
+
+
+def test_connack_that_never_comes_times_out(fleet, tmp_path):
+    rogue = RogueBroker(None, connack=None)
+    try:
+        p = _start(fleet, tmp_path, rogue.port, "rn")
+        p.wait_line(r"rn W connect failed at connack: TimeoutError", 10, count=2)
+        assert p.alive()
+    finally:
+        rogue.close()
+
+
+def test_garbage_instead_of_connack_is_a_protocol_error(fleet, tmp_path):
+    rogue = RogueBroker(None, connack=b"\x20\x02\x07\x00")  # reserved CONNACK flags
+    try:
+        p = _start(fleet, tmp_path, rogue.port, "rg")
+        p.wait_line(r"rg W connect failed at connack: ProtocolError", 10, count=2)
+        assert p.alive()
+    finally:
+        rogue.close()

@@ -1,0 +1,112 @@
+"""TLS to a real mosquitto TLS listener with certificates made here by openssl: the broker is
+verified against the CA, optionally with a client certificate (mutual TLS), and any
+verification failure keeps the device off the broker instead of falling back to plain TCP."""
+import subprocess
+
+import pytest
+
+from tools.broker import Mosquitto, free_port
+from tools.devices import Spec
+from tools.observer import Observer
+
+
+def _ssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(d, name):
+    _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", name + ".key", cwd=d)
+    _ssl("req", "-x509", "-new", "-key", name + ".key", "-subj", "/CN=" + name, "-days", "2",
+         "-out", name + ".pem", cwd=d)
+    _ssl("x509", "-in", name + ".pem", "-outform", "DER", "-out", name + ".der", cwd=d)
+
+
+def _leaf(d, name, ca, san=None):
+    _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", name + ".key", cwd=d)
+    _ssl("req", "-new", "-key", name + ".key", "-subj", "/CN=" + name, "-out", name + ".csr",
+         cwd=d)
+    ext = d / (name + ".ext")
+    ext.write_text("subjectAltName=%s\n" % san if san else "basicConstraints=CA:FALSE\n")
+    _ssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
+         "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", name + ".pem", cwd=d)
+    _ssl("x509", "-in", name + ".pem", "-outform", "DER", "-out", name + ".der", cwd=d)
+    _ssl("ec", "-in", name + ".key", "-outform", "DER", "-out", name + ".key.der", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
+    _leaf(d, "dev-t2", "ca")
+    return d
+
+
+@pytest.fixture
+def tls_broker(tmp_path, certs):
+    tls_port, mtls_port = free_port(), free_port()
+    conf = "".join(
+        "listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\nrequire_certificate %s\n"
+        % (port, certs / "ca.pem", certs / "server.pem", certs / "server.key", req)
+        for port, req in ((tls_port, "false"), (mtls_port, "true"))
+    )
+    m = Mosquitto(tmp_path / "tls-broker", extra_conf=conf).start()
+    m.tls_port, m.mtls_port = tls_port, mtls_port
+    yield m
+    m.stop()
+
+
+def _device(fleet, tmp_path, certs, dev, port, tls, ca="ca", client=None):
+    files = {"/ca.der": str(certs / (ca + ".der"))}
+    if client:
+        files["/client.der"] = str(certs / (client + ".der"))
+        files["/client.key.der"] = str(certs / (client + ".key.der"))
+        tls = dict(tls, cert="/client.der", key="/client.key.der")
+    cfg = fleet.config(dev, telemetry_interval=0.3,
+                       broker={"port": port, "timeout": 3, "tls": dict(tls, ca="/ca.der"),
+                               "reconnect": {"first_window": 0.5}})
+    return fleet.start(Spec(str(tmp_path / (dev + ".img")), config=cfg, files=files))
+
+
+def test_tls_with_server_verification(fleet, tmp_path, certs, tls_broker):
+    obs = Observer(tls_broker.host, tls_broker.port)
+    try:
+        _device(fleet, tmp_path, certs, "t1", tls_broker.tls_port,
+                {"server_hostname": "localhost"})
+        obs.wait(lambda m: len(obs.json("devices/t1/telemetry")) >= 2, 20, "telemetry over TLS")
+    finally:
+        obs.close()
+
+
+def test_mutual_tls_with_a_client_certificate(fleet, tmp_path, certs, tls_broker):
+    obs = Observer(tls_broker.host, tls_broker.port)
+    try:
+        _device(fleet, tmp_path, certs, "t2", tls_broker.mtls_port,
+                {"server_hostname": "localhost"}, client="dev-t2")
+        # Without a client certificate the same listener turns the device away.
+        p = _device(fleet, tmp_path, certs, "t3", tls_broker.mtls_port,
+                    {"server_hostname": "localhost"})
+        obs.wait(lambda m: len(obs.json("devices/t2/telemetry")) >= 2, 20, "telemetry over mTLS")
+        p.wait_line(r"t3 . connect failed at (tls|connack)", 15)
+        assert not obs.json("devices/t3/telemetry")
+    finally:
+        obs.close()
+
+
+@pytest.mark.parametrize("case", ["wrong CA", "wrong hostname"])
+def test_verification_failure_fails_closed_and_is_reported(
+        case, fleet, tmp_path, certs, tls_broker):
+    obs = Observer(tls_broker.host, tls_broker.port)
+    try:
+        if case == "wrong CA":
+            p = _device(fleet, tmp_path, certs, "t4", tls_broker.tls_port,
+                        {"server_hostname": "localhost"}, ca="rogue-ca")
+        else:
+            p = _device(fleet, tmp_path, certs, "t4", tls_broker.tls_port,
+                        {"server_hostname": "broker.example.com"})
+        p.wait_line(r"t4 E connect failed at tls: .*", 15, count=2)
+        assert not obs.json("devices/t4/telemetry") and not obs.matching("devices/t4/status")
+        assert "t4 I connected" not in p.output()
+    finally:
+        obs.close()
