@@ -54,6 +54,7 @@ class MQTTClient:
         server_hostname=None,
         window=16,
         max_frame=4096,
+        buf_size=1024,
         timeout=10,
         backoff=None,
         ticks_ms=time.ticks_ms,
@@ -92,6 +93,7 @@ class MQTTClient:
             "flaps": 0,
             "protocol_errors": 0,
             "handler_errors": 0,
+            "big_frames": 0,
             "keepalive_timeouts": 0,
             "resends": 0,
             "pings": 0,
@@ -119,12 +121,14 @@ class MQTTClient:
         self._epoch = 0  # connections made so far; Message.sent refers to it
         self._last_rx = 0
         self._last_tx = 0
-        self._txbuf = bytearray(max_frame + 8)
+        # Preallocated for the common case; a larger message (up to max_frame) is written
+        # as header, then payload, and a larger inbound frame gets a buffer of its own.
+        self._txbuf = bytearray(buf_size)
         self._txmv = memoryview(self._txbuf)
         self._ackbuf = bytearray(4)
         # Inbound bytes are read in chunks into one buffer and parsed in place: a burst of
-        # PUBACKs costs one read, not three per packet. Room for the largest frame + header.
-        self._rxbuf = bytearray(max_frame + 8)
+        # PUBACKs costs one read, not three per packet.
+        self._rxbuf = bytearray(buf_size)
         self._rxmv = memoryview(self._rxbuf)
         self._r0 = 0  # start of unparsed bytes
         self._r1 = 0  # end of bytes read
@@ -146,13 +150,12 @@ class MQTTClient:
         (on_ack tells later). Returns the packet id for QoS 1."""
         topic = _b(topic)
         payload = _b(payload)
-        if codec.publish_size(topic, payload, qos) > len(self._txbuf):
+        if codec.publish_size(topic, payload, qos) > self.max_frame:
             raise ValueError("message larger than max_frame")
         if qos == 0:
             if not self.connected.is_set():
                 return False
-            n = codec.publish_into(self._txbuf, topic, payload, 0, retain, False, 0)
-            await self._write(self._txmv[:n])
+            await self._send_publish(topic, payload, 0, retain, False, 0)
             return True
         while self.session.full():
             self._space.clear()
@@ -164,10 +167,8 @@ class MQTTClient:
             msg.token = (token, done)
         self.session.add(msg)
         if self.connected.is_set():
-            # Inline rather than via _send_msg: one coroutine less per message.
-            n = codec.publish_into(self._txbuf, topic, payload, 1, retain, False, msg.pid)
             try:
-                await self._write(self._txmv[:n])
+                await self._send_publish(topic, payload, 1, retain, False, msg.pid)
                 msg.sent = self._epoch
             except OSError:
                 self._kill()  # stays in flight; the next connection resends it
@@ -419,13 +420,33 @@ class MQTTClient:
             n = vl.feed(buf[self._r0 + off])
             off += 1
         codec.check_fixed_header(byte0, n, self.max_frame)
+        self._last_rx = self.ticks_ms()
+        self.stats["rx"] += 1
+        if off + n > len(buf):
+            return byte0, await self._read_big(off, n)
         if self._r1 - self._r0 < off + n:
             await self._fill(off + n)
         start = self._r0 + off
         self._r0 = start + n
-        self._last_rx = self.ticks_ms()
-        self.stats["rx"] += 1
         return byte0, self._rxmv[start : start + n]
+
+    async def _read_big(self, off, n):
+        """A frame larger than the rx buffer (and within max_frame): its own buffer, filled
+        from what is buffered, then straight from the socket."""
+        self.stats["big_frames"] += 1
+        big = bytearray(n)
+        have = self._r1 - self._r0 - off
+        start = self._r0 + off
+        big[:have] = self._rxbuf[start : start + have]
+        self._r0 = self._r1 = 0
+        mv = memoryview(big)
+        while have < n:
+            k = await self._reader.readinto(mv[have:])
+            if not k:
+                raise OSError("connection closed by broker")
+            have += k
+        self._last_rx = self.ticks_ms()
+        return mv
 
     async def _read_loop(self):
         try:
@@ -505,8 +526,16 @@ class MQTTClient:
         # Encoded straight into the shared tx buffer and written with no await in between,
         # so no other publisher can touch the buffer meanwhile. One write per packet: a
         # header sent apart from its payload stalls on Nagle and delayed ACK.
-        n = codec.publish_into(self._txbuf, topic, payload, qos, retain, dup, pid)
-        await self._write(self._txmv[:n])
+        buf = self._txbuf
+        off = codec.publish_header_into(buf, topic, len(payload), qos, retain, dup, pid)
+        n = off + len(payload)
+        if n <= len(buf):
+            buf[off:n] = payload
+            await self._write(self._txmv[:n])
+        else:
+            # Rare (config reports, big commands): two writes under the lock, in order.
+            await self._write_locked(bytes(self._txmv[:off]), payload)
+            self.stats["tx"] += 1
 
     async def _write(self, pkt):
         """Write one whole packet. Fast path: the socket takes it at once, then yield once
@@ -528,7 +557,7 @@ class MQTTClient:
         self._last_tx = self.ticks_ms()
         self.stats["tx"] += 1
 
-    async def _write_locked(self, pkt):
+    async def _write_locked(self, pkt, more=None):
         self._wq += 1
         try:
             async with self._wlock:
@@ -537,7 +566,10 @@ class MQTTClient:
                     raise OSError("not connected")
                 if pkt is not None:
                     w.write(pkt)
+                if more is not None:
+                    w.write(more)
                 await w.drain()
+                self._last_tx = self.ticks_ms()
         finally:
             self._wq -= 1
 

@@ -165,10 +165,10 @@ def publish_size(topic, payload, qos):
     return 1 + varlen_size(body) + body
 
 
-def publish_into(buf, topic, payload, qos=0, retain=False, dup=False, pid=0):
-    """Encode PUBLISH into the preallocated buf; return its length.
-    topic and payload are bytes-like; the caller sized buf with publish_size()."""
-    body = 2 + len(topic) + len(payload) + (2 if qos else 0)
+def publish_header_into(buf, topic, plen, qos=0, retain=False, dup=False, pid=0):
+    """Encode a PUBLISH's fixed header, topic and packet id (everything before a payload
+    of plen bytes) into buf; return its length."""
+    body = 2 + len(topic) + plen + (2 if qos else 0)
     buf[0] = PUBLISH | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
     off = write_varlen(buf, 1, body)
     off = _put_str(buf, off, topic)
@@ -176,6 +176,13 @@ def publish_into(buf, topic, payload, qos=0, retain=False, dup=False, pid=0):
         buf[off] = pid >> 8
         buf[off + 1] = pid & 0xFF
         off += 2
+    return off
+
+
+def publish_into(buf, topic, payload, qos=0, retain=False, dup=False, pid=0):
+    """Encode a whole PUBLISH into the preallocated buf; return its length.
+    topic and payload are bytes-like; the caller sized buf with publish_size()."""
+    off = publish_header_into(buf, topic, len(payload), qos, retain, dup, pid)
     n = len(payload)
     buf[off : off + n] = payload
     return off + n
