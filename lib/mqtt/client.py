@@ -283,6 +283,7 @@ class MQTTClient:
             # outage costs one lookup, not one per attempt.
             self._addr = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
             self.stats["resolves"] += 1
+            self.log("I", "resolved %s" % self.host)
         ai = self._addr
         self._step = "tcp"
         s = socket.socket(ai[0], ai[1], ai[2])

@@ -9,6 +9,7 @@ import paho.mqtt.client as mqtt
 
 from tools.broker import Mosquitto
 from tools.observer import Observer
+from tools.devices import Spec
 from tools.proxy import DOWN, UP, FaultProxy
 
 FAST = {"reconnect": {"first_window": 0.5}}
@@ -212,3 +213,36 @@ def test_bad_credentials_back_off_hard_and_are_reported_once_connected(tmp_path,
             assert d.alive() and not obs.json("devices/a2/telemetry")
         finally:
             obs.close()
+
+
+def test_dns_is_resolved_once_and_again_only_after_failures(fleet, proxy):
+    fleet.endpoint = ("localhost", proxy.port)
+    p = fleet.device("n1", broker={"reconnect": {
+        "first_window": 0.3, "base": 0.2, "cap": 1, "flap_limit": 100}})
+    p.wait_line(r"n1 I connected \(session present: 0", 15)
+    for i in range(2):
+        proxy.cut()
+        p.wait_line(r"n1 I connected \(session present: 1", 15, count=i + 1)
+    assert len(p.wait_line("n1 I resolved localhost", 1)) == 1, "reconnects reuse the address"
+    proxy.refuse()
+    proxy.cut()
+    p.wait_line("n1 W connect failed at", 10, count=3)
+    proxy.refuse(False)
+    p.wait_line(r"n1 I connected \(session present: 1", 15, count=3)
+    assert len(p.wait_line("n1 I resolved localhost", 1)) >= 3, "failures look the name up again"
+
+
+def test_a_duplicate_client_id_flaps_and_then_backs_off_hard(fleet, proxy):
+    # Two boards provisioned with the same id take the session from each other on every
+    # connect: each connection is closed within seconds of its CONNACK.
+    over = {"reconnect": {"first_window": 0.5, "base": 0.5}}
+    a = fleet.start(fleet.spec("twin", broker=over))
+    b = fleet.start(Spec(str(fleet.tmp / "twin-b.img"), config=fleet.config("twin", broker=over)))
+    hard = re.compile(r"twin I link lost after [0-9.]+ s; reconnect in ([0-9.]+) s")
+
+    def backed_off(p):
+        return [float(m.group(1)) for m in map(hard.search, p.output().splitlines())
+                if m and float(m.group(1)) >= 60]
+
+    wait_for(lambda: backed_off(a) or backed_off(b), 30, "a hard backoff after flapping")
+    assert all(60 <= d <= 1800 for d in backed_off(a) + backed_off(b))
