@@ -22,8 +22,11 @@ class Observer:
             self.c.username_pw_set(*auth)
         self._subscribed = threading.Event()
         self.c.on_subscribe = lambda *a: self._subscribed.set()
+        # Subscribe on every connect: after a broker restart without persistence paho
+        # reconnects by itself, but the subscriptions are gone.
+        subs = [(t, 1) for t in topics]
+        self.c.on_connect = lambda c, u, f, rc, p=None: c.subscribe(subs)
         self.c.connect(host, port, keepalive=30)
-        self.c.subscribe([(t, 1) for t in topics])
         self.c.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError("observer could not subscribe")

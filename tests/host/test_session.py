@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from tools.broker import Mosquitto
 from tools.observer import Observer
@@ -76,21 +77,35 @@ def test_resume_with_session_present_resends_in_flight_with_dup_and_same_id(
     assert_no_gap(observer, "r1")
 
 
-def test_lost_session_resubscribes_then_republishes_with_no_loss(fleet, proxy, broker, observer):
-    p = fleet.device("s1", telemetry_interval=0.2, broker=FAST)
-    observer.wait(lambda m: len(telemetry(observer, "s1")) >= 3, 15, "telemetry")
-    before = max(seqs(observer, "s1"))
-    proxy.blackhole()  # nothing gets through: telemetry piles up unacknowledged
-    time.sleep(1.5)
-    proxy.refuse()
-    # A client taking over the id with clean session makes the broker discard the device's
-    # session, as an expiry or a broker without persistence would.
+def _take_over(broker):
+    """A client taking over the id with clean session makes the broker discard the
+    device's session, as an expiry would."""
     intruder = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="s1", clean_session=True)
     intruder.connect(broker.host, broker.port)
     intruder.loop_start()
     wait_for(intruder.is_connected, 5, "intruder connected")
     intruder.disconnect()
     intruder.loop_stop()
+
+
+@pytest.mark.parametrize("how", ["taken over", "broker restarted without persistence"])
+def test_lost_session_resubscribes_then_republishes_with_no_loss(
+        how, fleet, proxy, broker, observer, request):
+    p = fleet.device("s1", telemetry_interval=0.2, broker=FAST)
+    observer.wait(lambda m: len(telemetry(observer, "s1")) >= 3, 15, "telemetry")
+    before = max(seqs(observer, "s1"))
+    proxy.blackhole()  # nothing gets through: telemetry piles up unacknowledged
+    time.sleep(1.5)
+    proxy.refuse()
+    if how == "taken over":
+        _take_over(broker)
+    else:
+        broker.stop()
+        fresh = Mosquitto(broker.workdir + "-fresh", port=broker.port, persistence=False)
+        fresh.start()
+        request.addfinalizer(fresh.stop)
+        wait_for(lambda: observer.c.is_connected(), 15, "observer back")
+        time.sleep(0.5)  # its SUBSCRIBE must be in before the device's first message
     lost = proxy.mark()
     proxy.blackhole(False)
     proxy.cut()
