@@ -21,6 +21,10 @@ class FileBlockDevice:
         self.blocks = size // block_size
         self.writes = 0
         self.erases = 0
+        self.bytes_written = 0
+        # Power-cut injection for tests: once `writes` reaches this, every later write and
+        # erase is dropped, so the image stays as it was at the cut.
+        self.cut_after = None
         try:
             self.f = open(path, "r+b")
             self.f.seek(0, 2)
@@ -42,10 +46,13 @@ class FileBlockDevice:
         self.f.readinto(buf)
 
     def writeblocks(self, block, buf, off=None):
+        if self.cut_after is not None and self.writes >= self.cut_after:
+            return
         self.f.seek(block * self.block_size + (off or 0))
         self.f.write(buf)
         self.f.flush()
         self.writes += 1
+        self.bytes_written += len(buf)
 
     def ioctl(self, op, arg):
         if op == 4:
@@ -53,7 +60,8 @@ class FileBlockDevice:
         if op == 5:
             return self.block_size
         if op == 6:
-            self.erases += 1
+            if self.cut_after is None or self.writes < self.cut_after:
+                self.erases += 1
             return 0
         return None
 
