@@ -3,9 +3,11 @@
 # the MQTT connection task and the telemetry task on one asyncio loop.
 import asyncio
 import json
+import time
 
 from backoff import Backoff, Rng
 from mqtt.client import MQTTClient
+from outbox.outbox import Outbox
 from firmware import bootconfig, bootlog
 from firmware.commands import Commands
 from firmware.telemetry import Telemetry
@@ -24,6 +26,7 @@ class Device:
         self.cfg = None
         self.ssl = None
         self.client = None
+        self.outbox = None
         self.telemetry = None
         self.boot = 0
         self._tasks = []
@@ -84,11 +87,20 @@ class Device:
             log=self.log,
             on_message=self.commands.on_message,
             on_connect=self._on_connect,
+            on_ack=self._on_ack,
         )
         self.client.subscribe(self.topics.cmd_filter, 1)
+        o = cfg["outbox"]
+        self.outbox = Outbox(
+            self.board.fs if o["flash_bytes"] else None,
+            ram_bytes=o["ram_bytes"], flash_bytes=o["flash_bytes"], policy=o["policy"],
+            overflow=o["overflow"], spill_ms=o["spill_ms"], ticks_ms=self.board.ticks_ms,
+            ticks_diff=time.ticks_diff, log=self.log,
+        )
+        self._queued = asyncio.Event()
         self.telemetry = Telemetry(
-            self.board, self.rnd, self._publish_q1, self.topics.telemetry, self.boot,
-            cfg["telemetry_interval"],
+            self.board, self.rnd, self._enqueue, self.topics.telemetry, self.boot,
+            cfg["telemetry_interval"], dropped=self._dropped,
         )
 
     def _on_connect(self, session_present):
@@ -102,6 +114,40 @@ class Device:
     async def _publish_q1(self, topic, payload):
         await self.client.publish(topic, payload, 1, False, wait=False)
 
+    # ---- outbox: telemetry waits there for its PUBACK --------------------------------
+
+    def _enqueue(self, topic, payload, boot, seq):
+        self.outbox.put(topic, payload, boot, seq)
+        self._queued.set()
+
+    def _dropped(self):
+        return self.outbox.stats["dropped"]
+
+    def _on_ack(self, msg):
+        if msg.token is not None:
+            self.outbox.ack(msg.token)
+
+    async def _drain(self):
+        """Hand queued records to the MQTT session, oldest first, pipelined through its
+        in-flight window; the session resends them across reconnects by itself."""
+        ob = self.outbox
+        c = self.client
+        while True:
+            await c.room()
+            rec = ob.next()
+            if rec is None:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            ob.handed_over()
+            # No await before publish() adds it to the session (room() made space).
+            await c.publish(rec[0], rec[1], 1, False, wait=False, token=rec[2])
+
+    async def _spill_loop(self):
+        while True:
+            await asyncio.sleep_ms(250)
+            self.outbox.tick(self.client.is_connected())
+
     async def join_network(self):
         """Bring the link up before MQTT (Wi-Fi on boards), retrying with full jitter."""
         bo = Backoff(self.rnd, base=2, cap=60)
@@ -114,17 +160,25 @@ class Device:
         cfg = await self.load_config()
         self.boot = bootlog.next_boot(self.board.fs)["boot"]
         self.build(cfg)
+        n = self.outbox.recover()
+        if n:
+            self.log("I", "outbox: %d message(s) from before the reboot" % n)
         self.log("I", "boot %d, firmware %s, broker %s:%d" % (
             self.boot, FW_VERSION, cfg["broker"]["host"], cfg["broker"]["port"]))
         await self.join_network()
         self._tasks = [
             asyncio.create_task(self.client.run()),
             asyncio.create_task(self.telemetry.run()),
+            asyncio.create_task(self._drain()),
+            asyncio.create_task(self._spill_loop()),
         ]
         await asyncio.gather(*self._tasks)
 
     async def stop(self, loop_restarted=False):
-        """Graceful stop: retained offline status, then DISCONNECT (no last will)."""
+        """Graceful stop: unacknowledged telemetry to flash, retained offline status, then
+        DISCONNECT (no last will)."""
+        if self.outbox:
+            self.outbox.spill()
         if self.client:
             await self.client.disconnect(
                 (self.topics.status, self._status("offline"), True), not loop_restarted

@@ -99,7 +99,29 @@ def validate(doc):
         raise ConfigError("groups must be a list")
     cfg["groups"] = [_check_id("group", g) for g in groups]
     cfg["telemetry_interval"] = _num(doc, "telemetry_interval", 60, 0.05, 86400, float)
+    cfg["outbox"] = _outbox(doc.get("outbox", {}))
     return cfg
+
+
+def _outbox(o):
+    """outbox: where telemetry waits for its PUBACK (lib/outbox, README "Offline queue")."""
+    if not isinstance(o, dict):
+        raise ConfigError("outbox must be an object")
+    for k in o:
+        if k not in ("ram_bytes", "flash_bytes", "policy", "overflow", "spill_ms"):
+            raise ConfigError("outbox.%s is not a setting" % k)
+    out = {
+        "ram_bytes": _num(o, "ram_bytes", 8192, 1024, 262144),
+        "flash_bytes": _num(o, "flash_bytes", 262144, 0, 16777216),
+        "spill_ms": _num(o, "spill_ms", 1000, 100, 600000),
+        "policy": _str(o, "policy", "offline"),
+        "overflow": _str(o, "overflow", "oldest"),
+    }
+    if out["policy"] not in ("offline", "always"):
+        raise ConfigError("outbox.policy must be offline or always")
+    if out["overflow"] not in ("oldest", "newest"):
+        raise ConfigError("outbox.overflow must be oldest or newest")
+    return out
 
 
 # name: (default, low, high). Seconds except flap_limit (a count).

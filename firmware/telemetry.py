@@ -7,10 +7,11 @@ from firmware.version import SCHEMA
 
 
 class Telemetry:
-    def __init__(self, board, rnd, publish, topic, boot, interval):
+    def __init__(self, board, rnd, publish, topic, boot, interval, dropped=None):
         self.board = board
         self.rnd = rnd
-        self.publish = publish  # async fn(topic, payload) that queues at QoS 1
+        self.publish = publish  # fn(topic, payload, boot, seq) that queues it, never blocks
+        self.dropped = dropped  # fn() -> messages the outbox dropped so far, or None
         self.topic = topic
         self.boot = boot
         self.interval = interval
@@ -29,10 +30,15 @@ class Telemetry:
         if ts is not None:
             msg["ts"] = ts
         msg.update(self.board.read_sensors(self.rnd))
+        d = self.dropped() if self.dropped else 0
+        if d:
+            # Counted drops make a gap explainable (README "Offline queue").
+            msg["dropped"] = d
         return json.dumps(msg)
 
     async def run(self):
         await asyncio.sleep(self.rnd.uniform(0, self.interval))
         while True:
-            await self.publish(self.topic, self.payload())
+            payload = self.payload()
+            self.publish(self.topic, payload, self.boot, self.seq)
             await asyncio.sleep(self.interval)

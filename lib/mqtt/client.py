@@ -163,8 +163,7 @@ class MQTTClient:
         msg = Message(topic, payload, 1, retain, token)
         done = None
         if wait:
-            done = asyncio.Event()
-            msg.token = (token, done)
+            done = msg.done = asyncio.Event()
         self.session.add(msg)
         if self.connected.is_set():
             try:
@@ -175,6 +174,14 @@ class MQTTClient:
         if done:
             await done.wait()
         return msg.pid
+
+    async def room(self):
+        """Wait until a QoS 1 publish would not wait for the in-flight window. A producer
+        that takes its message from a queue calls this first, then publishes with no await
+        in between, so the message is in the session before anything else runs."""
+        while self.session.full():
+            self._space.clear()
+            await self._space.wait()
 
     async def disconnect(self, final=None, reader_alive=True):
         """Graceful stop: an optional final (topic, payload, retain) QoS 1 publish, then
@@ -511,10 +518,8 @@ class MQTTClient:
         msg = self.session.ack(pid)
         if msg is not None:
             self._space.set()
-            t = msg.token
-            if isinstance(t, tuple):
-                msg.token = t[0]
-                t[1].set()
+            if msg.done:
+                msg.done.set()
             if self.on_ack:
                 self.on_ack(msg)
 

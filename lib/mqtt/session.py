@@ -6,7 +6,7 @@ class Message:
     """An outbound PUBLISH kept until its PUBACK. token is the app's handle (e.g. a queue
     position) returned to it on acknowledgement."""
 
-    __slots__ = ("topic", "payload", "qos", "retain", "pid", "order", "token", "sent")
+    __slots__ = ("topic", "payload", "qos", "retain", "pid", "order", "token", "sent", "done")
 
     def __init__(self, topic, payload, qos, retain, token=None):
         self.topic = topic
@@ -16,6 +16,7 @@ class Message:
         self.pid = 0
         self.order = 0
         self.token = token
+        self.done = None  # an Event set on PUBACK, for a publisher that waits for it
         # Number of the connection it was last written on (0: never). Written on an earlier
         # one means a resend, which carries DUP.
         self.sent = 0

@@ -11,7 +11,6 @@ from micropython import const
 from outbox import record
 
 _NAME_DIGITS = const(8)
-ENOSPC = const(28)
 
 
 def _name(directory, num):
@@ -132,7 +131,9 @@ class FlashLog:
 
     def append(self, batch, count, first, last):
         """Append `count` whole records (bytes-like `batch`, keys first..last) in one write.
-        False when they do not fit in the capacity or the filesystem is full."""
+        Returns (segment number, offset) where the batch starts, or False when it does not
+        fit in the capacity. A write error (the filesystem full, a failing flash) raises
+        OSError, with the index still true to the files."""
         n = len(batch)
         if self.nbytes + n > self.capacity:
             return False
@@ -146,27 +147,26 @@ class FlashLog:
         try:
             with self.fs.open(_name(self.dir, seg.num), "ab") as f:
                 f.write(batch)
-        except OSError as e:
+        except OSError:
             if new:
                 self._remove(seg.num)
             else:
                 # The file may hold part of the batch now: close it for appends.
                 self._fresh = True
                 seg.size = self._size(seg.num)
-            if e.args[0] == ENOSPC:
-                return False
             raise
         if new:
             self.segs.append(seg)
             self._fresh = False
         if seg.first is None:
             seg.first = first
+        at = (seg.num, seg.size)
         seg.last = last
         seg.size += n
         seg.count += count
         self.count += count
         self.nbytes += n
-        return True
+        return at
 
     # ---- reading and consuming -----------------------------------------------------
 

@@ -76,6 +76,20 @@ class Ring:
             self._wrapped = False
         return k
 
+    def head_run(self):
+        """(start, end, count, last) for the records from the head that lie contiguously in
+        the buffer, up to the wrap: one write moves them all. last is the newest one's offset."""
+        start = self.head
+        end = self._end if self._wrapped else self.tail
+        o = start
+        last = start
+        count = 0
+        while o < end and count < self.count:
+            last = o
+            o += self.length(o)
+            count += 1
+        return start, o, count, last
+
     def offsets(self):
         """Offsets of the records, oldest first (a generator; for recovery and tests)."""
         off = self.head

@@ -65,7 +65,7 @@ async def test_telemetry_starts_at_a_random_phase_per_device():
     t0 = time.ticks_ms()
 
     def recorder():
-        async def pub(topic, payload):
+        def pub(topic, payload, boot, seq):
             firsts.append((time.ticks_diff(time.ticks_ms(), t0), json.loads(payload)))
             raise asyncio.CancelledError
         return pub

@@ -1,0 +1,272 @@
+# The outbox: telemetry waits here until its PUBACK, through outages and reboots, within a
+# bounded footprint. Two tiers, oldest records first: the flash log (older), then the RAM
+# ring (newer). Records leave only when acknowledged, in order (MQTT-4.6.0-2: a broker
+# acknowledges QoS 1 messages in the order it received them).
+#
+# Policies: "offline" (default) keeps records in RAM while acks flow, and moves every
+# unacknowledged record to flash in one batch when no ack came for `spill_ms` or the link is
+# down, or when RAM is full; "always" puts each record on flash before put() returns.
+# Overflow drops the oldest records (or, with overflow="newest", refuses the new one); every
+# drop is counted with the (boot, seq) range it removed.
+from outbox import record
+from outbox.flashlog import FlashLog
+from outbox.ring import Ring
+
+_RETRY_FLASH_MS = 60000
+_MAX_RANGES = 8
+
+
+class Outbox:
+    def __init__(self, fs=None, ram_bytes=8192, flash_bytes=262144, segment=32768,
+                 policy="offline", overflow="oldest", spill_ms=1000, ticks_ms=None,
+                 ticks_diff=None, log=None, directory="/outbox"):
+        if policy not in ("offline", "always") or overflow not in ("oldest", "newest"):
+            raise ValueError("policy is offline|always, overflow is oldest|newest")
+        self.ring = Ring(ram_bytes)
+        self.flash = FlashLog(fs, flash_bytes, segment, directory) if fs is not None else None
+        self.policy = policy
+        self.overflow = overflow
+        self.spill_ms = spill_ms
+        self.ticks_ms = ticks_ms
+        self.ticks_diff = ticks_diff
+        self.log = log or (lambda level, msg: None)
+        self.inflight = 0  # records from the head handed to the session, not yet acked
+        self._fcur = None  # (segment number, offset) of the next flash record to hand over
+        self._rcur = 0  # ring offset of the next ring record to hand over
+        self._flen = 0  # length of the flash record next() returned
+        self._progress = 0  # ticks of the last ack, or of the first record after an idle spell
+        self._flash_down_at = None  # ticks when flash failed; retried after a minute
+        self.stats = {"put": 0, "acked": 0, "dropped": 0, "spilled": 0, "flash_errors": 0,
+                      "stale_acks": 0, "recovered": 0, "corrupt": 0}
+        self.drops = []  # last few (boot, first seq, last seq, count), newest last
+
+    # ---- state -----------------------------------------------------------------------
+
+    def __len__(self):
+        return self._fcount() + self.ring.count
+
+    def _fcount(self):
+        return self.flash.count if self.flash else 0
+
+    def recover(self):
+        """At boot: the records left on flash become the oldest of the outbox."""
+        if not self.flash:
+            return 0
+        try:
+            n = self.flash.recover()
+        except OSError as e:
+            self._flash_failed(e)
+            return 0
+        self.stats["recovered"] = n
+        self.stats["corrupt"] = self.flash.corrupt
+        self.inflight = 0
+        self._fcur = (self.flash.segs[0].num, self.flash.head) if n else None
+        if self.flash.corrupt:
+            self.log("W", "outbox: skipped %d corrupt stretch(es) on flash" % self.flash.corrupt)
+        return n
+
+    def _flash_ok(self):
+        if self.flash is None:
+            return False
+        if self._flash_down_at is None:
+            return True
+        if self.ticks_diff(self.ticks_ms(), self._flash_down_at) >= _RETRY_FLASH_MS:
+            self._flash_down_at = None
+            return True
+        return False
+
+    def _flash_failed(self, e):
+        self.stats["flash_errors"] += 1
+        self._flash_down_at = self.ticks_ms()
+        self.log("E", "outbox: flash write failed (%r); RAM only for a minute" % (e,))
+
+    # ---- producing -------------------------------------------------------------------
+
+    def put(self, topic, payload, boot, seq):
+        """Queue one message; never blocks. False if it was refused (overflow="newest",
+        or a record that cannot be stored at all)."""
+        self.stats["put"] += 1
+        if isinstance(topic, str):
+            topic = topic.encode()
+        if isinstance(payload, str):
+            payload = payload.encode()
+        if not self.ring.count and not self.inflight:
+            self._progress = self.ticks_ms()
+        n = record.size(topic, payload)
+        if n > len(self.ring.buf):
+            return self._refuse(boot, seq)
+        while not self.ring.fits(n):
+            if self._flash_ok() and self.spill():
+                continue
+            if self.overflow == "newest" or not self._drop_oldest():
+                return self._refuse(boot, seq)
+        self.ring.put(topic, payload, boot, seq)
+        if self.policy == "always":
+            self.spill()  # on flash before put() returns (in RAM if flash fails)
+        return True
+
+    def _refuse(self, boot, seq):
+        self._count_drop(1, (boot, seq), (boot, seq))
+        return False
+
+    def _append(self, batch, count, first, last):
+        try:
+            return self.flash.append(batch, count, first, last)
+        except OSError as e:
+            self._flash_failed(e)
+            return None
+
+    def _make_room(self):
+        """Flash is full: drop its oldest segment if the policy allows."""
+        if self.overflow == "newest" or not self.flash.segs:
+            return False
+        self._drop_flash_segment()
+        return True
+
+    # ---- spilling RAM to flash -------------------------------------------------------
+
+    def spill(self):
+        """Move every ring record to flash, one write per contiguous run (at most two).
+        True if anything moved."""
+        ring = self.ring
+        moved = 0
+        while ring.count and self._flash_ok():
+            start, end, count, last = ring.head_run()
+            r = self._append(ring.mv[start:end], count, record.key(ring.mv, start),
+                             record.key(ring.mv, last))
+            if r is None:
+                break  # write error: stays in RAM
+            if r is False:
+                if not self._make_room():
+                    break
+                continue
+            self._moved_to_flash(r, start, count)
+            for _ in range(count):
+                ring.pop()
+            moved += count
+        self.stats["spilled"] += moved
+        return moved > 0
+
+    def _moved_to_flash(self, where, ring_start, count):
+        """Keep the send cursor on the same record after `count` ring records (from the
+        ring's head at ring_start) went to flash at `where` = (segment, offset)."""
+        before = self._fcount() - count  # flash records before this append
+        if self.inflight >= before and self.inflight < before + count:
+            # The next record to hand over is among those moved: find its flash offset.
+            off = where[1]
+            k = self.inflight - before
+            o = ring_start
+            for _ in range(k):
+                n = self.ring.length(o)
+                off += n
+                o = self.ring.after(o)
+            self._fcur = (where[0], off)
+        elif self.inflight < before and self._fcur is None:
+            self._fcur = where
+
+    # ---- overflow --------------------------------------------------------------------
+
+    def _drop_oldest(self):
+        if self.flash and self.flash.segs:
+            self._drop_flash_segment()
+            return True
+        if self.ring.count:
+            k = self.ring.pop()
+            if self.inflight:
+                self.inflight -= 1
+            elif self.ring.count:
+                self._rcur = self.ring.head
+            self._count_drop(1, k, k)
+            return True
+        return False
+
+    def _drop_flash_segment(self):
+        seg_count = self.flash.segs[0].count
+        num = self.flash.segs[0].num
+        n, first, last = self.flash.drop_oldest_segment()
+        gone_inflight = min(self.inflight, n)
+        self.inflight -= gone_inflight
+        if self._fcur is not None and self._fcur[0] == num:
+            self._fcur = (self.flash.segs[0].num, 0) if self.flash.segs else None
+        self._count_drop(seg_count, first, last)
+
+    def _count_drop(self, n, first, last):
+        self.stats["dropped"] += n
+        self.drops.append((first[0], first[1], last[1], n))
+        if len(self.drops) > _MAX_RANGES:
+            self.drops.pop(0)
+
+    # ---- draining --------------------------------------------------------------------
+
+    def next(self):
+        """(topic, payload, key) of the next record to hand to the session, copied, or None."""
+        fc = self._fcount()
+        if self.inflight < fc:
+            num, off = self._fcur if self._fcur else (self.flash.segs[0].num, self.flash.head)
+            i = self._seg_index(num)
+            if i is None:  # its segment was consumed to the end and removed
+                i, off = 0, self.flash.head
+            r = self.flash.read(i, off)
+            while r is None and i + 1 < len(self.flash.segs):
+                i += 1
+                r = self.flash.read(i, 0)
+            if r is None:
+                return None
+            self._fcur = (self.flash.segs[i].num, r[0])
+            self._flen = r[1]
+            t, p, boot, seq = record.fields(self.flash.buf(), 0)
+            return bytes(t), bytes(p), (boot, seq)
+        j = self.inflight - fc
+        if j >= self.ring.count:
+            return None
+        if j == 0:
+            self._rcur = self.ring.head
+        t, p, boot, seq = record.fields(self.ring.mv, self._rcur)
+        return bytes(t), bytes(p), (boot, seq)
+
+    def handed_over(self):
+        """The record the last next() returned is now in flight (no await in between)."""
+        if self.inflight < self._fcount():
+            num, off = self._fcur
+            self._fcur = (num, off + self._flen)
+        else:
+            self._rcur = self.ring.after(self._rcur)
+        self.inflight += 1
+
+    def _seg_index(self, num):
+        for i, s in enumerate(self.flash.segs):
+            if s.num == num:
+                return i
+        return None
+
+    def ack(self, key):
+        """PUBACK for the record with this (boot, seq): it leaves the outbox."""
+        self._progress = self.ticks_ms()
+        if self._fcount():
+            self.flash.read(0, self.flash.head)
+            if tuple(record.key(self.flash.buf(), 0)) == tuple(key):
+                self.flash.consume()
+                self._after_ack()
+                return True
+        elif self.ring.count and tuple(record.key(self.ring.mv, self.ring.head)) == tuple(key):
+            self.ring.pop()
+            self._after_ack()
+            return True
+        self.stats["stale_acks"] += 1  # dropped while in flight
+        return False
+
+    def _after_ack(self):
+        self.stats["acked"] += 1
+        if self.inflight:
+            self.inflight -= 1
+        if not self._fcount():
+            self._fcur = None
+
+    def tick(self, connected):
+        """Called every few hundred ms: under the offline policy, RAM records that the link
+        is not acknowledging go to flash."""
+        if self.policy != "offline" or not self.ring.count:
+            return
+        stalled = self.ticks_diff(self.ticks_ms(), self._progress) >= self.spill_ms
+        if not connected or stalled:
+            self.spill()
