@@ -19,17 +19,19 @@ TARGETS = {
     "qos1_pipelined_vs_qos0": ">= 0.4",
     "qos1_awaited_msg_s": ">= 1000",
     "client_heap_bytes": "<= 16384",
+    "queue_flash_bytes_per_payload_byte": "<= 2.0",
+    "queue_recovery_full_ms": "< 1000",
 }
 
 
-def mqtt_bench(broker, n):
+def run_bench(script, broker, n):
     r = subprocess.run(
-        [micropython_path(), os.path.join(ROOT, "bench", "mqtt_bench.py"),
+        [micropython_path(), os.path.join(ROOT, "bench", script),
          broker.host, str(broker.port), str(n)],
         capture_output=True, text=True, timeout=600,
     )
     if r.returncode != 0:
-        raise SystemExit("mqtt bench failed:\n" + r.stdout + r.stderr)
+        raise SystemExit("%s failed:\n%s%s" % (script, r.stdout, r.stderr))
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -38,7 +40,8 @@ def main():
     n = 2000 if quick else 10000
     with tempfile.TemporaryDirectory() as tmp:
         with Mosquitto(tmp, persistence=False) as broker:
-            figures = mqtt_bench(broker, n)
+            figures = run_bench("mqtt_bench.py", broker, n)
+            figures.update(run_bench("outbox_bench.py", broker, n // 2))
     results = {}
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:

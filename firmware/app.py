@@ -95,7 +95,7 @@ class Device:
             self.board.fs if o["flash_bytes"] else None,
             ram_bytes=o["ram_bytes"], flash_bytes=o["flash_bytes"], policy=o["policy"],
             overflow=o["overflow"], spill_ms=o["spill_ms"], ticks_ms=self.board.ticks_ms,
-            ticks_diff=time.ticks_diff, log=self.log,
+            ticks_diff=time.ticks_diff, log=self.log, topic=self.topics.telemetry,
         )
         self._queued = asyncio.Event()
         self.telemetry = Telemetry(

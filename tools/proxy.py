@@ -145,6 +145,10 @@ class FaultProxy:
     async def _shutdown(self):
         self._server.close()
         await self._cut_all()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self):
         return self.start()

@@ -19,13 +19,17 @@ _MAX_RANGES = 8
 class Outbox:
     def __init__(self, fs=None, ram_bytes=8192, flash_bytes=262144, segment=32768,
                  policy="offline", overflow="oldest", spill_ms=1000, ticks_ms=None,
-                 ticks_diff=None, log=None, directory="/outbox"):
+                 ticks_diff=None, log=None, directory="/outbox", topic=b"", block=4096):
         if policy not in ("offline", "always") or overflow not in ("oldest", "newest"):
             raise ValueError("policy is offline|always, overflow is oldest|newest")
         self.ring = Ring(ram_bytes)
         self.flash = FlashLog(fs, flash_bytes, segment, directory) if fs is not None else None
         self.policy = policy
         self.overflow = overflow
+        # Records on this topic store none (topic length 0): for telemetry, the topic would
+        # otherwise be a third of every record written to flash.
+        self.topic = topic.encode() if isinstance(topic, str) else topic
+        self.block = block
         self.spill_ms = spill_ms
         self.ticks_ms = ticks_ms
         self.ticks_diff = ticks_diff
@@ -35,6 +39,7 @@ class Outbox:
         self._rcur = 0  # ring offset of the next ring record to hand over
         self._flen = 0  # length of the flash record next() returned
         self._progress = 0  # ticks of the last ack, or of the first record after an idle spell
+        self._ring_since = 0  # ticks when the ring last went from empty to holding a record
         self._flash_down_at = None  # ticks when flash failed; retried after a minute
         self.stats = {"put": 0, "acked": 0, "dropped": 0, "spilled": 0, "flash_errors": 0,
                       "stale_acks": 0, "recovered": 0, "corrupt": 0}
@@ -90,8 +95,12 @@ class Outbox:
             topic = topic.encode()
         if isinstance(payload, str):
             payload = payload.encode()
-        if not self.ring.count and not self.inflight:
-            self._progress = self.ticks_ms()
+        if topic == self.topic:
+            topic = b""
+        if not self.ring.count:
+            self._ring_since = self.ticks_ms()
+            if not self.inflight:
+                self._progress = self._ring_since
         n = record.size(topic, payload)
         if n > len(self.ring.buf):
             return self._refuse(boot, seq)
@@ -215,14 +224,14 @@ class Outbox:
             self._fcur = (self.flash.segs[i].num, r[0])
             self._flen = r[1]
             t, p, boot, seq = record.fields(self.flash.buf(), 0)
-            return bytes(t), bytes(p), (boot, seq)
+            return bytes(t) or self.topic, bytes(p), (boot, seq)
         j = self.inflight - fc
         if j >= self.ring.count:
             return None
         if j == 0:
             self._rcur = self.ring.head
         t, p, boot, seq = record.fields(self.ring.mv, self._rcur)
-        return bytes(t), bytes(p), (boot, seq)
+        return bytes(t) or self.topic, bytes(p), (boot, seq)
 
     def handed_over(self):
         """The record the last next() returned is now in flight (no await in between)."""
@@ -263,10 +272,15 @@ class Outbox:
             self._fcur = None
 
     def tick(self, connected):
-        """Called every few hundred ms: under the offline policy, RAM records that the link
-        is not acknowledging go to flash."""
+        """Called every 250 ms or so. Under the offline policy, RAM records go to flash when
+        the link is down or has not acknowledged anything for spill_ms: at once if a whole
+        block's worth is waiting, else once the oldest has waited spill_ms. Batching to
+        blocks keeps flash writes near the bytes of the records themselves."""
         if self.policy != "offline" or not self.ring.count:
             return
-        stalled = self.ticks_diff(self.ticks_ms(), self._progress) >= self.spill_ms
-        if not connected or stalled:
+        now = self.ticks_ms()
+        if connected and self.ticks_diff(now, self._progress) < self.spill_ms:
+            return
+        if (self.ring.nbytes >= self.block
+                or self.ticks_diff(now, self._ring_since) >= self.spill_ms):
             self.spill()

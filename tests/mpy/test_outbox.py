@@ -366,3 +366,50 @@ def test_outbox_keeps_order_through_spills_acks_drops_and_reboots():
     assert len(lost) <= dropped, (len(lost), dropped)
     assert dropped - len(lost) <= 16 * (boots + 1) * 4, (len(lost), dropped)
     assert boots > 5 and dropped > 0 and spilled > 0
+
+
+def test_full_flash_falls_back_to_ram_counts_and_keeps_going():
+    path = fresh_image("enospc")
+    bdev, fs = _mount(path, 65536)  # 16 blocks of littlefs
+    # Another file takes nearly all of it: the outbox's first flash write hits ENOSPC.
+    for _ in range(64):
+        try:
+            with fs.open("/filler", "ab") as f:
+                f.write(b"\0" * 4096)
+        except OSError:
+            break
+    logs = []
+    ob, clock = _outbox(fs, ram_bytes=2048, flash_bytes=262144, segment=32768,
+                        log=lambda level, msg: logs.append((level, msg)))
+    for s in range(1, 11):
+        assert ob.put(b"d/t", b"e" * 40, 1, s)
+    clock.t += 2000
+    ob.tick(False)
+    assert ob.stats["flash_errors"] == 1 and ob.ring.count == 10
+    assert logs and logs[0][0] == "E" and "flash" in logs[0][1]
+    for s in range(11, 60):
+        ob.put(b"d/t", b"e" * 40, 1, s)  # RAM only now: oldest dropped, counted
+    assert ob.stats["dropped"] > 0 and ob.stats["flash_errors"] == 1  # no retry storm
+    got = _deliver(ob)
+    assert got == [(1, s) for s in range(60 - len(got), 60)]
+    assert len(got) + ob.stats["dropped"] == 59
+
+
+def test_a_segment_in_another_format_is_skipped_and_counted():
+    path = fresh_image("oldfmt")
+    bdev, fs = _mount(path)
+    fs.mkdir("/outbox")
+    old = bytearray()
+    for s in range(1, 6):  # a v0 layout: other magic, no checksum
+        old += bytes([0x55, 3]) + b"d/t" + bytes([s]) + b"old"
+    with fs.open("/outbox/00000001.q", "wb") as f:
+        f.write(old)
+    with fs.open("/outbox/00000002.q", "wb") as f:
+        f.write(_batch([(3, 1), (3, 2)]))
+    with fs.open("/outbox/notes.txt", "wb") as f:
+        f.write(b"not a segment")
+    ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
+    assert ob.stats["recovered"] == 2 and ob.stats["corrupt"] >= 1
+    assert _deliver(ob) == [(3, 1), (3, 2)]
+    names = [e[0] for e in fs.ilistdir("/outbox")]
+    assert "00000001.q" not in names, "a segment with nothing valid is removed"
