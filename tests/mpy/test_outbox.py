@@ -413,3 +413,69 @@ def test_a_segment_in_another_format_is_skipped_and_counted():
     assert _deliver(ob) == [(3, 1), (3, 2)]
     names = [e[0] for e in fs.ilistdir("/outbox")]
     assert "00000001.q" not in names, "a segment with nothing valid is removed"
+
+
+def _outbox_traffic(fs, bdev, clock):
+    """put / tick / hand over / ack in a fixed pattern until done or the power is cut.
+    Returns (put keys, keys that had to survive, acked keys): the ones that had to survive
+    are those on flash at the last moment before the cut that were not acknowledged."""
+    put, acked, required = [], set(), set()
+
+    def dead():
+        return bdev.cut_after is not None and bdev.writes >= bdev.cut_after
+
+    try:
+        ob = Outbox(fs, ram_bytes=1024, flash_bytes=12288, segment=4096, spill_ms=300,
+                    ticks_ms=clock.ms, ticks_diff=time.ticks_diff, topic=b"d/t")
+        ob.recover()
+        seq = 0
+        for step in range(60):
+            for _ in range(2 + step % 4):
+                seq += 1
+                ob.put(b"d/t", b"q" * (20 + seq % 30), 1, seq)
+                put.append((1, seq))
+            clock.t += 150
+            ob.tick(False)
+            if step % 4 == 3:
+                for _ in range(4):
+                    nx = ob.next()
+                    if nx is None:
+                        break
+                    ob.handed_over()
+                    ob.ack(nx[2])
+                    acked.add(nx[2])
+            if dead():
+                break
+            required = set(_keys(ob.flash)) if ob.flash.segs else set()
+    except OSError:
+        if not dead():
+            raise
+    return put, required - acked, acked
+
+
+def test_power_cut_sweep_over_outbox_traffic():
+    path = fresh_image("obcut")
+    bdev, fs = _mount(path, 131072)
+    clock = Clock()
+    put, _, _ = _outbox_traffic(fs, bdev, clock)
+    total = bdev.writes
+    assert total > 20 and len(put) > 150
+    step = 1 if os.getenv("OUTBOX_FULL_SWEEP") else 7  # about 70 cuts, 8 s
+    for k in range(0, total + 1, step):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        bdev, fs = _mount(path, 131072)
+        bdev.cut_after = bdev.writes + k
+        put, required, acked = _outbox_traffic(fs, bdev, Clock())
+        bdev.f.close()
+        bdev2, fs2 = _mount(path, 131072)  # power back: the filesystem mounts
+        ob = Outbox(fs2, ram_bytes=1024, flash_bytes=12288, segment=4096,
+                    ticks_ms=Clock().ms, ticks_diff=time.ticks_diff, topic=b"d/t")
+        ob.recover()
+        got = [tuple(k_) for k_ in _keys(ob.flash)] if ob.flash.segs else []
+        assert [s for _, s in got] == sorted(set(s for _, s in got)), (k, "order/duplicate")
+        assert set(got) <= set(put), (k, "invented")
+        assert required <= set(got), (k, "lost", sorted(required - set(got))[:5])
+        bdev2.f.close()
