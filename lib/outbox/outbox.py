@@ -105,9 +105,11 @@ class Outbox:
         if n > len(self.ring.buf):
             return self._refuse(boot, seq)
         while not self.ring.fits(n):
+            # spill() makes room on flash itself (dropping its oldest segment when the
+            # policy is "oldest"); with flash full under "newest", or flash down, RAM is all.
             if self._flash_ok() and self.spill():
                 continue
-            if self.overflow == "newest" or not self._drop_oldest():
+            if self.overflow == "newest" or not self._drop_ram_oldest():
                 return self._refuse(boot, seq)
         self.ring.put(topic, payload, boot, seq)
         if self.policy == "always":
@@ -175,19 +177,15 @@ class Outbox:
 
     # ---- overflow --------------------------------------------------------------------
 
-    def _drop_oldest(self):
-        if self.flash and self.flash.segs:
-            self._drop_flash_segment()
-            return True
-        if self.ring.count:
-            k = self.ring.pop()
-            if self.inflight:
-                self.inflight -= 1
-            elif self.ring.count:
-                self._rcur = self.ring.head
-            self._count_drop(1, k, k)
-            return True
-        return False
+    def _drop_ram_oldest(self):
+        if not self.ring.count:
+            return False
+        head_in_flight = self.inflight > self._fcount()
+        k = self.ring.pop()
+        if head_in_flight:
+            self.inflight -= 1  # its PUBACK will find nothing to remove: a stale ack
+        self._count_drop(1, k, k)
+        return True
 
     def _drop_flash_segment(self):
         seg_count = self.flash.segs[0].count

@@ -479,3 +479,25 @@ def test_power_cut_sweep_over_outbox_traffic():
         assert set(got) <= set(put), (k, "invented")
         assert required <= set(got), (k, "lost", sorted(required - set(got))[:5])
         bdev2.f.close()
+
+
+def test_with_flash_failing_ram_overflow_drops_ram_records_not_the_flash_backlog():
+    path = fresh_image("fail")
+    bdev, fs = _mount(path)
+    ob, clock = _outbox(fs, ram_bytes=1024, flash_bytes=65536, segment=8192)
+    for s in range(1, 21):
+        ob.put(b"d/t", b"f" * 24, 1, s)
+    ob.spill()
+    assert ob.flash.count == 20
+
+    def broken(*a):
+        raise OSError(5)
+
+    ob.flash.append = broken  # EIO from now on
+    for s in range(21, 80):
+        ob.put(b"d/t", b"f" * 24, 1, s)
+    assert ob.stats["flash_errors"] == 1 and ob.flash.count == 20
+    got = _deliver(ob)
+    assert got[:20] == [(1, s) for s in range(1, 21)], "the flash backlog is intact"
+    assert len(got) - 20 + ob.stats["dropped"] == 59
+    assert got[20:] == [(1, s) for s in range(80 - (len(got) - 20), 80)]
