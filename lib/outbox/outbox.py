@@ -172,8 +172,6 @@ class Outbox:
                 off += n
                 o = self.ring.after(o)
             self._fcur = (where[0], off)
-        elif self.inflight < before and self._fcur is None:
-            self._fcur = where
 
     # ---- overflow --------------------------------------------------------------------
 
