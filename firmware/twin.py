@@ -1,0 +1,191 @@
+# Desired/reported config twin (README "Config twin"). Pure: documents in, effective config
+# and the reported document out; no I/O, so the merge and every rejection rule is tested
+# on its own.
+#
+# Layers, most general first: group `all`, the device's groups in bootstrap order, then the
+# device's own layer. Each layer is a JSON object with an integer `version`; a layer whose
+# version is not newer than the one applied is ignored. Merge: start from the declared
+# defaults, apply each layer in order, key by key (nested objects merge, other values
+# replace). A layer that fails validation is rejected whole; unknown keys are reported.
+import json
+
+from firmware import settings
+
+MAX_BYTES = 2048
+MAX_DEPTH = 4
+
+
+class Rejected(ValueError):
+    def __init__(self, reason, version=None):
+        super().__init__(reason)
+        self.version = version  # of the rejected document, when it could be read
+
+
+def check_text(text, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH):
+    """Refuse a document by size or nesting before it is parsed (a parser's recursion and
+    allocations are what a hostile document would aim at)."""
+    if len(text) > max_bytes:
+        raise Rejected("document larger than %d bytes" % max_bytes)
+    depth = 0
+    in_str = False
+    esc = False
+    for c in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "{[":
+            depth += 1
+            if depth > max_depth:
+                raise Rejected("document nested deeper than %d" % max_depth)
+        elif c in "}]":
+            depth -= 1
+
+
+def parse_layer(text):
+    """(version, {dotted name: value}, [unknown names]) or Rejected."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        try:
+            text = bytes(text).decode()
+        except UnicodeError:
+            raise Rejected("not UTF-8")
+    check_text(text)
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise Rejected("not valid JSON")
+    if not isinstance(doc, dict):
+        raise Rejected("not a JSON object")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise Rejected("version must be a non-negative integer")
+    flat = {}
+    unknown = []
+    _flatten(doc, "", flat, unknown)
+    for name in flat:
+        try:
+            flat[name] = settings.check(name, flat[name])
+        except ValueError as e:
+            raise Rejected(str(e), version)
+    return version, flat, unknown
+
+
+def _flatten(d, prefix, out, unknown):
+    for k, v in d.items():
+        if not prefix and k == "version":
+            continue
+        name = prefix + k
+        if isinstance(v, dict):
+            _flatten(v, name + ".", out, unknown)
+        elif settings.find(name):
+            out[name] = v
+        else:
+            unknown.append(name)
+
+
+class Twin:
+    def __init__(self, layer_names):
+        self.order = list(layer_names)  # most general first, "device" last
+        self.layers = {}  # name -> (version, flat)
+        self.unknown = {}  # name -> [unknown keys] of its applied version
+        self.rejections = []  # last few (layer, version or None, reason)
+        self.rejected = 0
+
+    def offer(self, layer, text):
+        """A desired document arrived for `layer`. Returns the list of setting names whose
+        effective value changed (empty if ignored or rejected)."""
+        if layer not in self.order:
+            self._reject(layer, None, "not a layer of this device")
+            return []
+        if not text:
+            # A retained document was cleared: the layer no longer applies.
+            if layer not in self.layers:
+                return []
+            before = self.effective()
+            del self.layers[layer]
+            self.unknown.pop(layer, None)
+            return self._changes(before)
+        try:
+            version, flat, unknown = parse_layer(text)
+        except Rejected as e:
+            self._reject(layer, e.version, str(e))
+            return []
+        have = self.layers.get(layer)
+        if have is not None and version <= have[0]:
+            return []
+        before = self.effective()
+        self.layers[layer] = (version, flat)
+        if unknown:
+            self.unknown[layer] = unknown
+        else:
+            self.unknown.pop(layer, None)
+        return self._changes(before)
+
+    def _reject(self, layer, version, reason):
+        self.rejected += 1
+        self.rejections.append((layer, version, reason))
+        if len(self.rejections) > 4:
+            self.rejections.pop(0)
+
+    def _changes(self, before):
+        after = self.effective()
+        return [k for k in after if after[k] != before.get(k)]
+
+    def effective(self):
+        eff = settings.defaults()
+        for name in self.order:
+            got = self.layers.get(name)
+            if got:
+                eff.update(got[1])
+        return eff
+
+    def sources(self):
+        """For each setting, the layer its effective value came from ("default" if none)."""
+        src = {s[0]: "default" for s in settings.SETTINGS}
+        for name in self.order:
+            got = self.layers.get(name)
+            if got:
+                for k in got[1]:
+                    src[k] = name
+        return src
+
+    def reported(self):
+        doc = {
+            "effective": self.effective(),
+            "source": self.sources(),
+            "versions": {n: v[0] for n, v in self.layers.items()},
+            "rejected": self.rejected,
+        }
+        if self.unknown:
+            doc["unknown"] = self.unknown
+        if self.rejections:
+            doc["rejections"] = [
+                {"layer": l, "version": v, "reason": r} for l, v, r in self.rejections
+            ]
+        return doc
+
+    def snapshot(self):
+        """What the cache keeps: the applied layers."""
+        return {n: {"version": v[0], "settings": v[1]} for n, v in self.layers.items()}
+
+    def restore(self, snap):
+        """Layers from the cache, checked again (the declared settings may have changed
+        with a firmware update); what no longer validates is dropped and reported."""
+        for name, layer in snap.items():
+            if name not in self.order:
+                continue
+            try:
+                flat = {}
+                for k, v in layer["settings"].items():
+                    if not settings.find(k):
+                        raise Rejected("%s is not a setting of this firmware" % k)
+                    flat[k] = settings.check(k, v)
+                self.layers[name] = (int(layer["version"]), flat)
+            except (Rejected, ValueError, KeyError, TypeError, AttributeError) as e:
+                self._reject(name, None, "cached layer: %s" % e)
+
