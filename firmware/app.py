@@ -8,13 +8,15 @@ import time
 from backoff import Backoff, Rng
 from mqtt.client import MQTTClient
 from outbox.outbox import Outbox
-from firmware import bootconfig, bootlog
+from firmware import bootconfig, bootlog, settings
 from firmware.commands import Commands
+from firmware.configsync import ConfigSync
 from firmware.telemetry import Telemetry
 from firmware.topics import Topics
 from firmware.version import FW_VERSION, SCHEMA
 
 CONFIG_RETRY_S = 5
+_LEVELS = "DIWE"  # debug, info, warn, error: log lines carry the letter
 
 
 class Device:
@@ -29,10 +31,14 @@ class Device:
         self.outbox = None
         self.telemetry = None
         self.boot = 0
+        self.sync = None
+        self._min_level = 1  # index in _LEVELS: info
+        self._reported_once = False
         self._tasks = []
 
     def log(self, level, msg):
-        self.board.log("%s %s %s" % (self.name, level, msg))
+        if _LEVELS.find(level) >= self._min_level:
+            self.board.log("%s %s %s" % (self.name, level, msg))
 
     async def load_config(self):
         """Bootstrap config, waiting for a valid one: a missing or bad file is logged once
@@ -61,13 +67,19 @@ class Device:
         return json.dumps(d)
 
     def build(self, cfg):
-        """Wire the tasks for a validated config (no I/O, nothing started)."""
+        """Wire the tasks for a validated config: reads the config cache from flash, starts
+        nothing, touches no network."""
         self.cfg = cfg
         self.name = cfg["device_id"]
         self.topics = Topics(cfg["prefix"], cfg["device_id"])
         b = cfg["broker"]
+        r = b["reconnect"]
+        o = cfg["outbox"]
         tls = b.get("tls") or {}
-        self.commands = Commands(self.topics, self._publish_q1, self.board.uptime_ms)
+        self.commands = Commands(
+            self.topics, self._publish_q1, self.board.uptime_ms,
+            {"refresh-config": self._cmd_refresh, "report": self._cmd_report},
+        )
         self.client = MQTTClient(
             cfg["device_id"],
             b["host"],
@@ -82,26 +94,70 @@ class Device:
             window=b["window"],
             max_frame=b["max_frame"],
             timeout=b["timeout"],
-            backoff=Backoff(self.rnd, **b["reconnect"]),
+            backoff=Backoff(self.rnd, **r),
             ticks_ms=self.board.ticks_ms,
             log=self.log,
-            on_message=self.commands.on_message,
+            on_message=self._on_message,
             on_connect=self._on_connect,
             on_ack=self._on_ack,
         )
         self.client.subscribe(self.topics.cmd_filter, 1)
-        o = cfg["outbox"]
+        # The bootstrap config's values sit below every desired layer.
+        base = {
+            "telemetry_interval": cfg["telemetry_interval"],
+            "refresh_interval": cfg["refresh_interval"],
+            "reconnect.base": r["base"],
+            "reconnect.cap": r["cap"],
+            "reconnect.first_window": r["first_window"],
+            "outbox.policy": o["policy"],
+            "outbox.ram_bytes": o["ram_bytes"],
+            "outbox.flash_bytes": o["flash_bytes"],
+        }
+        self.sync = ConfigSync(self.board.fs, self.topics, cfg["groups"], self.client,
+                               self.rnd, self.log, self._apply, base)
+        self.sync.subscribe()
+        eff = self.sync.load()  # the cached config, from the first moment of the boot
         self.outbox = Outbox(
-            self.board.fs if o["flash_bytes"] else None,
-            ram_bytes=o["ram_bytes"], flash_bytes=o["flash_bytes"], policy=o["policy"],
-            overflow=o["overflow"], spill_ms=o["spill_ms"], ticks_ms=self.board.ticks_ms,
-            ticks_diff=time.ticks_diff, log=self.log, topic=self.topics.telemetry,
+            self.board.fs if eff["outbox.flash_bytes"] else None,
+            ram_bytes=eff["outbox.ram_bytes"], flash_bytes=eff["outbox.flash_bytes"],
+            policy=eff["outbox.policy"], overflow=o["overflow"], spill_ms=o["spill_ms"],
+            ticks_ms=self.board.ticks_ms, ticks_diff=time.ticks_diff, log=self.log,
+            topic=self.topics.telemetry,
         )
         self._queued = asyncio.Event()
         self.telemetry = Telemetry(
             self.board, self.rnd, self._enqueue, self.topics.telemetry, self.boot,
-            cfg["telemetry_interval"], dropped=self._dropped,
+            eff["telemetry_interval"], dropped=self._dropped,
         )
+        self._apply([s[0] for s in settings.SETTINGS if s[5]], eff)
+
+    def _apply(self, changed, eff):
+        """Put new effective settings to work; returns those that wait for a reboot."""
+        if self.telemetry:
+            self.telemetry.interval = eff["telemetry_interval"]
+        bo = self.client.backoff
+        bo.base = eff["reconnect.base"]
+        bo.cap = eff["reconnect.cap"]
+        bo.first_window = eff["reconnect.first_window"]
+        self._min_level = "diwe".find(eff["log_level"][0])
+        return [k for k in changed if not settings.find(k)[5]]
+
+    async def _on_message(self, topic, payload, retain):
+        t = bytes(topic).decode()
+        if self.sync.owns(t):
+            await self.sync.on_message(t, payload, retain)
+        else:
+            await self.commands.on_message(topic, payload, retain)
+
+    async def _cmd_refresh(self, body):
+        return {"refreshed": await self.sync.refresh()}
+
+    async def _cmd_report(self, body):
+        await self.sync.report(force=True)
+        ob = self.outbox.stats
+        return {"boot": self.boot, "outbox": {"queued": len(self.outbox),
+                                              "dropped": ob["dropped"]},
+                "mqtt": self.client.stats, "config_refreshes": self.sync.refreshes}
 
     def _on_connect(self, session_present):
         # Birth message: retained, so a late subscriber sees the device online at once.
@@ -110,6 +166,10 @@ class Device:
                 self.topics.status, self._status("online", self.client.outage), 1, True, wait=False
             )
         )
+        if not self._reported_once:
+            # Once per boot; after that config/reported goes out only when it changes.
+            self._reported_once = True
+            asyncio.create_task(self.sync.report(force=True))
 
     async def _publish_q1(self, topic, payload):
         await self.client.publish(topic, payload, 1, False, wait=False)
@@ -171,6 +231,9 @@ class Device:
             asyncio.create_task(self.telemetry.run()),
             asyncio.create_task(self._drain()),
             asyncio.create_task(self._spill_loop()),
+            asyncio.create_task(
+                self.sync.refresh_loop(lambda: self.sync.twin.effective()["refresh_interval"])
+            ),
         ]
         await asyncio.gather(*self._tasks)
 

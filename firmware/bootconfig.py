@@ -100,6 +100,9 @@ def validate(doc):
     cfg["groups"] = [_check_id("group", g) for g in groups]
     cfg["telemetry_interval"] = _num(doc, "telemetry_interval", 60, 0.05, 86400, float)
     cfg["outbox"] = _outbox(doc.get("outbox", {}))
+    # Seconds between safety-net config refreshes (README "Config twin"); desired layers
+    # may not go below 60 s, the bootstrap config may (tests scale it down).
+    cfg["refresh_interval"] = _num(doc, "refresh_interval", 21600, 1, 604800, float)
     return cfg
 
 

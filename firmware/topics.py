@@ -8,6 +8,12 @@ class Topics:
         self.telemetry = base + "telemetry"
         self.status = base + "status"
         self.cmd_filter = base + "cmd/+"
+        self.desired = base + "config/desired"
+        self.reported = base + "config/reported"
+        self.prefix = prefix
+
+    def group_desired(self, group):
+        return "%sfleet/%s/config/desired" % (self.prefix, group)
 
     def cmd_result(self, name):
         return "%scmd/%s/result" % (self.base, name)

@@ -89,8 +89,10 @@ def _flatten(d, prefix, out, unknown):
 
 
 class Twin:
-    def __init__(self, layer_names):
+    def __init__(self, layer_names, base=None):
         self.order = list(layer_names)  # most general first, "device" last
+        # Values from the bootstrap config: below every layer, above the declared defaults.
+        self.base = base or {}
         self.layers = {}  # name -> (version, flat)
         self.unknown = {}  # name -> [unknown keys] of its applied version
         self.rejections = []  # last few (layer, version or None, reason)
@@ -138,6 +140,7 @@ class Twin:
 
     def effective(self):
         eff = settings.defaults()
+        eff.update(self.base)
         for name in self.order:
             got = self.layers.get(name)
             if got:
@@ -147,6 +150,8 @@ class Twin:
     def sources(self):
         """For each setting, the layer its effective value came from ("default" if none)."""
         src = {s[0]: "default" for s in settings.SETTINGS}
+        for k in self.base:
+            src[k] = "bootstrap"
         for name in self.order:
             got = self.layers.get(name)
             if got:

@@ -371,11 +371,22 @@ class MQTTClient:
         self._dead.set()
         self._suback.set()
 
-    async def _subscribe_all(self):
+    async def resubscribe(self, topics, qos=1):
+        """Subscribe again now (a broker re-sends the retained messages of a repeated
+        subscription: MQTT-3.8.4-3); False if not connected or no SUBACK came."""
+        if not self.connected.is_set():
+            return False
+        try:
+            await self._subscribe_all([(_b(t), qos) for t in topics])
+            return True
+        except (OSError, asyncio.TimeoutError):
+            return False
+
+    async def _subscribe_all(self, subs=None):
         pid = self.session.next_pid()
         self._sub_pid = pid
         self._suback.clear()
-        await self._send(codec.subscribe_packet(pid, self.subs))
+        await self._send(codec.subscribe_packet(pid, subs or self.subs))
         await asyncio.wait_for(self._suback.wait(), self.timeout)
         if self._dead.is_set():
             raise OSError("link lost while subscribing")

@@ -1,0 +1,95 @@
+# Keeps the config twin in step with the broker. Desired layers arrive on retained topics:
+# pushed by the broker (queued while offline with a kept session, or as retained messages
+# on a new subscription), never requested because of a (re)connect. Each is merged and
+# validated (twin.py), cached on flash when something changed, applied, and the effective
+# config goes out retained on config/reported when it differs from the last one sent.
+# A safety-net refresh re-subscribes on a per-device random schedule.
+import asyncio
+import json
+
+from backoff import jittered
+from firmware import configcache
+from firmware.twin import Twin
+
+
+class ConfigSync:
+    def __init__(self, fs, topics, groups, client, rnd, log, apply, base=None):
+        self.fs = fs
+        self.topics = topics
+        self.client = client
+        self.rnd = rnd
+        self.log = log
+        self.apply = apply  # fn(changed names, effective) -> names that wait for a reboot
+        names = ["all"] + [g for g in groups if g != "all"]
+        self.twin = Twin(names + ["device"], base)
+        self.layer_of = {topics.group_desired(g): g for g in names}
+        self.layer_of[topics.desired] = "device"
+        self.cache = "ok"
+        self.cache_errors = 0
+        self.pending_reboot = []
+        self.refreshes = 0
+        self._body = None  # last cache body written or read
+        self._sent = None  # last reported text published
+
+    def load(self):
+        """At boot, before any network: the cached layers, or defaults if there are none."""
+        layers, why = configcache.load(self.fs)
+        if layers is None:
+            self.cache = why
+            if why != "missing":
+                self.log("W", "config cache unusable (%s): running on defaults" % why)
+        else:
+            self.twin.restore(layers)
+            self._body = json.dumps(layers)
+        return self.twin.effective()
+
+    def subscribe(self):
+        for t in self.layer_of:
+            self.client.subscribe(t, 1)
+
+    def owns(self, topic):
+        return topic in self.layer_of
+
+    async def on_message(self, topic, payload, retain):
+        layer = self.layer_of[topic]
+        changed = self.twin.offer(layer, bytes(payload))
+        if changed:
+            self.log("I", "config from %s changed %s" % (layer, ",".join(sorted(changed))))
+            for k in self.apply(changed, self.twin.effective()):
+                if k not in self.pending_reboot:
+                    self.pending_reboot.append(k)
+            try:
+                self._body = configcache.save(self.fs, self.twin.snapshot(), self._body)
+            except OSError as e:
+                self.cache_errors += 1
+                self.log("E", "config cache write failed: %r" % (e,))
+        await self.report()
+
+    def reported(self):
+        doc = self.twin.reported()
+        doc["cache"] = self.cache
+        if self.pending_reboot:
+            doc["pending_reboot"] = sorted(self.pending_reboot)
+        return json.dumps(doc)
+
+    async def report(self, force=False):
+        """Publish config/reported (retained) if it changed since the last one sent."""
+        text = self.reported()
+        if text == self._sent and not force:
+            return
+        self._sent = text
+        await self.client.publish(self.topics.reported, text, 1, True, wait=False)
+
+    async def refresh(self):
+        """Re-subscribe to the config topics: the broker re-sends the retained layers."""
+        if await self.client.resubscribe(list(self.layer_of)):
+            self.refreshes += 1
+            return True
+        return False
+
+    async def refresh_loop(self, interval):
+        """interval: fn() -> T seconds. First at uniform(0, T), then T * uniform(0.5, 1.5)."""
+        await asyncio.sleep(self.rnd.uniform(0, interval()))
+        while True:
+            await self.refresh()
+            await asyncio.sleep(jittered(interval(), self.rnd))
