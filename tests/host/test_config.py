@@ -1,0 +1,144 @@
+"""Config twin end to end: retained desired layers on a real mosquitto, Unix-port devices,
+the reported document they publish, the cache on their flash."""
+import json
+import time
+
+from tools.devices import Spec
+from tools.observer import Observer
+
+FAST = {"reconnect": {"first_window": 0.3}}
+
+
+def reported(observer, dev):
+    return [json.loads(p) for _, t, p, _ in observer.messages
+            if t == "devices/%s/config/reported" % dev]
+
+
+def wait_reported(observer, dev, pred, what, timeout=15):
+    return observer.wait(lambda m: [r for r in reported(observer, dev) if pred(r)], timeout, what)
+
+
+def desired(observer, topic, version, **settings):
+    doc = {"version": version}
+    doc.update(settings)
+    observer.publish(topic, json.dumps(doc), retain=True)
+
+
+def test_group_layer_reaches_running_and_future_devices_and_the_device_layer_wins(
+        fleet, broker, observer):
+    fleet.device("g1", groups=["model-x"], broker=FAST)
+    wait_reported(observer, "g1", lambda r: True, "first reported")
+    desired(observer, "fleet/model-x/config/desired", 3, telemetry_interval=7,
+            reconnect={"cap": 300})
+    desired(observer, "fleet/all/config/desired", 1, log_level="warn", telemetry_interval=9)
+    r = wait_reported(observer, "g1", lambda r: r["versions"].get("model-x") == 3
+                      and r["versions"].get("all") == 1, "group layers applied")[-1]
+    assert r["effective"]["telemetry_interval"] == 7  # the group beats `all`
+    assert r["source"]["telemetry_interval"] == "model-x"
+    assert r["effective"]["log_level"] == "warn" and r["source"]["log_level"] == "all"
+    assert r["effective"]["reconnect.cap"] == 300
+    # A device that boots for the first time later gets the retained layers at once.
+    fleet.device("g2", groups=["model-x"], broker=FAST)
+    r2 = wait_reported(observer, "g2", lambda r: r["versions"].get("model-x") == 3,
+                       "layers for the new device")[-1]
+    assert r2["effective"]["telemetry_interval"] == 7
+    # The device layer wins over every group.
+    desired(observer, "devices/g2/config/desired", 1, telemetry_interval=2.5)
+    r2 = wait_reported(observer, "g2", lambda r: r["versions"].get("device") == 1,
+                       "device layer")[-1]
+    assert r2["effective"]["telemetry_interval"] == 2.5 and r2["source"]["telemetry_interval"] == "device"
+    # An older version of a layer is ignored.
+    desired(observer, "fleet/model-x/config/desired", 2, telemetry_interval=99)
+    time.sleep(1)
+    assert reported(observer, "g1")[-1]["effective"]["telemetry_interval"] == 7
+
+
+def test_bad_documents_are_rejected_reported_and_the_device_keeps_its_config(fleet, observer):
+    p = fleet.device("b1", broker=FAST)
+    desired(observer, "devices/b1/config/desired", 1, telemetry_interval=3)
+    wait_reported(observer, "b1", lambda r: r["versions"].get("device") == 1, "good layer")
+    bad = [
+        "{not json",
+        json.dumps({"version": "2", "telemetry_interval": 4}),
+        json.dumps({"version": 2, "telemetry_interval": -4}),
+        json.dumps({"version": 2, "log_level": 5}),
+        json.dumps({"version": 2, "a": {"b": {"c": {"d": {"e": 1}}}}}),
+        json.dumps({"version": 2, "pad": "x" * 3000}),
+        "[]",
+    ]
+    for text in bad:
+        observer.publish("devices/b1/config/desired", text, retain=True)
+    r = wait_reported(observer, "b1", lambda r: r["rejected"] >= len(bad), "rejections")[-1]
+    assert r["effective"]["telemetry_interval"] == 3 and r["versions"]["device"] == 1
+    assert r["rejections"][-1]["layer"] == "device"
+    # Unknown keys are reported, not applied; the known ones in the same layer apply.
+    desired(observer, "devices/b1/config/desired", 5, telemetry_interval=4, colour="red")
+    r = wait_reported(observer, "b1", lambda r: r["versions"].get("device") == 5, "v5")[-1]
+    assert r["unknown"] == {"device": ["colour"]} and r["effective"]["telemetry_interval"] == 4
+    assert p.alive() and "Traceback" not in p.output()
+
+
+def test_reported_only_on_change_and_nothing_asked_on_reconnect(fleet, proxy, observer):
+    p = fleet.device("q1", broker=FAST)
+    wait_reported(observer, "q1", lambda r: True, "first reported")
+    desired(observer, "devices/q1/config/desired", 1, log_level="debug")
+    wait_reported(observer, "q1", lambda r: r["versions"].get("device") == 1, "applied")
+    n = len(reported(observer, "q1"))
+    m = proxy.mark()
+    proxy.cut()
+    p.wait_line(r"q1 I connected \(session present: 1", 15)
+    time.sleep(1)
+    assert len(reported(observer, "q1")) == n, "a reconnect publishes no reported"
+    assert not proxy.packets_since(m, "SUBSCRIBE"), "a reconnect with a session asks nothing"
+    # The same document again (a refresh re-delivers it): not newer, nothing published.
+    desired(observer, "devices/q1/config/desired", 1, log_level="debug")
+    time.sleep(1)
+    assert len(reported(observer, "q1")) == n
+
+
+def test_the_cache_is_used_at_boot_without_a_broker_and_a_corrupt_one_means_defaults(
+        fleet, proxy, observer, tmp_path):
+    image = str(tmp_path / "c1.img")
+    cfg = fleet.config("c1", telemetry_interval=1, broker=FAST)
+    p = fleet.start(Spec(image, config=cfg))
+    desired(observer, "devices/c1/config/desired", 1, telemetry_interval=0.2)
+    wait_reported(observer, "c1", lambda r: r["versions"].get("device") == 1, "applied")
+    p.stop()
+    proxy.refuse()  # the broker is out of reach for the next boot
+    p = fleet.start(Spec(image))
+    p.wait_line("c1 W connect failed", 10)
+    time.sleep(2)
+    proxy.refuse(False)
+    observer.wait(lambda m: len([t for t in observer.json("devices/c1/telemetry")
+                                 if t["boot"] == 2]) >= 8, 15, "boot 2 telemetry")
+    ups = [t["up"] for t in observer.json("devices/c1/telemetry") if t["boot"] == 2][:8]
+    gaps = [b - a for a, b in zip(ups, ups[1:])]
+    assert max(gaps) < 600, gaps  # 0.2 s from the cache, not the bootstrap's 1 s
+    p.stop()
+    # A corrupt cache: defaults (the bootstrap's), and the report says why.
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"crc": 1, "body": "{}"}')
+    p = fleet.start(Spec(image, files={"/config-cache.json": str(corrupt)}))
+    r = wait_reported(observer, "c1", lambda r: r["cache"].startswith("corrupt"),
+                      "corrupt cache reported")[-1]
+    assert r["effective"]["telemetry_interval"] == 1 and r["source"]["telemetry_interval"] == "bootstrap"
+
+
+def test_refreshes_of_twenty_devices_are_spread_over_the_interval(fleet, proxy, observer):
+    t_refresh = 4.0
+    n = 20
+    fleet.start(*[fleet.spec("r%02d" % i, refresh_interval=t_refresh, telemetry_interval=30,
+                             broker=FAST) for i in range(n)])
+    start = time.monotonic()
+    time.sleep(t_refresh + 1.5)
+    subs = {}
+    for pk in proxy.packets:
+        if pk.type == "SUBSCRIBE" and pk.dir == "up":
+            subs.setdefault(pk.conn, []).append(pk.t - start)
+    firsts = sorted(ts[1] for ts in subs.values() if len(ts) > 1)  # [0] is the connect's
+    assert len(firsts) >= n - 1, (len(firsts), subs)
+    assert firsts[-1] - firsts[0] >= t_refresh / 2, firsts  # spread, not in step
+    per_second = [0] * 7
+    for t in firsts:
+        per_second[min(6, int(t))] += 1
+    assert max(per_second) <= 10, per_second
