@@ -34,6 +34,9 @@ class Device:
         self.sync = None
         self._min_level = 1  # index in _LEVELS: info
         self._reported_once = False
+        self._rebooting = False
+        self._restart = asyncio.Event()
+        self._reboot_task = None
         self._tasks = []
 
     def log(self, level, msg):
@@ -78,7 +81,9 @@ class Device:
         tls = b.get("tls") or {}
         self.commands = Commands(
             self.topics, self._publish_q1, self.board.uptime_ms,
-            {"refresh-config": self._cmd_refresh, "report": self._cmd_report},
+            {"refresh-config": self._cmd_refresh, "report": self._cmd_report,
+             "reboot": self._cmd_reboot},
+            fs=self.board.fs,
         )
         self.client = MQTTClient(
             cfg["device_id"],
@@ -152,6 +157,19 @@ class Device:
     async def _cmd_refresh(self, body):
         return {"refreshed": await self.sync.refresh()}
 
+    async def _cmd_reboot(self, body):
+        # After the answer and the PUBACK have gone out: a graceful stop, then the reset.
+        self._reboot_task = asyncio.create_task(self._reboot(0.5))
+        return {"rebooting": True}
+
+    async def _reboot(self, delay):
+        await asyncio.sleep(delay)
+        self.log("W", "rebooting on command")
+        self._rebooting = True
+        await self.stop()
+        self.board.reset()  # a board never comes back from this; the Unix port does
+        self._restart.set()
+
     async def _cmd_report(self, body):
         await self.sync.report(force=True)
         ob = self.outbox.stats
@@ -217,6 +235,18 @@ class Device:
             await asyncio.sleep(d)
 
     async def run(self):
+        """Boot, then run until stopped. A `reboot` command on the Unix port (whose board
+        cannot reset) ends here and boots again in this process, as a board would."""
+        while True:
+            await self._run_boot()
+            if not self._rebooting:
+                return
+            await self._restart.wait()
+            self._rebooting = False
+            self._reported_once = False
+            self._restart.clear()
+
+    async def _run_boot(self):
         cfg = await self.load_config()
         self.boot = bootlog.next_boot(self.board.fs)["boot"]
         self.build(cfg)
@@ -235,7 +265,11 @@ class Device:
                 self.sync.refresh_loop(lambda: self.sync.twin.effective()["refresh_interval"])
             ),
         ]
-        await asyncio.gather(*self._tasks)
+        try:
+            await asyncio.gather(*self._tasks)
+        except asyncio.CancelledError:
+            if not self._rebooting:
+                raise
 
     async def stop(self, loop_restarted=False):
         """Graceful stop: unacknowledged telemetry to flash, retained offline status, then

@@ -1,18 +1,50 @@
 # Commands sent to one device on {prefix}devices/{id}/cmd/{name}: a JSON body with a request
 # id; the answer goes to .../cmd/{name}/result with the same id, a status and data.
-# `ping` is built in; the device adds the others (refresh-config, report) as handlers. An
-# unknown command or a bad body gets an error result, never a crash.
+# `ping` is built in; the device adds the others (reboot, refresh-config, report) as
+# handlers. An unknown command or a bad body gets an error result, never a crash.
+#
+# A request id already executed is answered as a duplicate and not run again: MQTT's DUP
+# check covers one connection, this covers a reboot in between (a `reboot` whose PUBACK
+# never left is redelivered to the next boot). The last ids are kept on flash.
 import json
+
+from firmware.bootlog import write_atomic
+
+DONE_PATH = "/cmd-done.json"
+_KEEP = 16
 
 
 class Commands:
-    def __init__(self, topics, publish, uptime_ms, handlers=None):
+    def __init__(self, topics, publish, uptime_ms, handlers=None, fs=None):
         self.topics = topics
         self.publish = publish  # async fn(topic, payload) -> QoS 1, not retained
         self.uptime_ms = uptime_ms
         self.handlers = handlers or {}  # name -> async fn(body) -> result data
+        self.fs = fs
         self.handled = 0
         self.rejected = 0
+        self.duplicates = 0
+        self.done = self._load()  # "name/id" of the last requests executed, oldest first
+
+    def _load(self):
+        if self.fs is None:
+            return []
+        try:
+            with self.fs.open(DONE_PATH, "r") as f:
+                done = json.loads(f.read())
+            return [d for d in done if isinstance(d, str)][-_KEEP:]
+        except (OSError, ValueError, TypeError):
+            return []
+
+    def _remember(self, key, persist):
+        self.done.append(key)
+        if len(self.done) > _KEEP:
+            self.done.pop(0)
+        if persist and self.fs is not None:
+            try:
+                write_atomic(self.fs, DONE_PATH, json.dumps(self.done))
+            except OSError:
+                pass  # dedup then holds for this boot only
 
     async def on_message(self, topic, payload, retain):
         name = bytes(topic).decode().rsplit("/", 1)[-1]
@@ -25,11 +57,20 @@ class Commands:
             self.rejected += 1
             await self._answer(name, None, "error", {"error": "bad body: %s" % e})
             return
+        key = "%s/%s" % (name, rid)
+        if rid is not None and key in self.done:
+            self.duplicates += 1
+            await self._answer(name, rid, "ok", {"duplicate": True})
+            return
         if name == "ping":
             self.handled += 1
             await self._answer(name, rid, "ok", {"up": self.uptime_ms() // 1000})
         elif name in self.handlers:
             self.handled += 1
+            if rid is not None:
+                # Remembered (on flash for commands with effects beyond this boot) before
+                # it runs: a reboot must find it done when it is redelivered.
+                self._remember(key, name == "reboot")
             await self._answer(name, rid, "ok", await self.handlers[name](body))
         else:
             self.rejected += 1

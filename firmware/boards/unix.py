@@ -104,6 +104,9 @@ class Board(BaseBoard):
     def feed_watchdog(self):
         pass
 
+    def reset(self):
+        """No hardware to reset: Device.run boots the device again in this process."""
+
 
 def _usage(msg):
     print("unix board: " + msg)

@@ -142,3 +142,40 @@ def test_refreshes_of_twenty_devices_are_spread_over_the_interval(fleet, proxy, 
     for t in firsts:
         per_second[min(6, int(t))] += 1
     assert max(per_second) <= 10, per_second
+
+
+def _results(observer, dev, name):
+    return observer.json("devices/%s/cmd/%s/result" % (dev, name))
+
+
+def _online_boots(observer, dev):
+    return [s["boot"] for s in observer.json("devices/%s/status" % dev) if s["state"] == "online"]
+
+
+def test_reboot_delivered_twice_reboots_once(fleet, proxy, observer):
+    p = fleet.device("rb1", telemetry_interval=0.5, broker=FAST)
+    observer.wait(lambda m: _online_boots(observer, "rb1") == [1], 15, "boot 1 online")
+    # The PUBACK of the command is lost on the way (and the device reboots anyway): the
+    # broker redelivers it, with DUP, to the next boot.
+    proxy.blackhole(direction="up")
+    observer.publish("devices/rb1/cmd/reboot", json.dumps({"id": "rb-1"}))
+    p.wait_line("rb1 W rebooting on command", 10)
+    proxy.blackhole(False)
+    observer.wait(lambda m: 2 in _online_boots(observer, "rb1"), 20, "boot 2 online")
+    observer.wait(lambda m: any(r["data"].get("duplicate") for r in _results(observer, "rb1",
+                                                                            "reboot")),
+                  15, "the redelivery answered as a duplicate")
+    # The same request id sent again by an operator: not executed either.
+    observer.publish("devices/rb1/cmd/reboot", json.dumps({"id": "rb-1"}))
+    observer.wait(lambda m: len([r for r in _results(observer, "rb1", "reboot")
+                                 if r["data"].get("duplicate")]) >= 2, 10, "second duplicate")
+    time.sleep(1.5)
+    assert max(_online_boots(observer, "rb1")) == 2, _online_boots(observer, "rb1")
+    assert p.output().count("rebooting on command") == 1
+    # A new request id does reboot; telemetry of every boot keeps its seqs complete.
+    observer.publish("devices/rb1/cmd/reboot", json.dumps({"id": "rb-2"}))
+    observer.wait(lambda m: 3 in _online_boots(observer, "rb1"), 20, "boot 3 online")
+    tel = observer.json("devices/rb1/telemetry")
+    for boot in (1, 2):
+        seqs = sorted({t["seq"] for t in tel if t["boot"] == boot})
+        assert seqs == list(range(1, len(seqs) + 1)), (boot, seqs)
