@@ -148,11 +148,18 @@ class Device:
         return [k for k in changed if not settings.find(k)[5]]
 
     async def _on_message(self, topic, payload, retain):
-        t = bytes(topic).decode()
+        try:
+            t = bytes(topic).decode()
+        except UnicodeError:
+            t = ""
         if self.sync.owns(t):
             await self.sync.on_message(t, payload, retain)
-        else:
+        elif t.startswith(self.topics.cmd_prefix) and "/" not in t[len(self.topics.cmd_prefix):]:
             await self.commands.on_message(topic, payload, retain)
+        else:
+            # Not a topic of this device (a broker or ACL mistake): never acted on.
+            self.commands.rejected += 1
+            self.log("W", "message on a foreign topic ignored: %r" % (t[:80],))
 
     async def _cmd_refresh(self, body):
         return {"refreshed": await self.sync.refresh()}
