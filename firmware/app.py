@@ -11,6 +11,7 @@ from outbox.outbox import Outbox
 from firmware import bootconfig, bootlog, settings
 from firmware.commands import Commands
 from firmware.configsync import ConfigSync
+from firmware.health import Health, LogRing
 from firmware.telemetry import Telemetry
 from firmware.topics import Topics
 from firmware.version import FW_VERSION, SCHEMA
@@ -32,6 +33,8 @@ class Device:
         self.telemetry = None
         self.boot = 0
         self.sync = None
+        self.health = None
+        self.logring = LogRing()
         self._min_level = 1  # index in _LEVELS: info
         self._reported_once = False
         self._rebooting = False
@@ -41,7 +44,9 @@ class Device:
 
     def log(self, level, msg):
         if _LEVELS.find(level) >= self._min_level:
-            self.board.log("%s %s %s" % (self.name, level, msg))
+            line = "%s %s %s" % (self.name, level, msg)
+            self.logring.add(line)
+            self.board.log(line)
 
     async def load_config(self):
         """Bootstrap config, waiting for a valid one: a missing or bad file is logged once
@@ -82,7 +87,7 @@ class Device:
         self.commands = Commands(
             self.topics, self._publish_q1, self.board.uptime_ms,
             {"refresh-config": self._cmd_refresh, "report": self._cmd_report,
-             "reboot": self._cmd_reboot},
+             "reboot": self._cmd_reboot, "logs": self._cmd_logs},
             fs=self.board.fs,
         )
         self.client = MQTTClient(
@@ -111,6 +116,7 @@ class Device:
         base = {
             "telemetry_interval": cfg["telemetry_interval"],
             "refresh_interval": cfg["refresh_interval"],
+            "health_interval": cfg["health_interval"],
             "reconnect.base": r["base"],
             "reconnect.cap": r["cap"],
             "reconnect.first_window": r["first_window"],
@@ -134,6 +140,8 @@ class Device:
             self.board, self.rnd, self._enqueue, self.topics.telemetry, self.boot,
             eff["telemetry_interval"], dropped=self._dropped,
         )
+        self.health = Health(self, lambda: self.sync.twin.effective()["health_interval"],
+                             self.rnd)
         self._apply([s[0] for s in settings.SETTINGS if s[5]], eff)
 
     def _apply(self, changed, eff):
@@ -178,11 +186,19 @@ class Device:
         self._restart.set()
 
     async def _cmd_report(self, body):
+        """Publish reported and health now."""
         await self.sync.report(force=True)
-        ob = self.outbox.stats
-        return {"boot": self.boot, "outbox": {"queued": len(self.outbox),
-                                              "dropped": ob["dropped"]},
-                "mqtt": self.client.stats, "config_refreshes": self.sync.refreshes}
+        return {"health": await self.health.publish()}
+
+    async def _cmd_logs(self, body):
+        n = body.get("n", 20)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            n = 20
+        lines = self.logring.last(n)
+        # The answer must fit a frame: drop the oldest lines until it does.
+        while lines and sum(len(x) + 4 for x in lines) > 3000:
+            lines.pop(0)
+        return {"lines": lines}
 
     def _on_connect(self, session_present):
         # Birth message: retained, so a late subscriber sees the device online at once.
@@ -271,6 +287,8 @@ class Device:
             asyncio.create_task(
                 self.sync.refresh_loop(lambda: self.sync.twin.effective()["refresh_interval"])
             ),
+            asyncio.create_task(self.health.run()),
+            asyncio.create_task(self.health.watch_lag()),
         ]
         try:
             await asyncio.gather(*self._tasks)

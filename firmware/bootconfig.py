@@ -103,6 +103,7 @@ def validate(doc):
     # Seconds between safety-net config refreshes (README "Config twin"); desired layers
     # may not go below 60 s, the bootstrap config may (tests scale it down).
     cfg["refresh_interval"] = _num(doc, "refresh_interval", 21600, 1, 604800, float)
+    cfg["health_interval"] = _num(doc, "health_interval", 300, 0.5, 86400, float)
     return cfg
 
 

@@ -7,6 +7,7 @@ class Topics:
         self.base = base
         self.telemetry = base + "telemetry"
         self.status = base + "status"
+        self.health = base + "health"
         self.cmd_prefix = base + "cmd/"
         self.cmd_filter = base + "cmd/+"
         self.desired = base + "config/desired"

@@ -179,3 +179,26 @@ def test_reboot_delivered_twice_reboots_once(fleet, proxy, observer):
     for boot in (1, 2):
         seqs = sorted({t["seq"] for t in tel if t["boot"] == boot})
         assert seqs == list(range(1, len(seqs) + 1)), (boot, seqs)
+
+
+def test_health_is_published_with_sane_fields_and_logs_come_back(fleet, observer):
+    p = fleet.device("h1", telemetry_interval=0.5, health_interval=1, broker=FAST)
+    observer.wait(lambda m: len(observer.json("devices/h1/health")) >= 2, 15, "two health")
+    h = observer.json("devices/h1/health")[-1]
+    assert h["v"] == 1 and h["boot"] == 1 and h["up"] >= 0
+    assert 0 < h["heap_alloc"] and 0 < h["heap_free"]
+    assert h["mqtt"]["connects"] == 1 and h["mqtt"]["connect_failures"] == 0
+    assert h["outbox"]["dropped"] == 0 and h["outbox"]["queued"] >= 0
+    assert 0 <= h["loop_lag_max_ms"] < 1000
+    assert abs(h["ts"] - time.time()) < 60
+    observer.publish("devices/h1/cmd/logs", json.dumps({"id": "l-1", "n": 5}))
+    observer.wait(lambda m: _results(observer, "h1", "logs"), 10, "logs result")
+    r = _results(observer, "h1", "logs")[0]
+    assert r["id"] == "l-1" and r["status"] == "ok"
+    lines = r["data"]["lines"]
+    assert 1 <= len(lines) <= 5 and all(l.startswith("h1 ") for l in lines)
+    assert "\n".join(lines) in p.output(), "the ring holds the console's lines, in order"
+    observer.publish("devices/h1/cmd/logs", json.dumps({"id": "l-2", "n": 40}))
+    observer.wait(lambda m: len(_results(observer, "h1", "logs")) >= 2, 10, "logs result")
+    lines = _results(observer, "h1", "logs")[1]["data"]["lines"]
+    assert any("I connected (session present: 0" in l for l in lines), lines

@@ -1,0 +1,96 @@
+# Observability: the last log lines in a bounded RAM ring (for the `logs` command), the loop
+# lag watch, and the health document published on devices/{id}/health on a jittered period.
+import asyncio
+import gc
+import json
+import time
+
+from backoff import jittered
+from firmware.version import SCHEMA
+
+LOG_LINES = 40
+LOG_LINE_MAX = 160
+
+
+class LogRing:
+    """The most recent log lines, oldest first; bounded in count and line length."""
+
+    def __init__(self, size=LOG_LINES):
+        self.lines = [None] * size
+        self.at = 0
+        self.total = 0
+
+    def add(self, line):
+        self.lines[self.at] = line[:LOG_LINE_MAX]
+        self.at = (self.at + 1) % len(self.lines)
+        self.total += 1
+
+    def last(self, n):
+        size = len(self.lines)
+        n = min(n, size, self.total)
+        return [self.lines[(self.at - n + i) % size] for i in range(n)]
+
+
+class Health:
+    def __init__(self, device, interval, rnd):
+        self.device = device
+        self.interval = interval  # fn() -> seconds
+        self.rnd = rnd
+        self.lag_max_ms = 0  # worst scheduling delay seen since the last report
+        self.sent = 0
+
+    async def watch_lag(self, period_ms=100):
+        """A loop that sleeps period_ms and measures how late it wakes: a blocking call
+        anywhere in the firmware shows up here."""
+        ticks = self.device.board.ticks_ms
+        while True:
+            t = ticks()
+            await asyncio.sleep_ms(period_ms)
+            late = time.ticks_diff(ticks(), t) - period_ms
+            if late > self.lag_max_ms:
+                self.lag_max_ms = late
+
+    def document(self):
+        d = self.device
+        gc.collect()
+        c = d.client.stats
+        doc = {
+            "v": SCHEMA,
+            "boot": d.boot,
+            "up": d.board.uptime_ms() // 1000,
+            "heap_free": gc.mem_free(),
+            "heap_alloc": gc.mem_alloc(),
+            "loop_lag_max_ms": self.lag_max_ms,
+            "mqtt": {k: c[k] for k in ("connects", "connect_failures", "tls_failures",
+                                       "refusals", "last_refusal", "flaps",
+                                       "protocol_errors", "keepalive_timeouts", "resends",
+                                       "pings")},
+            "outbox": {"queued": len(d.outbox), "dropped": d.outbox.stats["dropped"],
+                       "flash_errors": d.outbox.stats["flash_errors"],
+                       "drops": d.outbox.drops[-4:]},
+            "config": {"rejected": d.sync.twin.rejected, "refreshes": d.sync.refreshes},
+            "commands": {"handled": d.commands.handled, "rejected": d.commands.rejected,
+                         "duplicates": d.commands.duplicates},
+        }
+        rssi = getattr(d.board, "rssi", None)
+        if rssi:
+            doc["rssi"] = rssi()
+        ts = d.board.unix_time()
+        if ts is not None:
+            doc["ts"] = ts
+        return json.dumps(doc)
+
+    async def publish(self):
+        c = self.device.client
+        if not c.is_connected():
+            return False  # health is about now: not queued while offline
+        await c.publish(self.device.topics.health, self.document(), 1, False, wait=False)
+        self.lag_max_ms = 0
+        self.sent += 1
+        return True
+
+    async def run(self):
+        await asyncio.sleep(self.rnd.uniform(0, self.interval()))
+        while True:
+            await self.publish()
+            await asyncio.sleep(jittered(self.interval(), self.rnd))
