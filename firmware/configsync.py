@@ -77,8 +77,12 @@ class ConfigSync:
         text = self.reported()
         if text == self._sent and not force:
             return
+        try:
+            await self.client.publish(self.topics.reported, text, 1, True, wait=False)
+        except ValueError as e:  # larger than max_frame: say so rather than nothing
+            self.log("E", "config/reported not sent: %s" % e)
+            return
         self._sent = text
-        await self.client.publish(self.topics.reported, text, 1, True, wait=False)
 
     async def refresh(self):
         """Re-subscribe to the config topics: the broker re-sends the retained layers."""

@@ -50,6 +50,8 @@ def check_text(text, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH):
 def parse_layer(text):
     """(version, {dotted name: value}, [unknown names]) or Rejected."""
     if isinstance(text, (bytes, bytearray, memoryview)):
+        if len(text) > MAX_BYTES:  # bytes, before decoding: the limit is on the wire size
+            raise Rejected("document larger than %d bytes" % MAX_BYTES)
         try:
             text = bytes(text).decode()
         except UnicodeError:

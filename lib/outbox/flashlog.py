@@ -19,11 +19,14 @@ def _name(directory, num):
 
 
 class Segment:
-    __slots__ = ("num", "size", "count", "first", "last")
+    __slots__ = ("num", "size", "end", "count", "first", "last")
 
     def __init__(self, num):
         self.num = num
         self.size = 0  # bytes in the file
+        # Where its counted records end: a failed append can leave part of a batch after
+        # this, which is not read back until a recovery counts it (at least once).
+        self.end = 0
         self.count = 0  # valid records in it
         self.first = None  # (boot, seq) of its first and last record
         self.last = None
@@ -63,13 +66,13 @@ class FlashLog:
             except ValueError:
                 continue
             seg = Segment(num)
-            for off, n in self._scan(seg.num, 0):
+            for off, n in self._scan(seg.num, 0, None):
                 k = record.key(self._mv, 0)
                 if seg.first is None:
                     seg.first = k
                 seg.last = k
                 seg.count += 1
-            seg.size = self._size(num)
+            seg.size = seg.end = self._size(num)
             if seg.count:
                 self.segs.append(seg)
                 self.count += seg.count
@@ -84,9 +87,10 @@ class FlashLog:
         except OSError:
             return 0
 
-    def _scan(self, num, start):
-        """Yield (offset, length) of each valid record from start on; the record's bytes are
-        in self._buf when yielded. Skips and counts what is not a record."""
+    def _scan(self, num, start, end):
+        """Yield (offset, length) of each valid record from start up to end (None: the end
+        of the file); the record's bytes are in self._buf when yielded. Skips and counts
+        what is not a record, resynchronising on the next magic byte."""
         mv = self._mv
         try:
             f = self.fs.open(_name(self.dir, num), "rb")
@@ -95,7 +99,7 @@ class FlashLog:
         try:
             off = start
             bad = False
-            while True:
+            while end is None or off < end:
                 f.seek(off)
                 got = f.readinto(mv[: record.HEADER])
                 if not got:
@@ -108,14 +112,14 @@ class FlashLog:
                         r = record.check(mv, 0, record.HEADER + body)
                     else:
                         r = record.CORRUPT
-                if r > 0:
+                if r > 0 and (end is None or off + r <= end):
                     bad = False
                     yield off, r
                     off += r
                     continue
-                if r == record.NEED_MORE:
-                    self.corrupt += 1  # a torn tail: the end of the file is mid-record
-                    break
+                # Not a record here: corrupt bytes, a length damaged so that the record
+                # seems to run past the end of the file, or a torn tail. Resynchronise:
+                # valid records may follow.
                 if not bad:
                     self.corrupt += 1
                     bad = True
@@ -151,7 +155,8 @@ class FlashLog:
             if new:
                 self._remove(seg.num)
             else:
-                # The file may hold part of the batch now: close it for appends.
+                # The file may hold part of the batch now (after seg.end, so unread):
+                # close the segment for appends.
                 self._fresh = True
                 seg.size = self._size(seg.num)
             raise
@@ -163,6 +168,7 @@ class FlashLog:
         at = (seg.num, seg.size)
         seg.last = last
         seg.size += n
+        seg.end = seg.size
         seg.count += count
         self.count += count
         self.nbytes += n
@@ -173,7 +179,8 @@ class FlashLog:
     def read(self, seg_index, off):
         """The record at or after `off` in segs[seg_index]: (offset, length) with its bytes
         in self.buf(), or None at the end of that segment."""
-        for o, n in self._scan(self.segs[seg_index].num, off):
+        seg = self.segs[seg_index]
+        for o, n in self._scan(seg.num, off, seg.end):
             return o, n
         return None
 
@@ -186,7 +193,7 @@ class FlashLog:
         r = self.read(0, self.head)
         seg.count -= 1
         self.count -= 1
-        self.head = r[0] + r[1] if r else seg.size
+        self.head = r[0] + r[1] if r else seg.end
         if seg.count <= 0:
             self._drop(0)
 

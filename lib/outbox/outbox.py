@@ -19,11 +19,16 @@ _MAX_RANGES = 8
 class Outbox:
     def __init__(self, fs=None, ram_bytes=8192, flash_bytes=262144, segment=32768,
                  policy="offline", overflow="oldest", spill_ms=1000, ticks_ms=None,
-                 ticks_diff=None, log=None, directory="/outbox", topic=b"", block=4096):
+                 ticks_diff=None, log=None, directory="/outbox", topic=b"", block=4096,
+                 max_record=1024):
         if policy not in ("offline", "always") or overflow not in ("oldest", "newest"):
             raise ValueError("policy is offline|always, overflow is oldest|newest")
         self.ring = Ring(ram_bytes)
-        self.flash = FlashLog(fs, flash_bytes, segment, directory) if fs is not None else None
+        # Records are at most max_record bytes (header included), so flash reads need a
+        # buffer of that size only; put() refuses larger ones.
+        self.max_record = max_record
+        self.flash = (FlashLog(fs, flash_bytes, segment, directory, max_record)
+                      if fs is not None else None)
         self.policy = policy
         self.overflow = overflow
         # Records on this topic store none (topic length 0): for telemetry, the topic would
@@ -102,7 +107,9 @@ class Outbox:
             if not self.inflight:
                 self._progress = self._ring_since
         n = record.size(topic, payload)
-        if n > len(self.ring.buf):
+        if n > len(self.ring.buf) or n > self.max_record:
+            self.log("E", "outbox: message of %d bytes over the %d-byte record limit" % (
+                n, min(len(self.ring.buf), self.max_record)))
             return self._refuse(boot, seq)
         while not self.ring.fits(n):
             # spill() makes room on flash itself (dropping its oldest segment when the
@@ -226,6 +233,10 @@ class Outbox:
             return None
         if j == 0:
             self._rcur = self.ring.head
+        elif self.ring._wrapped and self._rcur >= self.ring._end:
+            # It was saved as "just after the newest record", and the ring has wrapped to
+            # 0 since: that offset is past the end of the lap.
+            self._rcur = 0
         t, p, boot, seq = record.fields(self.ring.mv, self._rcur)
         return bytes(t) or self.topic, bytes(p), (boot, seq)
 

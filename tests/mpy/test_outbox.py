@@ -502,3 +502,104 @@ def test_with_flash_failing_ram_overflow_drops_ram_records_not_the_flash_backlog
     assert got[:20] == [(1, s) for s in range(1, 21)], "the flash backlog is intact"
     assert len(got) - 20 + ob.stats["dropped"] == 59
     assert got[20:] == [(1, s) for s in range(80 - (len(got) - 20), 80)]
+
+
+# ---- regressions found in review -------------------------------------------------------
+
+
+def test_ring_cursor_follows_a_wrap_after_the_newest_record_was_handed_over():
+    for ram in (100, 80):  # the last record ends inside the buffer / exactly at its end
+        ob, _ = _outbox(ram_bytes=ram, topic=b"t")  # 40-byte records
+        ob.put(b"t", b"a" * 24, 1, 1)
+        ob.put(b"t", b"b" * 24, 1, 2)
+        for _ in range(2):
+            ob.next()
+            ob.handed_over()
+        assert ob.ack((1, 1))
+        assert ob.put(b"t", b"c" * 24, 1, 3)  # wraps to offset 0
+        assert ob.next()[2] == (1, 3), ram
+        ob.handed_over()
+        assert ob.ack((1, 2)) and ob.ack((1, 3)) and len(ob) == 0
+
+
+def test_a_record_over_the_limit_is_refused_and_counted_not_lost_on_flash():
+    path = fresh_image("big")
+    bdev, fs = _mount(path)
+    ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
+    assert not ob.put(b"d/t", b"x" * 1100, 1, 1)
+    assert ob.put(b"d/t", b"y" * 10, 1, 2)
+    ob.spill()
+    assert ob.put(b"d/t", b"z" * 10, 1, 3)
+    assert _deliver(ob) == [(1, 2), (1, 3)] and ob.stats["dropped"] == 1
+
+
+def test_a_damaged_length_does_not_hide_the_records_after_it():
+    path = fresh_image("len")
+    bdev, fs = _mount(path)
+    log = FlashLog(fs, capacity=65536, segment=8192)
+    log.recover()
+    keys = [(1, i) for i in range(1, 11)]
+    log.append(_batch(keys), 10, keys[0], keys[-1])
+    name = "/outbox/00000001.q"
+    with fs.open(name, "rb") as f:
+        data = bytearray(f.read())
+    # The 8th record now claims 190 payload bytes: it would run past the end of the file,
+    # as a torn tail does, but two valid records follow it.
+    data[7 * 59 + 2] = 190
+    data[7 * 59 + 3] = 0
+    with fs.open(name, "wb") as f:
+        f.write(data)
+    log2 = FlashLog(fs, capacity=65536, segment=8192)
+    assert log2.recover() == 9 and log2.corrupt == 1
+    assert _keys(log2) == [k for k in keys if k != (1, 8)]
+
+
+class _FailingFs:
+    """Writes part of a file write, then fails, once armed."""
+
+    def __init__(self, fs):
+        self.fs = fs
+        self.armed = False
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open(self, path, mode="r"):
+        f = self.fs.open(path, mode)
+        if "a" in mode and self.armed:
+            return _HalfFile(f)
+        return f
+
+
+class _HalfFile:
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+    def write(self, b):
+        self.f.write(bytes(b)[: len(b) * 3 // 4])
+        raise OSError(28)
+
+
+def test_a_half_written_batch_is_not_read_back_until_a_recovery_counts_it():
+    path = fresh_image("half")
+    bdev, fs = _mount(path)
+    ffs = _FailingFs(fs)
+    ob, clock = _outbox(ffs, flash_bytes=65536, segment=8192)
+    ob.put(b"d/t", b"a" * 20, 1, 1)
+    ob.spill()
+    ffs.armed = True
+    ob.put(b"d/t", b"b" * 20, 1, 2)
+    ob.put(b"d/t", b"c" * 20, 1, 3)
+    ob.spill()  # fails part way: both stay in RAM, part of them is in segment 1's file
+    assert ob.stats["flash_errors"] == 1 and ob.ring.count == 2
+    ffs.armed = False
+    clock.t += 60000  # flash is tried again after a minute: they go to a new segment
+    ob.spill()
+    assert ob.ring.count == 0 and len(ob.flash.segs) == 2
+    assert _deliver(ob) == [(1, 1), (1, 2), (1, 3)] and len(ob) == 0 and ob.inflight == 0

@@ -135,3 +135,10 @@ def test_a_cached_layer_that_no_longer_validates_is_dropped_and_reported():
                "model-x": {"version": "x", "settings": {}}})
     assert t.effective()["telemetry_interval"] == 10
     assert set(t.layers) == {"all"} and t.rejected == 2
+
+
+def test_the_size_limit_is_on_bytes_not_characters():
+    text = json.dumps({"version": 1, "log_level": "info"})[:-1] + ', "x": "' + "\u20ac" * 700 + '"}'
+    assert len(text) < 2048 < len(text.encode())
+    e = raises(Rejected, parse_layer, text.encode())
+    assert "larger" in str(e)
