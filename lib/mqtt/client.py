@@ -111,8 +111,11 @@ class MQTTClient:
         self._step = ""
         self._writer = None
         self._reader = None
-        self._wlock = asyncio.Lock()
-        self._wq = 0  # writers holding or waiting for _wlock
+        # Write gate of the current connection: [lock, writers holding or waiting for it].
+        # A new one per connection, so a writer stuck on a dead socket cannot hold up
+        # the next connection's writes.
+        self._gate = [asyncio.Lock(), 0]
+        self._pinging = False
         self._space = asyncio.Event()
         self._suback = asyncio.Event()
         self._sub_pid = 0
@@ -310,6 +313,10 @@ class MQTTClient:
             s.setblocking(False)
             self._sock = s
         self._reader = self._writer = asyncio.StreamWriter(s, {})
+        self._gate = [asyncio.Lock(), 0]
+        self._pinging = False
+        if not self.ssl:
+            self._step = "connect"
         pkt = codec.connect_packet(
             self.client_id, self.keepalive, self.clean, self.will, self.user, self.password
         )
@@ -562,7 +569,7 @@ class MQTTClient:
         w = self._writer
         if w is None:
             raise OSError("not connected")
-        if self._wq:
+        if self._gate[1]:
             pkt = bytes(pkt)  # the tx buffer is reused while this one waits its turn
             await self._write_locked(pkt)
         else:
@@ -575,20 +582,29 @@ class MQTTClient:
         self.stats["tx"] += 1
 
     async def _write_locked(self, pkt, more=None):
-        self._wq += 1
+        gate = self._gate
+        w = self._writer
+        gate[1] += 1
         try:
-            async with self._wlock:
-                w = self._writer
-                if w is None:
-                    raise OSError("not connected")
+            async with gate[0]:
+                if w is None or self._writer is not w:
+                    raise OSError("not connected")  # the connection changed meanwhile
                 if pkt is not None:
                     w.write(pkt)
                 if more is not None:
                     w.write(more)
-                await w.drain()
+                try:
+                    # Bounded: a peer that stops reading must not hold every writer (and
+                    # the next connection) forever; closing the socket does not wake a
+                    # drain on every port.
+                    await asyncio.wait_for(w.drain(), self.timeout)
+                except asyncio.TimeoutError:
+                    self.log("W", "write stalled for %d s: link dead" % self.timeout)
+                    self._kill()
+                    raise OSError("write stalled")
                 self._last_tx = self.ticks_ms()
         finally:
-            self._wq -= 1
+            gate[1] -= 1
 
     async def _send_msg(self, msg, dup):
         try:
@@ -618,12 +634,20 @@ class MQTTClient:
             if (
                 time.ticks_diff(now, self._last_tx) >= ka
                 or time.ticks_diff(now, self._last_rx) >= ka
-            ) and self.connected.is_set():
-                try:
-                    self.stats["pings"] += 1
-                    await self._send(codec.PINGREQ_PACKET)
-                except OSError:
-                    self._kill()
+            ) and self.connected.is_set() and not self._pinging:
+                # In its own task: a ping stuck behind a stalled write must not stop this
+                # loop from noticing the silence.
+                self._pinging = True
+                asyncio.create_task(self._ping())
+
+    async def _ping(self):
+        try:
+            self.stats["pings"] += 1
+            await self._send(codec.PINGREQ_PACKET)
+        except OSError:
+            self._kill()
+        finally:
+            self._pinging = False
 
 
 async def _writable(s):
