@@ -125,9 +125,10 @@ def test_flash_log_appends_recovers_consumes_and_drops():
     assert log2.count == 50 - n
 
 
-def test_flash_log_skips_and_counts_corrupt_bytes():
-    path = fresh_image("corrupt")
-    bdev, fs = _mount(path)
+def _damaged_segment(tag, damage):
+    """A flash log of ten 59-byte records in one segment, then damage(bytearray of the
+    segment file) written back; returns (fs, keys)."""
+    bdev, fs = _mount(fresh_image(tag))
     log = FlashLog(fs, capacity=16384, segment=8192)
     log.recover()
     keys = [(1, i) for i in range(1, 11)]
@@ -135,10 +136,18 @@ def test_flash_log_skips_and_counts_corrupt_bytes():
     name = "/outbox/00000001.q"
     with fs.open(name, "rb") as f:
         data = bytearray(f.read())
-    data[3 * 56 + 20] ^= 0xFF  # inside the 4th record's payload
-    data += b"\xa7\x03"  # and a torn tail
+    damage(data)
     with fs.open(name, "wb") as f:
         f.write(data)
+    return fs, keys
+
+
+def test_flash_log_skips_and_counts_corrupt_bytes():
+    def damage(data):
+        data[3 * 59 + 20] ^= 0xFF  # inside the 4th record's payload
+        data += b"\xa7\x03"  # and a torn tail
+
+    fs, keys = _damaged_segment("corrupt", damage)
     log2 = FlashLog(fs, capacity=16384, segment=8192)
     assert log2.recover() == 9
     assert log2.corrupt == 2
@@ -534,21 +543,13 @@ def test_a_record_over_the_limit_is_refused_and_counted_not_lost_on_flash():
 
 
 def test_a_damaged_length_does_not_hide_the_records_after_it():
-    path = fresh_image("len")
-    bdev, fs = _mount(path)
-    log = FlashLog(fs, capacity=65536, segment=8192)
-    log.recover()
-    keys = [(1, i) for i in range(1, 11)]
-    log.append(_batch(keys), 10, keys[0], keys[-1])
-    name = "/outbox/00000001.q"
-    with fs.open(name, "rb") as f:
-        data = bytearray(f.read())
-    # The 8th record now claims 190 payload bytes: it would run past the end of the file,
-    # as a torn tail does, but two valid records follow it.
-    data[7 * 59 + 2] = 190
-    data[7 * 59 + 3] = 0
-    with fs.open(name, "wb") as f:
-        f.write(data)
+    def damage(data):
+        # The 8th record now claims 190 payload bytes: it would run past the end of the
+        # file, as a torn tail does, but two valid records follow it.
+        data[7 * 59 + 2] = 190
+        data[7 * 59 + 3] = 0
+
+    fs, keys = _damaged_segment("len", damage)
     log2 = FlashLog(fs, capacity=65536, segment=8192)
     assert log2.recover() == 9 and log2.corrupt == 1
     assert _keys(log2) == [k for k in keys if k != (1, 8)]
