@@ -187,10 +187,12 @@ class FlashLog:
     def buf(self):
         return self._mv
 
-    def consume(self):
-        """The oldest record was delivered: forget it, and its segment once empty."""
+    def consume(self, r=None):
+        """The oldest record was delivered: forget it, and its segment once empty.
+        r: its (offset, length) when the caller has just read it."""
         seg = self.segs[0]
-        r = self.read(0, self.head)
+        if r is None:
+            r = self.read(0, self.head)
         seg.count -= 1
         self.count -= 1
         self.head = r[0] + r[1] if r else seg.end

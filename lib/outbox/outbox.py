@@ -259,9 +259,9 @@ class Outbox:
         """PUBACK for the record with this (boot, seq): it leaves the outbox."""
         self._progress = self.ticks_ms()
         if self._fcount():
-            self.flash.read(0, self.flash.head)
-            if tuple(record.key(self.flash.buf(), 0)) == tuple(key):
-                self.flash.consume()
+            r = self.flash.read(0, self.flash.head)
+            if r and tuple(record.key(self.flash.buf(), 0)) == tuple(key):
+                self.flash.consume(r)
                 self._after_ack()
                 return True
         elif self.ring.count and tuple(record.key(self.ring.mv, self.ring.head)) == tuple(key):
