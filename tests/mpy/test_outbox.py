@@ -195,27 +195,31 @@ def _traffic(fs, bdev):
     return appended, durable, consumed
 
 
-def test_power_cut_after_every_block_write_leaves_a_recoverable_log():
-    path = fresh_image("cut")
+def _cut_sweep(tag, step, traffic, check):
+    """Run traffic(fs, bdev) on a fresh image once to count its block writes, then again
+    with the power cut after every `step`-th write; after each cut, mount the image anew
+    (power back) and check(k, fs, traffic's result)."""
+    path = fresh_image(tag)
     bdev, fs = _mount(path, 131072)
-    _traffic(fs, bdev)
+    first = traffic(fs, bdev)
     total = bdev.writes
     assert total > 20
-    # A cut after every second block write of the run (about 300 cuts, 10 s);
-    # OUTBOX_FULL_SWEEP=1 cuts after every single one.
-    step = 1 if os.getenv("OUTBOX_FULL_SWEEP") else 2
     for k in range(0, total + 1, step):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+        bdev.f.close()
+        os.remove(path)
         bdev, fs = _mount(path, 131072)
-        base = bdev.writes
-        bdev.cut_after = base + k
-        appended, durable, consumed = _traffic(fs, bdev)
-        # Power back: a new block device and filesystem over the same image.
-        bdev2, fs2 = _mount(path, 131072)
-        log = FlashLog(fs2, capacity=24576, segment=8192)
+        bdev.cut_after = bdev.writes + k
+        result = traffic(fs, bdev)
+        bdev2, fs2 = _mount(path, 131072)  # the filesystem mounts
+        check(k, fs2, result)
+        bdev2.f.close()
+    return first
+
+
+def test_power_cut_after_every_block_write_leaves_a_recoverable_log():
+    def check(k, fs, result):
+        appended, durable, consumed = result
+        log = FlashLog(fs, capacity=24576, segment=8192)
         log.recover()
         got = _keys(log)
         seqs = [s for _, s in got]
@@ -226,6 +230,10 @@ def test_power_cut_after_every_block_write_leaves_a_recoverable_log():
         missing = [key for key in durable[consumed:] if key not in got]
         # Only the records of segments dropped by consume (fully consumed) may be absent.
         assert not [m for m in missing if m[1] > consumed], (k, missing)
+
+    # A cut after every second block write of the run (about 300 cuts, 10 s);
+    # OUTBOX_FULL_SWEEP=1 cuts after every single one.
+    _cut_sweep("cut", 1 if os.getenv("OUTBOX_FULL_SWEEP") else 2, _traffic, check)
 
 
 # ---- the outbox: tiers composed ------------------------------------------------------
@@ -464,31 +472,22 @@ def _outbox_traffic(fs, bdev, clock):
 
 
 def test_power_cut_sweep_over_outbox_traffic():
-    path = fresh_image("obcut")
-    bdev, fs = _mount(path, 131072)
-    clock = Clock()
-    put, _, _ = _outbox_traffic(fs, bdev, clock)
-    total = bdev.writes
-    assert total > 20 and len(put) > 150
-    step = 1 if os.getenv("OUTBOX_FULL_SWEEP") else 7  # about 70 cuts, 8 s
-    for k in range(0, total + 1, step):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-        bdev, fs = _mount(path, 131072)
-        bdev.cut_after = bdev.writes + k
-        put, required, acked = _outbox_traffic(fs, bdev, Clock())
-        bdev.f.close()
-        bdev2, fs2 = _mount(path, 131072)  # power back: the filesystem mounts
-        ob = Outbox(fs2, ram_bytes=1024, flash_bytes=12288, segment=4096,
+    def traffic(fs, bdev):
+        return _outbox_traffic(fs, bdev, Clock())
+
+    def check(k, fs, result):
+        put, required, acked = result
+        ob = Outbox(fs, ram_bytes=1024, flash_bytes=12288, segment=4096,
                     ticks_ms=Clock().ms, ticks_diff=time.ticks_diff, topic=b"d/t")
         ob.recover()
         got = [tuple(k_) for k_ in _keys(ob.flash)] if ob.flash.segs else []
         assert [s for _, s in got] == sorted(set(s for _, s in got)), (k, "order/duplicate")
         assert set(got) <= set(put), (k, "invented")
         assert required <= set(got), (k, "lost", sorted(required - set(got))[:5])
-        bdev2.f.close()
+
+    put, _, _ = _cut_sweep("obcut", 1 if os.getenv("OUTBOX_FULL_SWEEP") else 7,  # ~70 cuts
+                           traffic, check)
+    assert len(put) > 150
 
 
 def test_with_flash_failing_ram_overflow_drops_ram_records_not_the_flash_backlog():
