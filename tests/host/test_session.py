@@ -56,8 +56,10 @@ def test_resume_with_session_present_resends_in_flight_with_dup_and_same_id(
              if pk.conn == old_conn}
     held = [pk for pk in proxy.packets_since((0, 0, 0), "PUBLISH", UP)
             if pk.conn == old_conn and pk.pid not in acked]
-    assert len(held) >= 4 and not any(pk.dup for pk in held)
-    assert all(pk.topic == "devices/r1/telemetry" for pk in held)
+    assert not any(pk.dup for pk in held)
+    # Mostly telemetry; config/reported or a health message may be in flight too, and
+    # every QoS 1 message in flight is resent the same way.
+    assert len([pk for pk in held if pk.topic == "devices/r1/telemetry"]) >= 4
     p.wait_line(r"r1 I connected \(session present: 1, resent: %d" % len(held), 15)
 
     def new_conn(ptype=None, direction=UP):
