@@ -104,6 +104,15 @@ def validate(doc):
     # may not go below 60 s, the bootstrap config may (tests scale it down).
     cfg["refresh_interval"] = _num(doc, "refresh_interval", 21600, 1, 604800, float)
     cfg["health_interval"] = _num(doc, "health_interval", 300, 0.5, 86400, float)
+    # The hardware watchdog's timeout (clamped to what the chip allows: 8.3 s on RP2040).
+    cfg["watchdog_ms"] = _num(doc, "watchdog_ms", 8000, 1000, 60000)
+    cfg["safe_mode"] = _section(doc.get("safe_mode", {}), "safe_mode", SAFE_MODE)
+    ntp = doc.get("ntp", {})
+    cfg["ntp"] = _section(ntp, "ntp", NTP, ("servers",))
+    servers = ntp.get("servers", ["pool.ntp.org"])
+    if not isinstance(servers, list) or not all(isinstance(x, str) and x for x in servers):
+        raise ConfigError("ntp.servers must be a list of host names")
+    cfg["ntp"]["servers"] = servers
     return cfg
 
 
@@ -142,17 +151,38 @@ RECONNECT = {
 }
 
 
+# Boot-loop safe mode: after `boots` boots in a row that each ended (crash, watchdog, power)
+# before `short_boot_s`, the next runs network, MQTT, config and commands only, until it has
+# run `healthy_s`.
+SAFE_MODE = {
+    "boots": (5, 1, 1000),
+    "short_boot_s": (60, 1, 86400),
+    "healthy_s": (300, 1, 86400),
+}
+
+# Boards set their clock by SNTP at boot and every `interval` s (jittered per device).
+NTP = {"interval": (3600, 1, 604800), "timeout_ms": (2000, 100, 30000)}
+
+
+def _section(r, name, table, other=()):
+    """An object of numeric settings, every key optional, unknown keys refused. A default
+    that is an int makes the setting an integer; a float, a number."""
+    if not isinstance(r, dict):
+        raise ConfigError("%s must be an object" % name)
+    for k in r:
+        if k not in table and k not in other:
+            raise ConfigError("%s.%s is not a setting" % (name, k))
+    out = {}
+    for k, (d, lo, hi) in table.items():
+        v = _num(r, k, d, lo, hi, float if isinstance(d, float) else int)
+        out[k] = float(v) if isinstance(d, float) else v
+    return out
+
+
 def _reconnect(r):
     """broker.reconnect: the backoff policy (see backoff.Backoff), every key optional, so an
     operator can widen the first window for a large fleet."""
-    if not isinstance(r, dict):
-        raise ConfigError("broker.reconnect must be an object")
-    for k in r:
-        if k not in RECONNECT:
-            raise ConfigError("broker.reconnect.%s is not a setting" % k)
-    out = {}
-    for k, (d, lo, hi) in RECONNECT.items():
-        out[k] = _num(r, k, d, lo, hi, int if k == "flap_limit" else float)
+    out = _section(r, "broker.reconnect", RECONNECT)
     if out["cap"] < out["base"] or out["hard_cap"] < out["hard_floor"]:
         raise ConfigError("broker.reconnect: a cap is below its base or floor")
     return out

@@ -4,7 +4,7 @@ import asyncio
 import json
 import time
 
-from firmware import bootlog
+from firmware.bootlog import BootLog
 from firmware.app import Device
 from firmware.boards.unix import Board
 from firmware.telemetry import Telemetry
@@ -54,19 +54,76 @@ async def test_changed_error_is_logged_again():
 def test_boot_counter_survives_a_restart_of_the_flash():
     path = fresh_image("boot")
     b = Board(path, 64 * 4096)
-    assert bootlog.next_boot(b.fs)["boot"] == 1
-    assert bootlog.next_boot(b.fs)["boot"] == 2
+    assert BootLog(b.fs).start("power-on", 5)["boot"] == 1
+    assert BootLog(b.fs).start("power-on", 5)["boot"] == 2
     b2 = Board(path)  # same image opened again, as after a power cycle
-    assert bootlog.next_boot(b2.fs)["boot"] == 3
+    assert BootLog(b2.fs).start("power-on", 5)["boot"] == 3
 
 
-async def test_telemetry_starts_at_a_random_phase_per_device():
+def test_boot_history_reports_cause_and_previous_uptime():
+    b = _board("hist")
+    log = BootLog(b.fs)
+    r = log.start("power-on", 5)
+    assert r["cause"] == "power-on" and r["prev_up_s"] is None and not r["safe"]
+    log.save(75, stable=True)
+    log.save(130)
+    r = BootLog(b.fs).start("watchdog", 5)
+    assert (r["boot"], r["cause"], r["prev_up_s"], r["streak"]) == (2, "watchdog", 130, 0)
+
+
+def test_a_reset_the_firmware_asked_for_reports_its_own_reason():
+    b = _board("pending")
+    log = BootLog(b.fs)
+    log.start("power-on", 5)
+    log.save(3, pending="crash")
+    # An RP2040 reports machine.reset() as a watchdog reset: the record knows better.
+    assert BootLog(b.fs).start("watchdog", 5)["cause"] == "crash"
+    log = BootLog(b.fs)
+    log.start("soft", 5)
+    log.save(4, pending="crash")
+    # The power went after the crash was recorded: that is what happened last.
+    assert BootLog(b.fs).start("power-on", 5)["cause"] == "power-on"
+    assert BootLog(b.fs).start("bogus", 5)["cause"] == "unknown"
+
+
+def test_short_boots_in_a_row_lead_to_safe_mode_and_a_stable_one_ends_the_run():
+    b = _board("safe")
+    seen = []
+    for _ in range(7):
+        r = BootLog(b.fs).start("watchdog", 3)  # each ends before it is marked stable
+        seen.append((r["streak"], r["safe"]))
+    assert seen == [(0, False), (1, False), (2, False), (3, True), (4, True), (5, True),
+                    (6, True)], seen
+    log = BootLog(b.fs)
+    log.start("watchdog", 3)
+    log.save(300, stable=True)  # safe mode ran its healthy period
+    r = BootLog(b.fs).start("soft", 3)
+    assert (r["streak"], r["safe"]) == (0, False)
+
+
+def test_a_record_from_older_firmware_or_a_corrupt_one_does_not_stop_the_boot():
+    b = _board("oldrec")
+    with b.fs.open("/boot.json", "w") as f:
+        f.write('{"boot": 41}')
+    r = BootLog(b.fs).start("power-on", 5)
+    assert (r["boot"], r["streak"], r["safe"]) == (42, 0, False)
+    with b.fs.open("/boot.json", "w") as f:
+        f.write('{"boot": ')
+    assert BootLog(b.fs).start("power-on", 5)["boot"] == 1
+
+
+async def test_telemetry_reads_at_boot_then_at_a_random_phase_per_device():
+    boot_reads = []
     firsts = []
     t0 = time.ticks_ms()
 
     def recorder():
         def pub(topic, payload, boot, seq):
-            firsts.append((time.ticks_diff(time.ticks_ms(), t0), json.loads(payload)))
+            at = (time.ticks_diff(time.ticks_ms(), t0), json.loads(payload))
+            if seq == 1:
+                boot_reads.append(at)
+                return
+            firsts.append(at)
             raise asyncio.CancelledError
         return pub
 
@@ -78,11 +135,12 @@ async def test_telemetry_starts_at_a_random_phase_per_device():
     await asyncio.sleep(0.5)
     for t in tasks:
         t.cancel()
+    assert len(boot_reads) == 4 and all(ms < 50 for ms, _ in boot_reads), boot_reads
     assert len(firsts) == 4
     phases = sorted(ms for ms, _ in firsts)
     assert phases[0] >= 0 and phases[-1] <= 450
     assert phases[-1] - phases[0] > 40, phases  # not all at once
-    assert all(m["seq"] == 1 and m["v"] == 1 and "up" in m and "ts" in m for _, m in firsts)
+    assert all(m["seq"] == 2 and m["v"] == 1 and "up" in m and "ts" in m for _, m in firsts)
 
 
 def test_two_devices_share_nothing():
