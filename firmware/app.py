@@ -1,6 +1,6 @@
 # The device: built from a board object, no module-level state, so one process can run many.
-# Boot order: bootstrap config from flash (retried, never a crash loop), boot counter, then
-# the MQTT connection task and the telemetry task on one asyncio loop.
+# Boot order: watchdog feeding, bootstrap config from flash (retried, never a crash loop),
+# boot history (reset cause, safe mode), then the supervised tasks on one asyncio loop.
 import asyncio
 import json
 import time
@@ -8,15 +8,19 @@ import time
 from backoff import Backoff, Rng
 from mqtt.client import MQTTClient
 from outbox.outbox import Outbox
-from firmware import bootconfig, bootlog, settings
+from firmware import bootconfig, settings
+from firmware.bootlog import BootLog
 from firmware.commands import Commands
 from firmware.configsync import ConfigSync
 from firmware.health import Health, LogRing
+from firmware.supervisor import Supervisor
 from firmware.telemetry import Telemetry
 from firmware.topics import Topics
 from firmware.version import FW_VERSION, SCHEMA
+from firmware.wifi import LinkSupervisor
 
 CONFIG_RETRY_S = 5
+BOOT_WDT_MS = 8000  # until the config says otherwise
 _LEVELS = "DIWE"  # debug, info, warn, error: log lines carry the letter
 
 
@@ -32,6 +36,12 @@ class Device:
         self.outbox = None
         self.telemetry = None
         self.boot = 0
+        self.bootlog = BootLog(board.fs)
+        self.bootrec = {}
+        self.safe = False
+        self.sup = None
+        self.link = None
+        self.timesync = None
         self.sync = None
         self.health = None
         self.logring = LogRing()
@@ -40,7 +50,6 @@ class Device:
         self._rebooting = False
         self._restart = asyncio.Event()
         self._reboot_task = None
-        self._tasks = []
 
     def log(self, level, msg):
         if _LEVELS.find(level) >= self._min_level:
@@ -68,7 +77,10 @@ class Device:
             await asyncio.sleep(self.config_retry_s)
 
     def _status(self, state, outage=None):
-        d = {"v": SCHEMA, "state": state, "boot": self.boot, "fw": FW_VERSION}
+        d = {"v": SCHEMA, "state": state, "boot": self.boot, "fw": FW_VERSION,
+             "cause": self.bootrec.get("cause"), "prev_up_s": self.bootrec.get("prev_up_s")}
+        if self.safe:
+            d["safe_mode"] = True
         if outage:
             # Refusals and flaps since the previous connection, reported now that we can.
             d["outage"] = outage
@@ -90,6 +102,12 @@ class Device:
              "reboot": self._cmd_reboot, "logs": self._cmd_logs},
             fs=self.board.fs,
         )
+        self.link = LinkSupervisor(
+            self.board.link, cfg["wifi"],
+            Backoff(self.rnd, r["base"], r["cap"], r["first_window"], r["stable_s"],
+                    flap_limit=1000),
+            self.log, self.board.ticks_ms, beat=lambda ms: self._beat("link", ms),
+        )
         self.client = MQTTClient(
             cfg["device_id"],
             b["host"],
@@ -110,7 +128,10 @@ class Device:
             on_message=self._on_message,
             on_connect=self._on_connect,
             on_ack=self._on_ack,
+            link=self.link.up,
+            beat=lambda ms: self._beat("mqtt", ms),
         )
+        self.link.on_down = self.client.link_lost
         self.client.subscribe(self.topics.cmd_filter, 1)
         # The bootstrap config's values sit below every desired layer.
         base = {
@@ -139,6 +160,7 @@ class Device:
         self.telemetry = Telemetry(
             self.board, self.rnd, self._enqueue, self.topics.telemetry, self.boot,
             eff["telemetry_interval"], dropped=self._dropped,
+            beat=lambda ms: self._beat("telemetry", ms),
         )
         self.health = Health(self, lambda: self.sync.twin.effective()["health_interval"],
                              self.rnd)
@@ -148,10 +170,10 @@ class Device:
         """Put new effective settings to work; returns those that wait for a reboot."""
         if self.telemetry:
             self.telemetry.interval = eff["telemetry_interval"]
-        bo = self.client.backoff
-        bo.base = eff["reconnect.base"]
-        bo.cap = eff["reconnect.cap"]
-        bo.first_window = eff["reconnect.first_window"]
+        for bo in (self.client.backoff, self.link.backoff):
+            bo.base = eff["reconnect.base"]
+            bo.cap = eff["reconnect.cap"]
+            bo.first_window = eff["reconnect.first_window"]
         self._min_level = "diwe".find(eff["log_level"][0])
         return [k for k in changed if not settings.find(k)[5]]
 
@@ -174,16 +196,67 @@ class Device:
 
     async def _cmd_reboot(self, body):
         # After the answer and the PUBACK have gone out: a graceful stop, then the reset.
-        self._reboot_task = asyncio.create_task(self._reboot(0.5))
+        self._reboot_task = asyncio.create_task(self._reset("on command", "soft", 0.5))
         return {"rebooting": True}
 
-    async def _reboot(self, delay):
+    async def _fatal(self, reason):
+        # Its own task: the reset cancels every supervised task, the caller among them.
+        self._reboot_task = asyncio.create_task(self._reset(reason, "crash"))
+
+    async def _reset(self, why, cause, delay=0):
+        """Reset the board; `cause` is what the next boot reports. A soft reset is a
+        graceful stop first; a crash is abrupt (the broker publishes the last will), but
+        the queue still goes to flash."""
         await asyncio.sleep(delay)
-        self.log("W", "rebooting on command")
+        if cause == "soft":
+            self.log("W", "rebooting " + why)
+        else:
+            self.log("E", "resetting: " + why)
         self._rebooting = True
-        await self.stop()
+        if cause == "soft":
+            await self.stop()
+        else:
+            self._spill()
+            await self.client.abort()
+            self.sup.cancel_all()
+        self._save_uptime(stable=cause == "soft", pending=cause)
         self.board.reset()  # a board never comes back from this; the Unix port does
         self._restart.set()
+
+    def _beat(self, name, ms):
+        if self.sup is not None:
+            self.sup.beat(name, ms)
+
+    def _save_uptime(self, stable=None, pending=None):
+        if not self.bootlog.rec:
+            return
+        try:
+            self.bootlog.save(self.board.uptime_ms() // 1000, stable, pending)
+        except OSError as e:
+            self.log("E", "boot record not saved: %r" % (e,))
+
+    def _spill(self):
+        if self.outbox and not self.safe:
+            try:
+                self.outbox.spill()
+            except Exception as e:
+                self.log("E", "outbox spill at stop failed: %r" % (e,))
+
+    async def _boot_health(self):
+        """Mark the boot stable once it outlived the crash-loop threshold (or, in safe mode,
+        the healthy period: then reboot into normal mode), and keep the uptime on flash so
+        the next boot can report it (a few writes per day)."""
+        sm = self.cfg["safe_mode"]
+        step = sm["healthy_s"] if self.safe else sm["short_boot_s"]
+        await asyncio.sleep(step)
+        if self.safe:
+            await self._reset("out of safe mode: healthy for %d s" % step, "soft")
+            return
+        self._save_uptime(stable=True)
+        while True:
+            step = min(step * 2, 3600)
+            await asyncio.sleep(step)
+            self._save_uptime()
 
     async def _cmd_report(self, body):
         """Publish reported and health now."""
@@ -202,15 +275,21 @@ class Device:
 
     def _on_connect(self, session_present):
         # Birth message: retained, so a late subscriber sees the device online at once.
-        asyncio.create_task(
+        self._fire(
             self.client.publish(
                 self.topics.status, self._status("online", self.client.outage), 1, True, wait=False
-            )
+            ), "birth message"
         )
         if not self._reported_once:
             # Once per boot; after that config/reported goes out only when it changes.
             self._reported_once = True
-            asyncio.create_task(self.sync.report(force=True))
+            self._fire(self.sync.report(force=True), "config report")
+
+    def _fire(self, coro, what):
+        if self.sup is not None:
+            self.sup.fire(coro, what)
+        else:
+            asyncio.create_task(coro)
 
     async def _publish_q1(self, topic, payload):
         await self.client.publish(topic, payload, 1, False, wait=False)
@@ -246,16 +325,9 @@ class Device:
 
     async def _spill_loop(self):
         while True:
+            self._beat("spill", 250)
             await asyncio.sleep_ms(250)
             self.outbox.tick(self.client.is_connected())
-
-    async def join_network(self):
-        """Bring the link up before MQTT (Wi-Fi on boards), retrying with full jitter."""
-        bo = Backoff(self.rnd, base=2, cap=60)
-        while not await self.board.network_up(self.cfg["wifi"]):
-            d = bo.next_delay()
-            self.log("W", "no network reachable; retry in %.1f s" % d)
-            await asyncio.sleep(d)
 
     async def run(self):
         """Boot, then run until stopped. A `reboot` command on the Unix port (whose board
@@ -270,43 +342,86 @@ class Device:
             self._restart.clear()
 
     async def _run_boot(self):
-        cfg = await self.load_config()
-        self.boot = bootlog.next_boot(self.board.fs)["boot"]
-        self.build(cfg)
-        n = self.outbox.recover()
-        if n:
-            self.log("I", "outbox: %d message(s) from before the reboot" % n)
-        self.log("I", "boot %d, firmware %s, broker %s:%d" % (
-            self.boot, FW_VERSION, cfg["broker"]["host"], cfg["broker"]["port"]))
-        await self.join_network()
-        self._tasks = [
-            asyncio.create_task(self.client.run()),
-            asyncio.create_task(self.telemetry.run()),
-            asyncio.create_task(self._drain()),
-            asyncio.create_task(self._spill_loop()),
-            asyncio.create_task(
-                self.sync.refresh_loop(lambda: self.sync.twin.effective()["refresh_interval"])
-            ),
-            asyncio.create_task(self.health.run()),
-            asyncio.create_task(self.health.watch_lag()),
-        ]
+        board = self.board
+        # Fed from the first moment: waiting for a config is not a hang.
+        self.sup = sup = Supervisor(board, self.log, self.rnd, BOOT_WDT_MS, self._fatal)
+        feeder = asyncio.create_task(sup.watchdog())
         try:
-            await asyncio.gather(*self._tasks)
+            cfg = await self.load_config()
+            sup.set_timeout(cfg["watchdog_ms"])
+            self._start_boot(cfg)
+            self.build(cfg)
+            self._log_boot(cfg)
+            self._spawn_tasks(cfg)
+            await asyncio.gather(*[t.task for t in sup.tasks.values()])
         except asyncio.CancelledError:
             if not self._rebooting:
                 raise
+        finally:
+            feeder.cancel()
+
+    def _start_boot(self, cfg):
+        sm = cfg["safe_mode"]
+        try:
+            rec = self.bootlog.start(self.board.reset_cause(), sm["boots"])
+        except OSError as e:
+            # A full or failing flash must not stop the boot; the number may then repeat.
+            self.log("E", "boot record not written: %r" % (e,))
+            rec = self.bootlog.rec or {"boot": self.boot + 1, "cause": "unknown"}
+        self.bootrec = rec
+        self.boot = rec["boot"]
+        self.safe = rec.get("safe", False)
+
+    def _log_boot(self, cfg):
+        rec = self.bootrec
+        sm = cfg["safe_mode"]
+        self.log("I", "boot %d, firmware %s, broker %s:%d, reset cause %s, previous uptime %s s"
+                 % (self.boot, FW_VERSION, cfg["broker"]["host"], cfg["broker"]["port"],
+                    rec["cause"], rec.get("prev_up_s")))
+        if self.safe:
+            self.log("E", "safe mode: %d short boots in a row; network, MQTT, config and "
+                          "commands only for %d s" % (rec["streak"], sm["healthy_s"]))
+
+    def _spawn_tasks(self, cfg):
+        sup = self.sup
+        c = self.client
+        sup.spawn("link", self.link.run, within_ms=1000)
+        sup.spawn("mqtt", c.run, within_ms=int(cfg["broker"]["timeout"] * 4000) + 1000)
+        sup.spawn("refresh", lambda: self.sync.refresh_loop(
+            lambda: self.sync.twin.effective()["refresh_interval"]), critical=False)
+        sup.spawn("boot-health", self._boot_health, critical=False)
+        if self.board.ntp:
+            from firmware.ntp import TimeSync  # only boards without a set clock pay for it
+
+            n = cfg["ntp"]
+            self.timesync = TimeSync(
+                self.board.set_time, self.rnd, self.log, self.board.ticks_ms, n["servers"],
+                interval_s=n["interval"], timeout_ms=n["timeout_ms"],
+                beat=lambda ms: self._beat("ntp", ms), now=self.board.unix_time)
+            sup.spawn("ntp", self.timesync.run, critical=False, within_ms=n["timeout_ms"] + 5000)
+        if self.safe:
+            return  # nothing that may have caused the crash loop
+        n = self.outbox.recover()
+        if n:
+            self.log("I", "outbox: %d message(s) from before the reboot" % n)
+        sup.spawn("telemetry", self.telemetry.run, within_ms=0)
+        sup.spawn("drain", self._drain)
+        sup.spawn("spill", self._spill_loop, within_ms=1000)
+        sup.spawn("health", self.health.run, critical=False)
+        sup.spawn("lag", self.health.watch_lag, critical=False)
 
     async def stop(self, loop_restarted=False):
         """Graceful stop: unacknowledged telemetry to flash, retained offline status, then
         DISCONNECT (no last will)."""
-        if self.outbox:
-            self.outbox.spill()
+        self._spill()
         if self.client:
             await self.client.disconnect(
                 (self.topics.status, self._status("offline"), True), not loop_restarted
             )
-        for t in self._tasks:
-            t.cancel()
+        # Not a crash: a boot that ends in a graceful stop does not count towards safe mode.
+        self._save_uptime(stable=True)
+        if self.sup:
+            self.sup.cancel_all()
 
 
 async def run_devices(devices):

@@ -31,6 +31,22 @@ class LogRing:
         return [self.lines[(self.at - n + i) % size] for i in range(n)]
 
 
+def largest_free_block():
+    """Largest block the heap can hand out now. MicroPython has no call for it, so bisect
+    with real allocations (each freed at once); ~15 tries, so only for a periodic report."""
+    lo, hi = 0, gc.mem_free()
+    while hi - lo > 256:
+        mid = (lo + hi) // 2
+        try:
+            b = bytearray(mid)
+            b = None
+            lo = mid
+        except MemoryError:
+            hi = mid
+    gc.collect()
+    return lo
+
+
 class Health:
     def __init__(self, device, interval, rnd):
         self.device = device
@@ -54,13 +70,22 @@ class Health:
         d = self.device
         gc.collect()
         c = d.client.stats
+        sup = d.sup
+        rec = d.bootrec
         doc = {
             "v": SCHEMA,
             "boot": d.boot,
             "up": d.board.uptime_ms() // 1000,
+            "reset_cause": rec.get("cause"),
+            "prev_up_s": rec.get("prev_up_s"),
+            "safe_mode": d.safe,
             "heap_free": gc.mem_free(),
             "heap_alloc": gc.mem_alloc(),
+            "heap_largest_free": largest_free_block(),
             "loop_lag_max_ms": self.lag_max_ms,
+            "tasks": {"restarts": sup.restarts(), "unhandled": sup.stats["unhandled"],
+                      "watchdog_starved": sup.stats["starved"]},
+            "link": d.link.stats,
             "mqtt": {k: c[k] for k in ("connects", "connect_failures", "tls_failures",
                                        "refusals", "last_refusal", "flaps",
                                        "protocol_errors", "keepalive_timeouts", "resends",
@@ -72,9 +97,11 @@ class Health:
             "commands": {"handled": d.commands.handled, "rejected": d.commands.rejected,
                          "duplicates": d.commands.duplicates},
         }
-        rssi = getattr(d.board, "rssi", None)
-        if rssi:
-            doc["rssi"] = rssi()
+        if d.timesync:
+            doc["ntp"] = d.timesync.stats
+        rssi = d.board.link.rssi()
+        if rssi is not None:
+            doc["rssi"] = rssi
         ts = d.board.unix_time()
         if ts is not None:
             doc["ts"] = ts

@@ -1,5 +1,5 @@
-# Telemetry producer: one reading per interval, starting at a random per-device phase so a
-# fleet's reports never align, each tagged (boot, seq) so consumers detect gaps and repeats.
+# Telemetry producer: a reading at boot, then one per interval at a random per-device phase so
+# a fleet's reports never align, each tagged (boot, seq) so consumers detect gaps and repeats.
 import asyncio
 import json
 
@@ -7,7 +7,7 @@ from firmware.version import SCHEMA
 
 
 class Telemetry:
-    def __init__(self, board, rnd, publish, topic, boot, interval, dropped=None):
+    def __init__(self, board, rnd, publish, topic, boot, interval, dropped=None, beat=None):
         self.board = board
         self.rnd = rnd
         self.publish = publish  # fn(topic, payload, boot, seq) that queues it, never blocks
@@ -16,9 +16,10 @@ class Telemetry:
         self.boot = boot
         self.interval = interval
         self.seq = 0
+        self.beat = beat or (lambda ms: None)  # watchdog check-in: fn(next within ms)
 
-    def payload(self):
-        """Build the next message (README "telemetry"); advances seq."""
+    def payload(self, readings):
+        """Build the next message (README "telemetry") around `readings`; advances seq."""
         self.seq += 1
         msg = {
             "v": SCHEMA,
@@ -29,16 +30,29 @@ class Telemetry:
         ts = self.board.unix_time()
         if ts is not None:
             msg["ts"] = ts
-        msg.update(self.board.read_sensors(self.rnd))
+        msg.update(readings)
         d = self.dropped() if self.dropped else 0
         if d:
             # Counted drops make a gap explainable (README "Offline queue").
             msg["dropped"] = d
         return json.dumps(msg)
 
+    async def _reading(self):
+        # A sensor read may wait on hardware; one that outlasts the supervisor's grace (the
+        # watchdog timeout) stops the check-ins.
+        self.beat(0)
+        readings = await self.board.sample(self.rnd)
+        self.publish(self.topic, self.payload(readings), self.boot, self.seq)
+
     async def run(self):
-        await asyncio.sleep(self.rnd.uniform(0, self.interval))
+        # The boot reading goes out at once (it shows the device is back); the schedule
+        # after it starts at a random phase.
+        await self._reading()
+        phase = self.rnd.uniform(0, self.interval)
+        self.beat(int(phase * 1000))
+        await asyncio.sleep(phase)
         while True:
-            payload = self.payload()
-            self.publish(self.topic, payload, self.boot, self.seq)
+            await self._reading()
+            # The interval can change live (config twin); the promise follows it.
+            self.beat(int(self.interval * 1000))
             await asyncio.sleep(self.interval)

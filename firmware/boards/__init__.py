@@ -14,3 +14,12 @@ def boards():
 
         return boards_from_argv(sys.argv[1:])
     return [Board()]
+
+
+def early_watchdog():
+    """boot.py arms the watchdog at its longest timeout before anything else can hang; the
+    app sets the configured one. On Unix the runner plays the watchdog."""
+    if sys.platform in ("esp32", "rp2"):
+        from firmware.boards.mcu import early_watchdog
+
+        early_watchdog(8388 if sys.platform == "rp2" else 60000)

@@ -6,6 +6,7 @@ import time
 
 class BaseBoard:
     name = "base"
+    ntp = False  # True: the clock starts unset and SNTP sets it (set_time)
 
     def entropy(self):
         b = os.urandom(4)
@@ -19,3 +20,16 @@ class BaseBoard:
 
     def read_sensors(self, rnd):
         return {}
+
+    async def sample(self, rnd):
+        """The readings of one telemetry message; async so a driver may wait on hardware."""
+        return self.read_sensors(rnd)
+
+    def reset_cause(self) -> str:
+        return "unknown"
+
+    def arm_watchdog(self, timeout_ms):
+        pass
+
+    def feed_watchdog(self):
+        pass

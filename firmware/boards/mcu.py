@@ -1,6 +1,5 @@
 # What ESP32 and RP2040 boards share: the root filesystem, the clock, the watchdog and
 # Wi-Fi station handling. Board modules subclass McuBoard and add their own sensors.
-import asyncio
 import os
 import time
 
@@ -39,13 +38,56 @@ class RootFs:
         return os.statvfs(path)
 
 
+# machine.reset_cause() values by name; a port lacks the ones it cannot tell apart.
+_CAUSES = (("PWRON_RESET", "power-on"), ("HARD_RESET", "hard"), ("WDT_RESET", "watchdog"),
+           ("SOFT_RESET", "soft"), ("DEEPSLEEP_RESET", "deepsleep"))
+
+
+class WlanLink:
+    """The station interface with the methods firmware/wifi.py uses."""
+
+    def __init__(self, power_save=True):
+        self.wlan = network.WLAN(network.STA_IF)
+        self.power_save = power_save
+
+    def connect(self, ssid, password):
+        self.wlan.active(True)
+        if not self.power_save:
+            # CYW43 "performance" mode: power saving drops MQTT packets on the Pico W.
+            self.wlan.config(pm=0xA11140)
+        self.wlan.connect(ssid, password)
+
+    def isconnected(self):
+        return self.wlan.isconnected()
+
+    def disconnect(self):
+        try:
+            self.wlan.disconnect()
+        except OSError:
+            pass
+
+    def rssi(self):
+        try:
+            return self.wlan.status("rssi")
+        except (OSError, ValueError):
+            return None
+
+
+def early_watchdog(timeout_ms):
+    """boot.py: arm the watchdog before anything can hang; the app sets its own timeout."""
+    machine.WDT(timeout=timeout_ms)
+
+
 class McuBoard(BaseBoard):
     name = "mcu"
+    ntp = True
+    power_save = True
+    max_wdt_ms = 60000
 
     def __init__(self):
         self.fs = RootFs()
         self.label = "".join("%02x" % b for b in machine.unique_id())
-        self.wlan = network.WLAN(network.STA_IF)
+        self.link = WlanLink(self.power_save)
         self.wdt = None
 
     def uptime_ms(self):
@@ -55,31 +97,23 @@ class McuBoard(BaseBoard):
         t = time.time() + _EPOCH_OFFSET
         return round(t, 3) if t > _VALID_AFTER else None
 
-    async def network_up(self, networks, timeout_s=15):
-        """Join the first reachable network of [(ssid, password)] in priority order."""
-        if self.wlan.isconnected():
-            return True
-        for ssid, password in networks:
-            self.wlan_connect(ssid, password)
-            for _ in range(timeout_s * 4):
-                if self.wlan.isconnected():
-                    return True
-                await asyncio.sleep_ms(250)
-            self.wlan.disconnect()
-        return False
+    def set_time(self, unix_s, ms):
+        """The RTC to UTC unix_s + ms (ints: a 32-bit float cannot hold today to the
+        second); the port's epoch may be 2000."""
+        y, mo, d, h, mi, s, wd, _ = time.gmtime(unix_s - _EPOCH_OFFSET)
+        # RTC.datetime order: year, month, day, weekday, h, m, s, subseconds (ESP32: us).
+        machine.RTC().datetime((y, mo, d, wd, h, mi, s, ms * 1000))
 
-    def wlan_connect(self, ssid, password):
-        self.wlan.active(True)
-        self.wlan.connect(ssid, password)
-
-    def rssi(self):
-        try:
-            return self.wlan.status("rssi")
-        except (OSError, ValueError):
-            return None
+    def reset_cause(self):
+        rc = machine.reset_cause()
+        for name, cause in _CAUSES:
+            if getattr(machine, name, None) == rc:
+                return cause
+        return "unknown"
 
     def arm_watchdog(self, timeout_ms):
-        self.wdt = machine.WDT(timeout=timeout_ms)
+        # Arming again sets the new timeout; a WDT once armed cannot be stopped.
+        self.wdt = machine.WDT(timeout=min(timeout_ms, self.max_wdt_ms))
 
     def feed_watchdog(self):
         if self.wdt is not None:

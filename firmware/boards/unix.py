@@ -1,5 +1,10 @@
 # Unix-port board: flash is a littlefs2 image in a host file, so storage limits and
 # filesystem behaviour match a real board; one process can drive many such boards.
+# What the host lacks is modelled: the watchdog lives in the runner (tools/devices.py) and
+# is fed over UDP, the radio link is simulated, and a host-side control file lets tests take
+# the link down or make a task hang (test hooks exist on this board only).
+import asyncio
+import socket
 import sys
 import time
 
@@ -77,6 +82,52 @@ def open_flash(path, size=DEFAULT_FLASH):
     return bdev, fs
 
 
+class Control:
+    """Words in a host file that a test writes: link-down, hang-await, hang-busy, crash.
+    Read again at most every 100 ms, so a fleet of boards polling it costs little."""
+
+    def __init__(self, path):
+        self.path = path
+        self.words = ()
+        self._at = None
+
+    def has(self, word):
+        if self.path is None:
+            return False
+        now = time.ticks_ms()
+        if self._at is None or time.ticks_diff(now, self._at) >= 100:
+            self._at = now
+            try:
+                with open(self.path) as f:
+                    self.words = f.read().split()
+            except OSError:
+                self.words = ()
+        return word in self.words
+
+
+class SimLink:
+    """The radio link of a board, simulated: up unless the control file says link-down.
+    Same methods as the boards' Wi-Fi link, so firmware/wifi.py runs unchanged."""
+
+    def __init__(self, control):
+        self.control = control
+        self.joined = False
+
+    def connect(self, ssid, password):
+        self.joined = not self.control.has("link-down")
+
+    def isconnected(self):
+        if self.control.has("link-down"):
+            self.joined = False
+        return self.joined
+
+    def disconnect(self):
+        self.joined = False
+
+    def rssi(self):
+        return -55 if self.isconnected() else None
+
+
 class Board(BaseBoard):
     name = "unix"
 
@@ -85,6 +136,11 @@ class Board(BaseBoard):
         self.bdev, self.fs = open_flash(flash_path, flash_size)
         self.label = label or flash_path
         self._t0 = time.ticks_ms()
+        self.cause = "power-on"  # the runner says otherwise after a watchdog kill
+        self.control = Control(None)
+        self.link = SimLink(self.control)
+        self.wdt_addr = None  # (host, port) of the runner's watchdog, if it has one
+        self._wdt_sock = None
 
     def uptime_ms(self):
         return time.ticks_diff(time.ticks_ms(), self._t0)
@@ -97,30 +153,61 @@ class Board(BaseBoard):
         # The host has no sensor; a plausible drifting value keeps payloads realistic.
         return {"temp_c": round(21.0 + rnd.uniform(-0.5, 0.5), 2)}
 
-    async def network_up(self, networks):
-        """No radio on the host: the link is the host's network."""
-        return True
+    async def sample(self, rnd):
+        # Test hooks: a sensor driver stuck on an await, one that spins, one that raises.
+        c = self.control
+        if c.has("hang-await"):
+            await asyncio.Event().wait()
+        if c.has("hang-busy"):
+            while True:
+                pass
+        if c.has("crash"):
+            raise RuntimeError("sensor fault (test hook)")
+        return self.read_sensors(rnd)
+
+    def reset_cause(self):
+        return self.cause
+
+    def _wdt_send(self, text):
+        if self.wdt_addr is None:
+            return
+        try:
+            if self._wdt_sock is None:
+                self._wdt_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self._wdt_sock.setblocking(False)
+                self._wdt_addr = socket.getaddrinfo(self.wdt_addr[0], self.wdt_addr[1])[0][-1]
+            self._wdt_sock.sendto(text, self._wdt_addr)
+        except OSError:
+            pass  # a missed feed is what a watchdog is for; the next one may get through
+
+    def arm_watchdog(self, timeout_ms):
+        self._wdt_send("arm %s %d" % (self.label, timeout_ms))
 
     def feed_watchdog(self):
-        pass
+        self._wdt_send("feed " + self.label)
 
     def reset(self):
         """No hardware to reset: Device.run boots the device again in this process."""
+        self.cause = "soft"
+        self._t0 = time.ticks_ms()
 
 
 def _usage(msg):
     print("unix board: " + msg)
     print(
-        "usage: micropython main.py [--flash-size BYTES] --flash IMAGE "
-        "[--put DEST=HOSTFILE]... [--flash IMAGE2 ...]"
+        "usage: micropython main.py [--flash-size BYTES] [--wdt HOST:PORT] --flash IMAGE "
+        "[--put DEST=HOSTFILE]... [--reset-cause CAUSE] [--control HOSTFILE] "
+        "[--flash IMAGE2 ...]"
     )
     sys.exit(2)
 
 
 def boards_from_argv(argv):
     """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
-    flash before it boots (what `mpremote cp` does for a real board)."""
+    flash before it boots (what `mpremote cp` does for a real board); --reset-cause and
+    --control also apply to the last --flash; --wdt is the runner's watchdog for all."""
     size = DEFAULT_FLASH
+    wdt = None
     out = []
     i = 0
     while i < len(argv):
@@ -131,11 +218,18 @@ def boards_from_argv(argv):
         i += 2
         if a == "--flash-size":
             size = int(v)
+        elif a == "--wdt":
+            host, _, port = v.rpartition(":")
+            wdt = (host, int(port))
         elif a == "--flash":
             out.append(Board(v, size))
+        elif not out:
+            _usage(a + " before any --flash")
+        elif a == "--reset-cause":
+            out[-1].cause = v
+        elif a == "--control":
+            out[-1].control.path = v
         elif a == "--put":
-            if not out:
-                _usage("--put before any --flash")
             dest, _, src = v.partition("=")
             with open(src, "rb") as f:
                 data = f.read()
@@ -145,4 +239,6 @@ def boards_from_argv(argv):
             _usage("unknown option " + a)
     if not out:
         out.append(Board("flash.img", size))
+    for b in out:
+        b.wdt_addr = wdt
     return out

@@ -62,6 +62,8 @@ class MQTTClient:
         on_message=None,
         on_connect=None,
         on_ack=None,
+        link=None,
+        beat=None,
     ):
         self.client_id = client_id
         self.host = host
@@ -81,6 +83,11 @@ class MQTTClient:
         self.on_message = on_message  # async or plain fn(topic: bytes, payload: memoryview, retain)
         self.on_connect = on_connect  # fn(session_present) after subscribe/resend on each connect
         self.on_ack = on_ack  # fn(Message) when a QoS 1 message is acknowledged
+        # An asyncio.Event set while the network link is up: no attempt is made without it.
+        self.link = link
+        # fn(ms or None): "alive, next check-in within ms" for a watchdog supervisor; None
+        # while idle on purpose (waiting for the link).
+        self.beat = beat or _no_beat
         self.session = Session(window)
         self.subs = []  # [(topic, qos)]
         self.connected = asyncio.Event()
@@ -145,6 +152,13 @@ class MQTTClient:
 
     def is_connected(self):
         return self.connected.is_set()
+
+    def link_lost(self):
+        """The network link went (Wi-Fi status): drop the connection now rather than a
+        keepalive later; run() waits for the link before the next attempt."""
+        if self._sock is not None:
+            self.log("W", "network link lost: closing the connection")
+            self._kill()
 
     async def publish(self, topic, payload, qos=0, retain=False, wait=True, token=None):
         """Publish. QoS 0 goes out only while connected (returns False otherwise).
@@ -212,6 +226,13 @@ class MQTTClient:
         self._kill()
         await self._close()
 
+    async def abort(self):
+        """Drop the connection without DISCONNECT, as a crash would: the broker publishes
+        the last will. run() ends."""
+        self._stop = True
+        self._kill()
+        await self._close()
+
     async def _discard_until_eof(self):
         buf = self._rxmv
         self._r0 = self._r1 = 0
@@ -223,7 +244,13 @@ class MQTTClient:
     async def run(self):
         """Connect and stay connected until disconnect(); never raises for network faults."""
         bo = self.backoff
+        # Every step of a connect is bounded by timeout (DNS, TCP, TLS, CONNACK).
+        connect_ms = int(self.timeout * 4000) + 1000
         while not self._stop:
+            if self.link is not None and not self.link.is_set():
+                self.beat(None)
+                await self.link.wait()
+            self.beat(connect_ms)
             try:
                 present = await self._connect()
             except asyncio.CancelledError:
@@ -236,6 +263,7 @@ class MQTTClient:
                 # A failed handshake is a verification or configuration fault, not weather.
                 self.log("E" if self._step == "tls" else "W",
                          "connect failed at %s: %r; retry in %.1f s" % (self._step, e, d))
+                self.beat(int(d * 1000))
                 await asyncio.sleep(d)
                 continue
             up = self.ticks_ms()
@@ -243,6 +271,8 @@ class MQTTClient:
                 asyncio.create_task(self._read_loop()),
                 asyncio.create_task(self._keepalive_loop()),
             )
+            # While connected the keepalive loop checks in; without keepalive nobody does.
+            self.beat(int(self.keepalive * 1500) + connect_ms if self.keepalive else None)
             try:
                 await self._resume(present)
                 await self._dead.wait()
@@ -263,6 +293,7 @@ class MQTTClient:
                 self._trouble[3] += 1
             d = bo.dropped(lasted)
             self.log("I", "link lost after %.1f s; reconnect in %.1f s" % (lasted, d))
+            self.beat(int(d * 1000))
             await asyncio.sleep(d)
 
     def _failed(self, e):
@@ -624,6 +655,7 @@ class MQTTClient:
             return
         step = min(1000, ka // 4)
         while not self._dead.is_set():
+            self.beat(step)
             await asyncio.sleep_ms(step)
             now = self.ticks_ms()
             if time.ticks_diff(now, self._last_rx) >= ka * 3 // 2:
@@ -648,6 +680,10 @@ class MQTTClient:
             self._kill()
         finally:
             self._pinging = False
+
+
+def _no_beat(ms):
+    pass
 
 
 async def _writable(s):
