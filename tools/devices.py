@@ -2,17 +2,24 @@
 
 One DeviceProcess is one `micropython main.py` process driving one or more boards, each
 with its own littlefs flash image and bootstrap config, as a fleet simulator needs.
+
+It also plays the boards' hardware watchdog, which the Unix port lacks: each board arms it
+and feeds it over UDP (firmware/boards/unix.py); when a board's feeds stop for its timeout,
+the process is killed with SIGKILL, as a reset would, and started again, the starved board
+told that its reset cause is `watchdog` (the others in the process lost power with it).
 """
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAP_PER_BOARD_K = 96  # a device's heap on the 64-bit port, with room to spare
 
 
 def micropython_path():
@@ -42,16 +49,18 @@ def device_config(device_id, broker_host, broker_port, **over):
 class Spec:
     """One simulated board: flash image path and, optionally, files to put on it first."""
 
-    def __init__(self, image, config=None, raw_config=None, files=None):
+    def __init__(self, image, config=None, raw_config=None, files=None, control=None):
         self.image = image
         self.config = config
         self.raw_config = raw_config
         self.files = files or {}
+        # Host file of test hooks the board reads: link-down, hang-await, hang-busy, crash.
+        self.control = control
 
 
 class DeviceProcess:
     def __init__(self, specs, workdir, heapsize=None, flash_size=None, echo=None, env=None,
-                 main=None):
+                 main=None, watchdog=True, on_watchdog=None):
         self.specs = specs
         self.workdir = workdir
         self.heapsize = heapsize
@@ -62,16 +71,33 @@ class DeviceProcess:
         self.lines = []
         self.cond = threading.Condition()
         self.proc = None
+        self.watchdog = watchdog
+        self.on_watchdog = on_watchdog  # fn(image) before the restart: tests clear faults
+        self.causes = {}  # image -> reset cause to tell it at its next start
+        self.resets = []  # images reset by the watchdog, in order
+        self._wdt = None
+        self._closed = False
 
     def argv(self):
         args = [micropython_path()]
-        if self.heapsize:
-            args += ["-X", "heapsize=%s" % self.heapsize]
+        heap = self.heapsize
+        if not heap and len(self.specs) * HEAP_PER_BOARD_K > 2048:
+            # Each board has a heap of its own; many in one process share the port's
+            # (2 MiB by default), so give the process theirs added up.
+            heap = "%dk" % (len(self.specs) * HEAP_PER_BOARD_K)
+        if heap:
+            args += ["-X", "heapsize=%s" % heap]
         args.append(self.main)
         if self.flash_size:
             args += ["--flash-size", str(self.flash_size)]
+        if self._wdt:
+            args += ["--wdt", "127.0.0.1:%d" % self._wdt.getsockname()[1]]
         for i, s in enumerate(self.specs):
             args += ["--flash", s.image]
+            if s.image in self.causes:
+                args += ["--reset-cause", self.causes[s.image]]
+            if s.control:
+                args += ["--control", s.control]
             files = dict(s.files)
             if s.config is not None or s.raw_config is not None:
                 text = s.raw_config if s.raw_config is not None else json.dumps(s.config)
@@ -84,6 +110,15 @@ class DeviceProcess:
         return args
 
     def start(self):
+        if self.watchdog and self._wdt is None:
+            self._wdt = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._wdt.bind(("127.0.0.1", 0))
+            self._wdt.settimeout(0.1)
+            threading.Thread(target=self._watch, daemon=True).start()
+        self._spawn()
+        return self
+
+    def _spawn(self):
         self.proc = subprocess.Popen(
             self.argv(),
             cwd=ROOT,
@@ -94,17 +129,50 @@ class DeviceProcess:
             # stops each device once (a second SIGINT would cut its graceful stop short).
             start_new_session=True,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
-        return self
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
 
-    def _pump(self):
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            with self.cond:
-                self.lines.append(line)
-                self.cond.notify_all()
-            if self.echo:
-                self.echo(line)
+    def _pump(self, proc):
+        for raw in proc.stdout:
+            self._note(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def _note(self, line):
+        with self.cond:
+            self.lines.append(line)
+            self.cond.notify_all()
+        if self.echo:
+            self.echo(line)
+
+    def _watch(self):
+        """The watchdog: `arm IMAGE MS` sets a board's timeout, `feed IMAGE` restarts it."""
+        armed = {}  # image -> (timeout s, last feed)
+        while not self._closed:
+            try:
+                data = self._wdt.recv(512).decode().split()
+                if data[0] == "arm":
+                    armed[data[1]] = (int(data[2]) / 1000, time.monotonic())
+                elif data[0] == "feed" and data[1] in armed:
+                    armed[data[1]] = (armed[data[1]][0], time.monotonic())
+            except (socket.timeout, IndexError, ValueError):
+                pass
+            now = time.monotonic()
+            for image, (timeout, last) in list(armed.items()):
+                if now - last > timeout and self.alive() and not self._closed:
+                    self._reset(image, now - last)
+                    armed.clear()
+                    break
+        self._wdt.close()
+
+    def _reset(self, image, starved):
+        self.proc.kill()
+        self.proc.wait()
+        self.resets.append(image)
+        self._note("runner: watchdog reset of %s after %.1f s without a feed" % (image, starved))
+        if self.on_watchdog:
+            self.on_watchdog(image)
+        self.causes = {s.image: "power-on" for s in self.specs}
+        self.causes[image] = "watchdog"
+        if not self._closed:
+            self._spawn()
 
     def output(self):
         with self.cond:
@@ -136,6 +204,7 @@ class DeviceProcess:
 
     def stop(self, timeout=5.0):
         """Graceful stop (SIGINT is the Unix port's Ctrl-C), then SIGKILL if it lingers."""
+        self._closed = True
         if not self.alive():
             return
         self.proc.send_signal(signal.SIGINT)
@@ -145,6 +214,7 @@ class DeviceProcess:
             self.kill()
 
     def kill(self):
+        self._closed = True
         if self.alive():
             self.proc.kill()
         if self.proc:
