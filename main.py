@@ -19,6 +19,12 @@ def main():
         # Ctrl-C / SIGINT on Unix: a fresh loop for the graceful stop.
         asyncio.new_event_loop()
         asyncio.run(stop_devices(devices, loop_restarted=True))
+    except Exception as e:
+        # Outside every supervised task: recorded as a crash, then the board resets (on
+        # Unix the process ends with the traceback).
+        for d in devices:
+            d.crashed(e)
+        raise
 
 
 main()

@@ -250,7 +250,9 @@ class Device:
         step = sm["healthy_s"] if self.safe else sm["short_boot_s"]
         await asyncio.sleep(step)
         if self.safe:
-            await self._reset("out of safe mode: healthy for %d s" % step, "soft")
+            # Its own task: the reset cancels every supervised task, this one among them.
+            self._reboot_task = asyncio.create_task(
+                self._reset("out of safe mode: healthy for %d s" % step, "soft"))
             return
         self._save_uptime(stable=True)
         while True:
@@ -424,7 +426,26 @@ class Device:
             self.sup.cancel_all()
 
 
+    def crashed(self, e):
+        """The loop itself died (a bug outside any supervised task): record it, so the next
+        boot reports a crash and counts towards safe mode, then reset."""
+        self.log("E", "firmware crashed: %r" % (e,))
+        self._spill()
+        self._save_uptime(pending="crash")
+        self.board.reset()
+
+
 async def run_devices(devices):
+    def unhandled(loop, ctx):
+        # A task nobody awaits failed. One device per board: it is that device's; many in
+        # one process (Unix simulation): it cannot be told whose, so it is only logged.
+        e = ctx.get("exception")
+        if len(devices) == 1 and devices[0].sup:
+            devices[0].sup.unhandled("a task", e)
+        else:
+            print("E unhandled error in a task: %r" % (e,))
+
+    asyncio.get_event_loop().set_exception_handler(unhandled)
     await asyncio.gather(*[d.run() for d in devices])
 
 

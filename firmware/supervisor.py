@@ -84,7 +84,8 @@ class Supervisor:
         while True:
             try:
                 await t.factory()
-                return  # finished by design (a stop)
+                t.deadline = None
+                return  # finished by design (a stop): nothing left to promise
             except asyncio.CancelledError:
                 raise
             except Exception as e:

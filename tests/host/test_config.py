@@ -191,6 +191,10 @@ def test_health_is_published_with_sane_fields_and_logs_come_back(fleet, observer
     assert h["outbox"]["dropped"] == 0 and h["outbox"]["queued"] >= 0
     assert 0 <= h["loop_lag_max_ms"] < 1000
     assert abs(h["ts"] - time.time()) < 60
+    assert h["reset_cause"] == "power-on" and h["prev_up_s"] is None and h["safe_mode"] is False
+    assert 0 < h["heap_largest_free"] <= h["heap_free"]
+    assert h["tasks"] == {"restarts": {}, "unhandled": 0, "watchdog_starved": 0}, h["tasks"]
+    assert h["link"] == {"joins": 1, "join_failures": 0, "losses": 0} and h["rssi"] < 0
     observer.publish("devices/h1/cmd/logs", json.dumps({"id": "l-1", "n": 5}))
     observer.wait(lambda m: _results(observer, "h1", "logs"), 10, "logs result")
     r = _results(observer, "h1", "logs")[0]
