@@ -100,9 +100,10 @@ class McuBoard(BaseBoard):
     def set_time(self, unix_s, ms):
         """The RTC to UTC unix_s + ms (ints: a 32-bit float cannot hold today to the
         second); the port's epoch may be 2000."""
-        y, mo, d, h, mi, s, wd, _ = time.gmtime(unix_s - _EPOCH_OFFSET)
+        # gmtime: year, month, day, h, m, s, weekday, ... (8 or 9 fields by port).
+        t = time.gmtime(unix_s - _EPOCH_OFFSET)
         # RTC.datetime order: year, month, day, weekday, h, m, s, subseconds (ESP32: us).
-        machine.RTC().datetime((y, mo, d, wd, h, mi, s, ms * 1000))
+        machine.RTC().datetime((t[0], t[1], t[2], t[6], t[3], t[4], t[5], ms * 1000))
 
     def reset_cause(self):
         rc = machine.reset_cause()
