@@ -12,9 +12,12 @@ flight at the stop) is skipped. The compiled firmware (build/, as `make mpy`) ru
 Unix port's default heap, telemetry_interval 1. Median of BOOT_REPS boots; boot_to_connect_ms is the
 part up to the CONNECT packet (process start, imports, flash, config, session state).
 
-soak_*: `tools/sim.py --build --heapsize 128k --devices 1 --interval 1 --duration 600
+boot_min_heap_kb: the smallest heap, in 16 KiB steps from 128k, in which the compiled
+firmware boots, connects and runs 3 s without a MemoryError (target: 128).
+
+soak_*: `tools/sim.py --build --heapsize 192k --devices 1 --interval 1 --duration 600
 --outage-every 60 --outage-for 10 --health-interval 5 --quiet` (QUICK=1: 90 s, an outage
-every 20 s for 5 s, health every 2 s; SOAK_HEAP=256k for another heap); its last JSON line gives memory_errors and the heap
+every 20 s for 5 s, health every 2 s; SOAK_HEAP=128k for another heap); its last JSON line gives memory_errors and the heap
 figures from the device's health messages (heap_alloc after gc.collect()).
 """
 import json
@@ -35,9 +38,11 @@ from tools.proxy import UP, FaultProxy  # noqa: E402
 from tools.sim import build_mpy  # noqa: E402
 
 BOOT_REPS = 5
-# The soak's heap, board-sized; SOAK_HEAP=256k (environment) for a run that does not test
-# the fit. The Unix port is 64-bit: objects and bytecode take more heap than on an ESP32.
-HEAP = os.environ.get("SOAK_HEAP") or "128k"
+# The soak's heap. The target is 128k, but the firmware does not fit there yet on this
+# 64-bit port (boot_min_heap_kb says where it does); the soak runs with headroom above that
+# so that it measures leaks and fragmentation. SOAK_HEAP=128k (environment) to try the fit.
+HEAP = os.environ.get("SOAK_HEAP") or "192k"
+MIN_HEAP_STEPS_KB = range(128, 257, 16)
 # Boot time is about start-up, not memory: the Unix port's default heap, so that the figure
 # exists even while the firmware does not fit HEAP (the soak reports that).
 BOOT_HEAP = None
@@ -142,6 +147,29 @@ def boot_to_first_publish(tmp, main_py, reps=BOOT_REPS):
     }
 
 
+def boot_min_heap_kb(tmp, main_py):
+    """The smallest heap (16 KiB steps) in which the compiled firmware boots, connects and
+    keeps running for 3 s with no MemoryError."""
+    with Mosquitto(os.path.join(tmp, "heapbroker"), persistence=False) as broker:
+        for kb in MIN_HEAP_STEPS_KB:
+            image = os.path.join(tmp, "heap%d.img" % kb)
+            cfg = device_config("heap%d" % kb, broker.host, broker.port, telemetry_interval=0.2)
+            p = DeviceProcess([Spec(image, config=cfg)], tmp, heapsize="%dk" % kb,
+                              main=main_py).start()
+            try:
+                p.wait_line(r" I connected", 10)
+                time.sleep(3)
+                ok = p.alive() and "MemoryError" not in p.output()
+            except AssertionError:
+                ok = False
+            finally:
+                p.kill()
+            say("boot at %dk: %s" % (kb, "ok" if ok else "fails"))
+            if ok:
+                return {"boot_min_heap_kb": kb}
+    return {"boot_min_heap_kb": None}
+
+
 def soak(tmp, quick):
     args = SOAK_QUICK if quick else SOAK_FULL
     cmd = [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--build", "--heapsize", HEAP,
@@ -179,6 +207,7 @@ def main():
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         figures.update(boot_to_first_publish(tmp, main_py))
+        figures.update(boot_min_heap_kb(tmp, main_py))
         figures.update(soak(tmp, quick))
     print(json.dumps(figures), flush=True)
 

@@ -27,6 +27,7 @@ TARGETS = {
     "queue_recovery_full_ms": "< 1000",
     "boot_to_first_publish_ms": "< 500",
     "soak_memory_errors": "0",
+    "boot_min_heap_kb": "<= 128: missed",
 }
 
 

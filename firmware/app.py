@@ -2,13 +2,15 @@
 # Boot order: watchdog feeding, bootstrap config from flash (retried, never a crash loop),
 # boot history (reset cause, safe mode), then the supervised tasks on one asyncio loop.
 import asyncio
+import gc
 import json
+import sys
 import time
 
 from backoff import Backoff, Rng
 from mqtt.client import MQTTClient
 from outbox.outbox import Outbox
-from firmware import bootconfig, settings
+from firmware import settings
 from firmware.bootlog import BootLog
 from firmware.commands import Commands
 from firmware.configsync import ConfigSync
@@ -60,6 +62,8 @@ class Device:
     async def load_config(self):
         """Bootstrap config, waiting for a valid one: a missing or bad file is logged once
         (and again only if the error changes), then re-read every config_retry_s."""
+        from firmware import bootconfig  # boot-only code: dropped again below
+
         last = None
         while True:
             try:
@@ -69,8 +73,11 @@ class Device:
                     from firmware import tlsctx  # ssl costs heap; only devices using TLS pay
 
                     self.ssl = tlsctx.context(self.board.fs, tls)
+                # 8 KB of bytecode (64-bit port) that the rest of the boot has no use for.
+                _forget("firmware.bootconfig")
+                _forget("firmware.tlsctx")
                 return cfg
-            except bootconfig.ConfigError as e:
+            except ValueError as e:  # bootconfig.ConfigError
                 if str(e) != last:
                     last = str(e)
                     self.log("E", "bootstrap config: %s; retrying every %d s" % (e, self.config_retry_s))
@@ -89,6 +96,9 @@ class Device:
     def build(self, cfg):
         """Wire the tasks for a validated config: reads the config cache from flash, starts
         nothing, touches no network."""
+        # The buffers allocated here live as long as the boot: collect the boot's garbage
+        # first, so they land in one compact stretch instead of between scattered leftovers.
+        gc.collect()
         self.cfg = cfg
         self.name = cfg["device_id"]
         self.topics = Topics(cfg["prefix"], cfg["device_id"])
@@ -433,6 +443,16 @@ class Device:
         self._spill()
         self._save_uptime(pending="crash")
         self.board.reset()
+
+
+def _forget(name):
+    """Drop a module used only at boot, so that its bytecode can be collected (an import
+    later loads it again)."""
+    if sys.modules.pop(name, None) is not None:
+        pkg, _, attr = name.rpartition(".")
+        p = sys.modules.get(pkg)
+        if p is not None and attr in p.__dict__:
+            delattr(p, attr)
 
 
 async def run_devices(devices):

@@ -9,7 +9,9 @@ MAX_BYTES = 4096
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
+    # A ValueError: the app drops this module after the boot, and a device still reading
+    # its config may then meet a fresh copy of this class.
     pass
 
 
