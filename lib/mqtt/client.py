@@ -312,8 +312,10 @@ class MQTTClient:
             t[4] += 1
         if self._step == "tls":
             self.stats["tls_failures"] += 1
-        # The broker may have moved (DNS change, failover): look it up again next time.
-        self._addr = None
+        # The broker may have moved (DNS change, failover): look it up again next time,
+        # unless it is an address already (nothing to look up).
+        if not _is_ip(self.host):
+            self._addr = None
 
     async def _connect(self):
         self._dead.clear()
@@ -680,6 +682,10 @@ class MQTTClient:
             self._kill()
         finally:
             self._pinging = False
+
+
+def _is_ip(host):
+    return ":" in host or all(c in "0123456789." for c in host)
 
 
 def _no_beat(ms):

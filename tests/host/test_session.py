@@ -263,3 +263,16 @@ def test_a_duplicate_client_id_flaps_and_then_backs_off_hard(fleet, proxy):
 
     wait_for(lambda: backed_off(a) or backed_off(b), 30, "a hard backoff after flapping")
     assert all(60 <= d <= 1800 for d in backed_off(a) + backed_off(b))
+
+
+def test_an_address_in_broker_host_is_never_looked_up_again(fleet, proxy):
+    # The fleet's endpoint is 127.0.0.1: a literal address, nothing for DNS to change.
+    p = fleet.device("n2", broker={"reconnect": {
+        "first_window": 0.3, "base": 0.2, "cap": 1, "flap_limit": 100}})
+    p.wait_line(r"n2 I connected \(session present: 0", 15)
+    proxy.refuse()
+    proxy.cut()
+    p.wait_line("n2 W connect failed at", 10, count=3)
+    proxy.refuse(False)
+    p.wait_line(r"n2 I connected \(session present: 1", 15)
+    assert len(p.wait_line("n2 I resolved 127.0.0.1", 1)) == 1, p.output()
