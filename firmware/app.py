@@ -229,7 +229,8 @@ class Device:
             self._spill()
             await self.client.abort()
             self.sup.cancel_all()
-        self._save_uptime(stable=cause == "soft", pending=cause)
+        # A soft reset's stop has marked the boot stable; a crash leaves it short.
+        self._save_uptime(pending=cause)
         self.board.reset()  # a board never comes back from this; the Unix port does
         self._restart.set()
 
@@ -434,7 +435,6 @@ class Device:
         self._save_uptime(stable=True)
         if self.sup:
             self.sup.cancel_all()
-
 
     def crashed(self, e):
         """The loop itself died (a bug outside any supervised task): record it, so the next

@@ -13,22 +13,41 @@ LOG_LINE_MAX = 160
 
 
 class LogRing:
-    """The most recent log lines, oldest first; bounded in count and line length."""
+    """The most recent log lines, oldest first, in one buffer allocated at boot: its memory
+    is the same from the first line on, however much is logged (a heap soak sees no growth
+    while it fills). A line longer than `width` bytes is cut at a character boundary."""
 
-    def __init__(self, size=LOG_LINES):
-        self.lines = [None] * size
+    def __init__(self, size=LOG_LINES, width=LOG_LINE_MAX):
+        self.buf = bytearray(size * width)
+        self.lens = bytearray(size)  # width <= 255
+        self.size = size
+        self.width = width
         self.at = 0
         self.total = 0
 
     def add(self, line):
-        self.lines[self.at] = line[:LOG_LINE_MAX]
-        self.at = (self.at + 1) % len(self.lines)
+        b = line.encode()
+        n = len(b)
+        if n > self.width:
+            n = self.width
+            while n and b[n] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
+                n -= 1
+        off = self.at * self.width
+        self.buf[off:off + n] = memoryview(b)[:n]
+        self.lens[self.at] = n
+        self.at = (self.at + 1) % self.size
         self.total += 1
 
     def last(self, n):
-        size = len(self.lines)
+        size = self.size
         n = min(n, size, self.total)
-        return [self.lines[(self.at - n + i) % size] for i in range(n)]
+        mv = memoryview(self.buf)
+        out = []
+        for i in range(n):
+            k = (self.at - n + i) % size
+            off = k * self.width
+            out.append(str(mv[off:off + self.lens[k]], "utf-8"))
+        return out
 
 
 def largest_free_block():

@@ -152,3 +152,25 @@ def test_two_devices_share_nothing():
     assert d1.client.session is not d2.client.session
     assert d1.rnd.u32() != d2.rnd.u32()
     assert d1.client.will[0] == "devices/one/status"
+
+
+def test_log_ring_keeps_the_last_lines_in_memory_fixed_at_boot():
+    import gc
+    from firmware.health import LogRing
+
+    r = LogRing(4, 12)
+    assert r.last(3) == []
+    for i in range(6):
+        r.add("line %d" % i)
+    assert r.last(10) == ["line 2", "line 3", "line 4", "line 5"]
+    assert r.last(2) == ["line 4", "line 5"]
+    r.add("x" * 30)
+    r.add("abcdefghij\u20ac")  # 13 bytes: the 3-byte euro sign would be split at 12
+    assert r.last(2) == ["x" * 12, "abcdefghij"], r.last(2)
+    big = LogRing()
+    gc.collect()
+    before = gc.mem_alloc()
+    for i in range(200):
+        big.add("pump-0042 I connected (session present: 1, resent: %d, sent: %d)" % (i, i))
+    gc.collect()
+    assert gc.mem_alloc() - before < 256, gc.mem_alloc() - before
