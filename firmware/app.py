@@ -399,7 +399,7 @@ class Device:
         sup = self.sup
         c = self.client
         sup.spawn("link", self.link.run, within_ms=1000)
-        sup.spawn("mqtt", c.run, within_ms=int(cfg["broker"]["timeout"] * 4000) + 1000)
+        sup.spawn("mqtt", c.run, within_ms=0)  # run() checks in with its own bounds at once
         sup.spawn("refresh", lambda: self.sync.refresh_loop(
             lambda: self.sync.twin.effective()["refresh_interval"]), critical=False)
         sup.spawn("boot-health", self._boot_health, critical=False)

@@ -3,23 +3,32 @@
 import sys
 
 
-def boards():
-    """The board objects this process drives: one on a microcontroller, one or more on Unix."""
+def _mcu_board():
+    """The board class of a microcontroller, or None on the Unix port."""
     if sys.platform == "esp32":
         from firmware.boards.esp32 import Board
-    elif sys.platform == "rp2":
+
+        return Board
+    if sys.platform == "rp2":
         from firmware.boards.rp2 import Board
-    else:
+
+        return Board
+    return None
+
+
+def boards():
+    """The board objects this process drives: one on a microcontroller, one or more on Unix."""
+    cls = _mcu_board()
+    if cls is None:
         from firmware.boards.unix import boards_from_argv
 
         return boards_from_argv(sys.argv[1:])
-    return [Board()]
+    return [cls()]
 
 
 def early_watchdog():
-    """boot.py arms the watchdog at its longest timeout before anything else can hang; the
-    app sets the configured one. On Unix the runner plays the watchdog."""
-    if sys.platform in ("esp32", "rp2"):
-        from firmware.boards.mcu import early_watchdog
-
-        early_watchdog(8388 if sys.platform == "rp2" else 60000)
+    """boot.py arms the watchdog at the chip's longest timeout before anything else can
+    hang; the app sets the configured one. On Unix the runner plays the watchdog."""
+    cls = _mcu_board()
+    if cls is not None:
+        cls.arm_early()

@@ -73,11 +73,6 @@ class WlanLink:
             return None
 
 
-def early_watchdog(timeout_ms):
-    """boot.py: arm the watchdog before anything can hang; the app sets its own timeout."""
-    machine.WDT(timeout=timeout_ms)
-
-
 class McuBoard(BaseBoard):
     name = "mcu"
     ntp = True
@@ -111,6 +106,11 @@ class McuBoard(BaseBoard):
             if getattr(machine, name, None) == rc:
                 return cause
         return "unknown"
+
+    @classmethod
+    def arm_early(cls):
+        """boot.py, before the board object exists: the longest timeout this chip allows."""
+        machine.WDT(timeout=cls.max_wdt_ms)
 
     def arm_watchdog(self, timeout_ms):
         # Arming again sets the new timeout; a WDT once armed cannot be stopped.
