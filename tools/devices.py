@@ -9,6 +9,7 @@ the process is killed with SIGKILL, as a reset would, and started again, the sta
 told that its reset cause is `watchdog` (the others in the process lost power with it).
 """
 import json
+import math
 import os
 import re
 import signal
@@ -20,6 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAP_PER_BOARD_K = 96  # a device's heap on the 64-bit port, with room to spare
+# Devices per MicroPython process in a fleet: each process costs ~12 MB of host memory, and
+# one asyncio loop serves this many boards without lagging their timers.
+DEVICES_PER_PROCESS = 250
 
 
 def micropython_path():
@@ -44,6 +48,28 @@ def device_config(device_id, broker_host, broker_port, **over):
         cfg["broker"].update(broker)
     cfg.update(over)
     return cfg
+
+
+def split(n, procs):
+    """Sizes of `procs` nearly equal groups covering n devices."""
+    return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+
+
+def start_fleet(configs, workdir, processes=None, **kw):
+    """Start one board per bootstrap config (each with its own flash image in `workdir`,
+    named after its device id), packed into a few processes: at least one per CPU core and
+    at most DEVICES_PER_PROCESS boards in each. kw goes to DeviceProcess. Returns the
+    started DeviceProcesses."""
+    n = len(configs)
+    procs = processes or min(n, max(os.cpu_count() or 1, math.ceil(n / DEVICES_PER_PROCESS)))
+    fleet = []
+    i = 0
+    for size in split(n, procs):
+        specs = [Spec(os.path.join(workdir, c["device_id"] + ".img"), config=c)
+                 for c in configs[i:i + size]]
+        i += size
+        fleet.append(DeviceProcess(specs, workdir, **kw).start())
+    return fleet
 
 
 class Spec:
@@ -77,6 +103,7 @@ class DeviceProcess:
         self.resets = []  # images reset by the watchdog, in order
         self._wdt = None
         self._closed = False
+        self._interrupted = False
 
     def argv(self):
         args = [micropython_path()]
@@ -202,12 +229,20 @@ class DeviceProcess:
         if self.alive():
             self.proc.send_signal(sig)
 
+    def interrupt(self):
+        """Start a graceful stop (SIGINT is the Unix port's Ctrl-C) without waiting for it:
+        a fleet stops all its processes at once, then waits (stop)."""
+        self._closed = True  # from now on a silent watchdog is a stopping board, not a hang
+        if self.alive() and not self._interrupted:
+            self._interrupted = True
+            self.proc.send_signal(signal.SIGINT)
+
     def stop(self, timeout=5.0):
-        """Graceful stop (SIGINT is the Unix port's Ctrl-C), then SIGKILL if it lingers."""
-        self._closed = True
+        """Graceful stop, then SIGKILL if it lingers. Only one SIGINT: a second one would
+        cut the firmware's stop (queue to flash, offline, disconnect) short."""
+        self.interrupt()
         if not self.alive():
             return
-        self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

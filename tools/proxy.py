@@ -8,6 +8,7 @@ type and direction, from the fixed headers (plus the packet id and DUP flag of P
 and SUBSCRIBE), so a test can assert what went over the wire rather than what a log says.
 """
 import asyncio
+import random
 import socket
 import struct
 import threading
@@ -24,7 +25,7 @@ DOWN = "down"  # broker -> device
 
 class Packet:
     __slots__ = ("t", "conn", "dir", "type", "dup", "qos", "pid", "topic", "client_id", "clean",
-                 "rc", "present")
+                 "rc", "present", "filters")
 
     def __init__(self, t, conn, direction, ptype, flags, body):
         self.t = t
@@ -39,6 +40,7 @@ class Packet:
         self.clean = None
         self.rc = None
         self.present = None
+        self.filters = None  # SUBSCRIBE: the topic filters asked for
         try:
             if ptype == 3:
                 n = struct.unpack_from(">H", body)[0]
@@ -50,6 +52,13 @@ class Packet:
                 self.rc = body[1]
             elif ptype in (4, 8, 9):
                 self.pid = struct.unpack_from(">H", body)[0]
+                if ptype == 8:
+                    self.filters = []
+                    off = 2
+                    while off + 2 <= len(body):
+                        n = struct.unpack_from(">H", body, off)[0]
+                        self.filters.append(bytes(body[off + 2:off + 2 + n]).decode("utf-8", "replace"))
+                        off += 2 + n + 1  # the filter, then its requested QoS byte
             elif ptype == 1:
                 n = struct.unpack_from(">H", body)[0]  # protocol name, then level, flags, keepalive
                 self.clean = bool(body[2 + n + 1] & 2)
@@ -90,12 +99,21 @@ class _Framer:
         return out
 
 
+# Packet types a "control" record leaves out: the telemetry stream and its acknowledgements,
+# which a fleet of a thousand devices sends by the hundred thousand.
+_BULK = (3, 4)
+
+
 class FaultProxy:
     def __init__(self, upstream_host, upstream_port, host="127.0.0.1", port=0, record=True):
+        """record: True keeps every packet, "control" all but PUBLISH and PUBACK (for long
+        fleet runs: connects, subscribes, pings), False none (connection attempts only)."""
         self.upstream = (upstream_host, upstream_port)
         self.host = host
         self.port = port
         self.record = record
+        self.clients = {}  # connection id -> MQTT client id of its CONNECT (when recording)
+        self.last_cut = []  # client ids of the connections the last cut() closed
         self.attempts = []  # (monotonic time, outcome) outcome: "accepted" | "refused"
         self.packets = []  # Packet, in the order the proxy forwarded them
         self._refusing = False
@@ -161,9 +179,10 @@ class FaultProxy:
 
     # ---- faults --------------------------------------------------------------------
 
-    def cut(self):
-        """Close every open connection (both sides); returns how many were cut."""
-        return self._call(self._cut_all())
+    def cut(self, fraction=1.0, rnd=None):
+        """Close every open connection (both sides), or a random `fraction` of them chosen
+        with `rnd` (a random.Random); returns how many were cut."""
+        return self._call(self._cut_all(fraction, rnd))
 
     def refuse(self, on=True):
         """Accept new connections only to close them at once (the device sees a reset)."""
@@ -256,7 +275,12 @@ class FaultProxy:
                 if framer is not None:
                     t = time.monotonic()
                     for byte0, body in framer.feed(data):
-                        self.packets.append(Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body))
+                        if self.record == "control" and byte0 >> 4 in _BULK:
+                            continue
+                        pkt = Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body)
+                        if pkt.client_id is not None:
+                            self.clients[cid] = pkt.client_id
+                        self.packets.append(pkt)
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.CancelledError):
@@ -273,14 +297,17 @@ class FaultProxy:
                 ws[1].close()
         self._poisoned.clear()
 
-    async def _cut_all(self):
-        n = len(self._conns)
-        for dw, bw in list(self._conns.values()):
+    async def _cut_all(self, fraction=1.0, rnd=None):
+        ids = list(self._conns)
+        if fraction < 1.0:
+            ids = (rnd or random).sample(ids, round(len(ids) * fraction))
+        self.last_cut = [self.clients.get(cid) for cid in ids]
+        for cid in ids:
+            dw, bw = self._conns.pop(cid)
             dw.close()
             bw.close()
-        self._conns.clear()
         await asyncio.sleep(0)
-        return n
+        return len(ids)
 
 
 def _reset(writer):

@@ -24,7 +24,6 @@ devices' broker.reconnect.first_window (the spread of a fleet's first reconnect)
 import argparse
 import glob
 import json
-import math
 import os
 import shutil
 import signal
@@ -37,12 +36,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import ROOT, DeviceProcess, Spec, device_config  # noqa: E402
+from tools.devices import ROOT, device_config, start_fleet  # noqa: E402
 from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import FaultProxy  # noqa: E402
 
-DEVICES_PER_PROCESS = 250
 # Heap samples taken before this many seconds of a run without outages are warm-up (see
 # heap_figures); capped at a third of the run so that a short run still gets a slope.
 WARMUP_S = 30.0
@@ -85,11 +83,6 @@ def parse_args(argv=None):
     if a.health_interval is not None and a.health_interval < 0.5:
         p.error("--health-interval must be at least 0.5 (the bootstrap config's minimum)")
     return a
-
-
-def split(n, procs):
-    """Sizes of `procs` nearly equal groups covering n devices."""
-    return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
 
 
 def mpy_cross_path():
@@ -295,27 +288,21 @@ def main(argv=None):
                 a.prefix + "devices/+/health"),
         on_message=on_msg,
     )
-    procs = a.processes or min(a.devices, max(os.cpu_count() or 1, math.ceil(a.devices / DEVICES_PER_PROCESS)))
     echo = None if a.quiet else (lambda line: print(line, flush=True))
     extra = {}
     if a.health_interval is not None:
         extra["health_interval"] = a.health_interval
-    fleet = []
-    n = 0
+    configs = []
+    for n in range(a.devices):
+        b = {"keepalive": a.keepalive}
+        if a.first_window is not None:
+            b["reconnect"] = {"first_window": a.first_window}
+        configs.append(device_config("sim-%04d" % n, dev_host, dev_port,
+                                     telemetry_interval=a.interval, prefix=a.prefix, broker=b,
+                                     **extra))
     t_start[0] = time.monotonic()
-    for size in split(a.devices, procs):
-        specs = []
-        for _ in range(size):
-            dev = "sim-%04d" % n
-            b = {"keepalive": a.keepalive}
-            if a.first_window is not None:
-                b["reconnect"] = {"first_window": a.first_window}
-            cfg = device_config(dev, dev_host, dev_port, telemetry_interval=a.interval,
-                                prefix=a.prefix, broker=b, **extra)
-            specs.append(Spec(os.path.join(workdir, dev + ".img"), config=cfg))
-            n += 1
-        fleet.append(DeviceProcess(specs, workdir, heapsize=a.heapsize, echo=echo,
-                                   main=main_py).start())
+    fleet = start_fleet(configs, workdir, processes=a.processes, heapsize=a.heapsize,
+                        echo=echo, main=main_py)
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -347,7 +334,7 @@ def main(argv=None):
         online = ledger.online()
     early = [(i, p.proc.returncode) for i, p in enumerate(fleet) if not p.alive()]
     for p in fleet:
-        p.signal(signal.SIGINT)
+        p.interrupt()
     for p in fleet:
         p.stop()
     time.sleep(0.5)  # let the last acknowledged messages reach the observer
