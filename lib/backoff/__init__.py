@@ -1,4 +1,4 @@
-# Retry and schedule timing that keeps a fleet from acting in step: full-jitter exponential
+# Retry and schedule timing that keeps a fleet from acting in step: jittered exponential
 # backoff and per-device jittered periods. Pure: the caller passes the random source.
 
 
@@ -41,6 +41,14 @@ def full_jitter(attempt, base, cap, rnd):
 class Backoff:
     """Reconnect delay state for one link.
 
+    Delay before retry `attempt`: floor + uniform(c/2, c), c = min(cap - floor,
+    max(base, first_window) * 2**attempt) ("equal jitter" scaled from the first window).
+    Full jitter lets a device draw near-zero delays again and again, so its early retries
+    pile onto the first wave and a few devices retry many times; a floor of half the
+    ceiling bounds the attempts per device, and growing from the first window keeps each
+    retry wave at most as dense as the first one, so the peak a broker sees is set by
+    first_window, not by fleet size. A first window wider than `cap` wins over it.
+
     Failed attempts grow the window; only a connection that stayed up `stable_s` seconds
     resets it, so a flapping link never retries fast. A refusal that says "not now"
     (server unavailable) lifts the floor of the delay; one that will not fix itself by
@@ -79,9 +87,14 @@ class Backoff:
         if self.hard:
             return self.hard_floor + full_jitter(
                 a, self.hard_floor, self.hard_cap - self.hard_floor, self.rnd)
-        span = self.cap - self.floor
-        return self.floor + full_jitter(a, self.base, span if span > self.base else self.base,
-                                        self.rnd)
+        scale = self.base if self.base > self.first_window else self.first_window
+        c = self.cap - self.floor
+        if c < scale:
+            c = scale
+        g = scale * (1 << min(a, 30))
+        if g < c:
+            c = g
+        return self.floor + self.rnd.uniform(c / 2, c)
 
     def refused(self, rc):
         """CONNACK refused with return code rc."""
@@ -106,6 +119,12 @@ class Backoff:
         else:
             self.flaps = 0
         d = self.first_delay()
+        if self.attempt == 0 and not self.hard:
+            # Nothing failed since the last reset: a plain first-window draw, as after a
+            # stable connection. max(d, next_delay()) would squeeze the wave into
+            # [first_window/2, first_window]; counting the attempt keeps growth for the next.
+            self.attempt = 1
+            return d
         n = self.next_delay()
         return n if n > d else d
 
@@ -113,6 +132,34 @@ class Backoff:
         if not self.hard:
             self.hard = True
             self.attempt = 0
+
+
+class Fixed:
+    """The same delay every time, no jitter, no first window: only the "baseline" profile
+    uses it, to reproduce the common fixed-retry client in storm comparisons. Carries the
+    attributes the client and the app read or set, so both work with it unchanged."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.base = self.cap = self.first_window = delay
+        self.stable_s = 30.0
+        self.flap_s = 10.0
+        self.attempt = 0
+        self.floor = 0.0
+        self.hard = False
+
+    def first_delay(self):
+        return self.delay
+
+    def next_delay(self):
+        self.attempt += 1
+        return self.delay
+
+    def refused(self, rc):
+        pass
+
+    def dropped(self, seconds):
+        return self.delay
 
 
 def jittered(period, rnd, low=0.5, high=1.5):

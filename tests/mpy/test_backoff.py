@@ -1,5 +1,22 @@
-# Jitter and backoff: bounds, cap before randomising, per-instance randomness.
-from backoff import Backoff, Rng, full_jitter, jittered
+# Jitter and backoff: bounds, cap before randomising, per-instance randomness, and the
+# fleet targets of the reconnect policy (README "Never hang, never hammer").
+from backoff import Backoff, Fixed, Rng, full_jitter, jittered
+
+
+def _draws(b, attempt, n=200):
+    """n delays of retry `attempt` (next_delay counts attempts: set it back each time)."""
+    ds = []
+    for _ in range(n):
+        b.attempt = attempt
+        ds.append(b.next_delay())
+    return ds
+
+
+def _in_upper_half(ds, lo, hi):
+    # Within [lo + c/2, lo + c] and spread over it, not stuck at one end.
+    half = (hi - lo) / 2
+    assert lo + half <= min(ds) < lo + half * 1.1, (lo, hi, min(ds))
+    assert lo + half * 1.9 < max(ds) <= hi, (lo, hi, max(ds))
 
 
 def test_full_jitter_bounds_and_cap():
@@ -46,12 +63,94 @@ def test_delay_after_a_short_connection_is_never_below_the_first_window_draw():
     assert sum(ds[-50:]) / 50 > 20  # attempts kept growing: late delays spread up to the cap
 
 
+def test_first_short_drop_spreads_over_the_whole_first_window_then_grows():
+    # A fleet whose connections were up less than stable_s must still come back spread
+    # over [0, first_window], not squeezed into its upper half by the retry floor.
+    ds, seconds = [], []
+    for i in range(300):
+        b = Backoff(Rng(30 + i), first_window=5, stable_s=30, flap_s=10)
+        ds.append(b.dropped(15))
+        assert b.attempt == 1
+        seconds.append(b.dropped(15))
+    assert 0 <= min(ds) < 0.3 and 4.7 < max(ds) <= 5
+    assert 2 < sum(ds) / len(ds) < 3  # uniform, not weighted to the top
+    assert 5 <= min(seconds) and max(seconds) <= 10  # second short drop: retry 1 bounds
+
+
 def test_server_unavailable_lifts_the_floor_but_stays_random():
     b = Backoff(Rng(8), base=1, cap=120, busy_floor=10)
     b.refused(3)
     ds = [b.next_delay() for _ in range(300)]
     assert min(ds) >= 10 and max(ds) <= 120
     assert len(set(round(d, 3) for d in ds[:20])) == 20  # not all at the floor
+    # Equal jitter above the floor: 10 + [c/2, c], the ceiling limited to cap - floor.
+    _in_upper_half(_draws(b, 0), 10, 15)
+    _in_upper_half(_draws(b, 2), 10, 30)
+    _in_upper_half(_draws(b, 9), 10, 120)
+
+
+def test_retry_delays_are_equal_jitter_growing_from_the_first_window():
+    b = Backoff(Rng(20), base=1, cap=120, first_window=5)
+    for a, c in ((0, 5), (1, 10), (2, 20), (3, 40), (4, 80), (5, 120), (40, 120)):
+        _in_upper_half(_draws(b, a), 0, c)
+    assert b.attempt == 41  # each call counted one attempt
+
+
+def test_base_sets_the_scale_when_the_first_window_is_smaller():
+    for fw in (0, 0.5):
+        b = Backoff(Rng(21), base=2, cap=120, first_window=fw)
+        _in_upper_half(_draws(b, 0), 0, 2)
+        _in_upper_half(_draws(b, 3), 0, 16)
+
+
+def test_cap_limits_the_ceiling_but_not_below_the_first_window():
+    b = Backoff(Rng(22), base=1, cap=30, first_window=5)
+    _in_upper_half(_draws(b, 2), 0, 20)
+    _in_upper_half(_draws(b, 3), 0, 30)
+    _in_upper_half(_draws(b, 12), 0, 30)
+    # A first window wider than the cap wins: retries never come denser than the first wave.
+    b = Backoff(Rng(23), base=1, cap=10, first_window=20)
+    _in_upper_half(_draws(b, 4), 0, 20)
+
+
+def test_fleet_refused_for_20_s_meets_the_storm_targets():
+    # 1000 devices dropped at once, every attempt refused for 20 s: the peak attempt rate
+    # (100 ms bins) stays <= 3 * N / first_window, each device tries at most 6 times while
+    # refused and is back within 60 s of the reopening.
+    n, fw, refusal = 1000, 5.0, 20.0
+    bins = {}
+    worst_tries = worst_back = 0
+    for i in range(n):
+        b = Backoff(Rng(1000 + i), first_window=fw)
+        t = b.dropped(3600)  # a long-lived connection: the first attempt in the first window
+        tries = 0
+        while True:
+            k = int(t * 10)
+            bins[k] = bins.get(k, 0) + 1
+            if t >= refusal:
+                break
+            tries += 1
+            t += b.next_delay()
+        worst_tries = max(worst_tries, tries)
+        worst_back = max(worst_back, t - refusal)
+    peak = max(bins.values()) * 10
+    assert peak <= 3 * n / fw, peak
+    assert worst_tries <= 6, worst_tries
+    assert worst_back <= 60, worst_back
+
+
+def test_fixed_delay_has_the_backoff_interface_and_never_varies():
+    f = Fixed(2.0)
+    assert f.first_delay() == 2.0
+    assert [f.next_delay() for _ in range(50)] == [2.0] * 50
+    f.refused(3)
+    f.refused(5)  # no floor, no hard mode: the fixed-retry client ignores the return code
+    assert f.next_delay() == 2.0 and not f.hard and f.floor == 0
+    assert f.dropped(1) == 2.0 and f.dropped(3600) == 2.0
+    assert f.attempt == 51 and f.flap_s > 0 and f.stable_s > 0
+    # The app sets the live reconnect settings on every backoff: harmless here.
+    f.base, f.cap, f.first_window = 1.0, 120.0, 5.0
+    assert f.next_delay() == 2.0
 
 
 def test_bad_credentials_back_off_hard_within_floor_and_cap():
