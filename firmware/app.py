@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from backoff import Backoff, Rng
+from backoff import Backoff, Fixed, Rng
 from mqtt.client import MQTTClient
 from outbox.outbox import Outbox
 from firmware import settings
@@ -88,6 +88,8 @@ class Device:
              "cause": self.bootrec.get("cause"), "prev_up_s": self.bootrec.get("prev_up_s")}
         if self.safe:
             d["safe_mode"] = True
+        if self.cfg and self.cfg["profile"] == "baseline":
+            d["profile"] = "baseline"
         if outage:
             # Refusals and flaps since the previous connection, reported now that we can.
             d["outage"] = outage
@@ -106,6 +108,9 @@ class Device:
         r = b["reconnect"]
         o = cfg["outbox"]
         tls = b.get("tls") or {}
+        # Baseline (comparison runs only): fixed 2 s retries and a clean session, so every
+        # connect resubscribes and thereby asks for the retained config again.
+        base_p = cfg["profile"] == "baseline"
         self.commands = Commands(
             self.topics, self._publish_q1, self.board.uptime_ms,
             {"refresh-config": self._cmd_refresh, "report": self._cmd_report,
@@ -123,7 +128,7 @@ class Device:
             b["host"],
             b["port"],
             keepalive=b["keepalive"],
-            clean=False,
+            clean=base_p,
             will=(self.topics.status, json.dumps({"v": SCHEMA, "state": "offline"}), 1, True),
             user=b["user"],
             password=b["password"],
@@ -132,7 +137,7 @@ class Device:
             window=b["window"],
             max_frame=b["max_frame"],
             timeout=b["timeout"],
-            backoff=Backoff(self.rnd, **r),
+            backoff=Fixed(2.0) if base_p else Backoff(self.rnd, **r),
             ticks_ms=self.board.ticks_ms,
             log=self.log,
             on_message=self._on_message,
@@ -391,6 +396,8 @@ class Device:
         self.log("I", "boot %d, firmware %s, broker %s:%d, reset cause %s, previous uptime %s s"
                  % (self.boot, FW_VERSION, cfg["broker"]["host"], cfg["broker"]["port"],
                     rec["cause"], rec.get("prev_up_s")))
+        if cfg["profile"] == "baseline":
+            self.log("W", "baseline profile: for comparison runs only, not for production")
         if self.safe:
             self.log("E", "safe mode: %d short boots in a row; network, MQTT, config and "
                           "commands only for %d s" % (rec["streak"], sm["healthy_s"]))

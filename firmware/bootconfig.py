@@ -115,6 +115,10 @@ def validate(doc):
     if not isinstance(servers, list) or not all(isinstance(x, str) and x for x in servers):
         raise ConfigError("ntp.servers must be a list of host names")
     cfg["ntp"]["servers"] = servers
+    # "baseline" mimics the common blocking client, for storm comparisons only (README).
+    cfg["profile"] = _str(doc, "profile", "standard")
+    if cfg["profile"] not in ("standard", "baseline"):
+        raise ConfigError("profile must be standard or baseline")
     return cfg
 
 

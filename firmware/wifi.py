@@ -1,6 +1,6 @@
 # Link supervision: join the first reachable network of the configured list (priority order,
 # bounded wait each), notice a loss from the link status, and join again with the same
-# full-jitter policy as MQTT, so a site whose access point comes back is not rushed by every
+# jittered backoff as MQTT, so a site whose access point comes back is not rushed by every
 # device at once. MQTT waits on `up` and is told at once when the link goes, instead of
 # finding out a keepalive later or burning connect attempts on a link that is not there.
 import asyncio

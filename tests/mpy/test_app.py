@@ -154,6 +154,25 @@ def test_two_devices_share_nothing():
     assert d1.client.will[0] == "devices/one/status"
 
 
+def test_baseline_profile_retries_fixed_with_a_clean_session_and_says_so():
+    from backoff import Backoff, Fixed
+
+    std, base = Device(_board("std")), Device(_board("base"))
+    std.build(bootconfig.validate({"device_id": "s", "broker": {"host": "h"}}))
+    base.build(bootconfig.validate({"device_id": "b", "profile": "baseline",
+                                    "broker": {"host": "h"}}))
+    assert isinstance(std.client.backoff, Backoff) and not std.client.clean
+    assert isinstance(base.client.backoff, Fixed) and base.client.clean
+    assert base.client.backoff.next_delay() == 2.0
+    assert "profile" not in json.loads(std._status("online"))
+    assert json.loads(base._status("online"))["profile"] == "baseline"
+    for d in (std, base):
+        d.bootrec = {"boot": 1, "cause": "power"}
+        d._log_boot(d.cfg)
+    assert not [x for x in std.board.lines if "baseline" in x]
+    assert len([x for x in base.board.lines if " W baseline profile" in x]) == 1
+
+
 def test_log_ring_keeps_the_last_lines_in_memory_fixed_at_boot():
     import gc
     from firmware.health import LogRing

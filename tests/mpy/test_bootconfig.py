@@ -80,6 +80,15 @@ def test_bad_reconnect_settings_are_refused():
     raises(bootconfig.ConfigError, bootconfig.validate, _with(broker={"host": "h", "timeout": 0}))
 
 
+def test_profile_defaults_to_standard_and_accepts_only_known_ones():
+    assert bootconfig.validate(GOOD)["profile"] == "standard"
+    assert bootconfig.validate(_with(profile="standard"))["profile"] == "standard"
+    assert bootconfig.validate(_with(profile="baseline"))["profile"] == "baseline"
+    for bad in ("Baseline", "", "fast", None, 1, ["baseline"]):
+        e = raises(bootconfig.ConfigError, bootconfig.validate, _with(profile=bad))
+        assert "profile" in str(e), (bad, str(e))
+
+
 def test_tls_needs_a_ca_and_a_cert_with_its_key():
     ok = bootconfig.validate(_with(broker={"host": "h", "tls": {"ca": "/ca.der"}}))
     assert ok["broker"]["tls"]["ca"] == "/ca.der"
