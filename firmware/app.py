@@ -2,7 +2,6 @@
 # Boot order: watchdog feeding, bootstrap config from flash (retried, never a crash loop),
 # boot history (reset cause, safe mode), then the supervised tasks on one asyncio loop.
 import asyncio
-import gc
 import json
 import sys
 import time
@@ -100,7 +99,7 @@ class Device:
         nothing, touches no network."""
         # The buffers allocated here live as long as the boot: collect the boot's garbage
         # first, so they land in one compact stretch instead of between scattered leftovers.
-        gc.collect()
+        self.board.collect()
         self.cfg = cfg
         self.name = cfg["device_id"]
         self.topics = Topics(cfg["prefix"], cfg["device_id"])

@@ -1,7 +1,6 @@
 # Observability: the last log lines in a bounded RAM ring (for the `logs` command), the loop
 # lag watch, and the health document published on devices/{id}/health on a jittered period.
 import asyncio
-import gc
 import json
 import time
 
@@ -50,22 +49,6 @@ class LogRing:
         return out
 
 
-def largest_free_block():
-    """Largest block the heap can hand out now. MicroPython has no call for it, so bisect
-    with real allocations (each freed at once); ~15 tries, so only for a periodic report."""
-    lo, hi = 0, gc.mem_free()
-    while hi - lo > 256:
-        mid = (lo + hi) // 2
-        try:
-            b = bytearray(mid)
-            b = None
-            lo = mid
-        except MemoryError:
-            hi = mid
-    gc.collect()
-    return lo
-
-
 class Health:
     def __init__(self, device, interval, rnd):
         self.device = device
@@ -87,7 +70,7 @@ class Health:
 
     def document(self):
         d = self.device
-        gc.collect()
+        free, alloc, largest = d.board.heap()
         c = d.client.stats
         sup = d.sup
         rec = d.bootrec
@@ -98,9 +81,9 @@ class Health:
             "reset_cause": rec.get("cause"),
             "prev_up_s": rec.get("prev_up_s"),
             "safe_mode": d.safe,
-            "heap_free": gc.mem_free(),
-            "heap_alloc": gc.mem_alloc(),
-            "heap_largest_free": largest_free_block(),
+            "heap_free": free,
+            "heap_alloc": alloc,
+            "heap_largest_free": largest,
             "loop_lag_max_ms": self.lag_max_ms,
             "tasks": {"restarts": sup.restarts(), "unhandled": sup.stats["unhandled"],
                       "watchdog_starved": sup.stats["starved"]},

@@ -1,7 +1,24 @@
 # What every board does the same way (entropy, monotonic clock, console log); no hardware
 # imports here, so the Unix board can share it.
+import gc
 import os
 import time
+
+
+def largest_free_block():
+    """Largest block the heap can hand out now. MicroPython has no call for it, so bisect
+    with real allocations (each freed at once); ~15 tries, so only for a periodic report."""
+    lo, hi = 0, gc.mem_free()
+    while hi - lo > 256:
+        mid = (lo + hi) // 2
+        try:
+            b = bytearray(mid)
+            b = None
+            lo = mid
+        except MemoryError:
+            hi = mid
+    gc.collect()
+    return lo
 
 
 class BaseBoard:
@@ -24,6 +41,15 @@ class BaseBoard:
     async def sample(self, rnd):
         """The readings of one telemetry message; async so a driver may wait on hardware."""
         return self.read_sensors(rnd)
+
+    def collect(self):
+        """A full collect, before long-lived buffers are allocated."""
+        gc.collect()
+
+    def heap(self):
+        """(free, allocated, largest free block) in bytes, after a collect."""
+        gc.collect()
+        return gc.mem_free(), gc.mem_alloc(), largest_free_block()
 
     def reset_cause(self) -> str:
         return "unknown"
