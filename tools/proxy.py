@@ -114,6 +114,9 @@ class FaultProxy:
         self.record = record
         self.clients = {}  # connection id -> MQTT client id of its CONNECT (when recording)
         self.last_cut = []  # client ids of the connections the last cut() closed
+        # connection id -> time of its first PUBLISH from the device (when recording): what
+        # a device sends before it is part of setting up the session
+        self.first_publish = {}
         self.attempts = []  # (monotonic time, outcome) outcome: "accepted" | "refused"
         self.packets = []  # Packet, in the order the proxy forwarded them
         self._refusing = False
@@ -275,6 +278,8 @@ class FaultProxy:
                 if framer is not None:
                     t = time.monotonic()
                     for byte0, body in framer.feed(data):
+                        if byte0 >> 4 == 3 and direction == UP and cid not in self.first_publish:
+                            self.first_publish[cid] = t
                         if self.record == "control" and byte0 >> 4 in _BULK:
                             continue
                         pkt = Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body)
