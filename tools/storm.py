@@ -368,6 +368,7 @@ def plot(series, path):
         ax.set_xlabel("seconds since the cut (dashed: the proxy accepts again)")
         ax.set_ylabel("connection attempts / s\n(per 100 ms bin)")
         ax.set_yscale("symlog", linthresh=100)
+        ax.set_ylim(bottom=0)
         ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
