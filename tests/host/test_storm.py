@@ -73,3 +73,31 @@ def test_summary_file_has_the_issue_shape(results, workdir):
                   "total_attempts"):
             assert k in s, (profile, k)
     assert os.path.getsize(os.path.join(workdir, "storm.png")) > 10000
+
+
+def test_the_proxy_cuts_the_share_it_is_asked_to_and_names_the_clients(broker):
+    import random
+    import time
+
+    import paho.mqtt.client as mqtt
+
+    from tools.proxy import FaultProxy
+
+    with FaultProxy(broker.host, broker.port, record="control") as proxy:
+        clients = []
+        for i in range(10):
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="c%d" % i)
+            c.connect(proxy.host, proxy.port)
+            c.loop_start()
+            clients.append(c)
+        end = time.monotonic() + 10
+        while len(proxy.packets_since((0, 0, 0), "CONNACK")) < 10 and time.monotonic() < end:
+            time.sleep(0.05)
+        try:
+            assert proxy.cut(0.3, random.Random(1)) == 3
+            assert len(proxy.last_cut) == 3 and set(proxy.last_cut) <= {"c%d" % i for i in range(10)}
+            assert proxy.open_connections == 7
+        finally:
+            for c in clients:
+                c.loop_stop()
+                c.disconnect()
