@@ -100,6 +100,18 @@ def parse_args(argv=None):
     return a
 
 
+def busiest(times, width=BIN_S):
+    """Most times within any window of `width` s: fixed bins would split a synchronised
+    wave that lands on a bin edge and understate it."""
+    ts = sorted(times)
+    most = j = 0
+    for i, t in enumerate(ts):
+        while ts[j] <= t - width:
+            j += 1
+        most = max(most, i - j + 1)
+    return most
+
+
 def bins(times, t0, t1):
     """Counts per BIN_S bin of the times in [t0, t1), bins aligned to t0."""
     n = max(1, int((t1 - t0) / BIN_S + 0.999))
@@ -155,13 +167,13 @@ class Run:
                               broker={"reconnect": dict(rec)} if rec else None, **extra)
                 for i in range(a.devices)]
 
-    def connected_since(self, proxy, mark):
-        """client id -> time of its first accepted CONNACK after mark."""
+    def connected_since(self, proxy, mark, latest=False):
+        """client id -> time of its first (or latest) accepted CONNACK after mark."""
         back = {}
         for p in proxy.packets_since(mark, "CONNACK"):
             if p.rc == 0:
                 cid = proxy.clients.get(p.conn)
-                if cid is not None and cid not in back:
+                if cid is not None and (latest or cid not in back):
                     back[cid] = p.t
         return back
 
@@ -197,6 +209,8 @@ class Run:
             # what a fleet that has been up a while has; the cut then finds every device
             # on its normal reconnect path.
             stable = max(FLAP_S, STABLE_S if a.stable_s is None else a.stable_s)
+            # Latest CONNACKs: a board that reconnected since (a watchdog reset) counts anew.
+            up = self.connected_since(proxy, start, latest=True)
             wait = max(up.values()) + stable + 2.0 - time.monotonic()
             self.say("%s/%s: %d devices connected; cut in %.0f s"
                      % (self.scenario, self.profile, a.devices, max(0.0, wait)))
@@ -248,7 +262,8 @@ class Run:
         cut = [c for c in proxy.last_cut if c]
         self.say("%s/%s: cut %d connections" % (self.scenario, self.profile, n))
         back = self.wait_back(proxy, mark, cut, a.timeout)
-        t_back = max(back[c] for c in cut if c in back) if back else time.monotonic()
+        times = [back[c] for c in cut if c in back]
+        t_back = max(times) if times else time.monotonic()
         all_back = all(c in back for c in cut)
         # Subscriptions and config follow a CONNACK at once; wait for the last ones.
         time.sleep(3.0)
@@ -267,9 +282,8 @@ class Run:
 
         def config_of(ps):
             return [p for p in ps if any("/config/" in f for f in (p.filters or ()))]
-        per_bin = bins(attempts, t_cut, t_back + BIN_S)
         span = max(t_back - t_cut, BIN_S)
-        peak = max(per_bin) / BIN_S
+        peak = busiest(attempts) / BIN_S
         mean = len(attempts) / span
         with self.lock:
             failed = []
@@ -340,7 +354,7 @@ def table(results):
             "recovery_s", "total_attempts", "failed_attempts_per_device_max",
             "subscribes_during_recovery", "config_requests_during_recovery",
             "scheduled_refreshes_during_recovery", "unexplained_loss", "duplicates",
-            "heap_per_device_bytes")
+            "heap_per_device_bytes", "memory_errors", "stop_errors")
     lines = []
     for scenario, by in results.items():
         lines.append("\n%s\n| figure | firmware | baseline |\n|---|---|---|" % scenario)
@@ -408,10 +422,12 @@ def storm(argv=None):
             summary, s = Run(scenario, profile, a, workdir, say).run()
             results.setdefault(scenario, {})[profile] = summary
             series.setdefault(scenario, {})[profile] = s
-    if a.out:
-        merge_json(a.out, results)
+            # Written after each run: a later one that fails keeps what was measured.
+            if a.out:
+                merge_json(a.out, {scenario: {profile: summary}})
+            if a.series:
+                merge_json(a.series, {scenario: {profile: s}})
     if a.series:
-        merge_json(a.series, series)
         if a.plot:
             with open(a.series) as f:
                 plot(json.load(f), a.plot)
