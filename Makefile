@@ -30,20 +30,22 @@ DEVICES ?= 1000
 storm: setup
 	$(PY) tools/storm.py --devices $(DEVICES)
 
-# Bytecode for the boards: firmware/ and lib/ compiled with mpy-cross into build/.
+# Bytecode for the boards: firmware/ and lib/ compiled with mpy-cross into build/ (mpy v6.3,
+# MicroPython 1.23 or newer); ARCH=xtensawin / armv6m names the native emitter's target.
 mpy: setup
 	@rm -rf build && mkdir -p build
 	@for f in $(filter-out boot.py main.py,$(SRC)); do \
 	  out=build/$${f%.py}.mpy; mkdir -p $$(dirname $$out); \
-	  $(MPY_CROSS) -o $$out $$f || exit 1; \
+	  $(MPY_CROSS) $(if $(ARCH),-march=$(ARCH)) -o $$out $$f || exit 1; \
 	done
 	@cp boot.py main.py build/
 	@echo "build/: $$(find build -name '*.mpy' | wc -l) .mpy files"
 
-# Flash the build onto a board over USB with mpremote (the device's /config.json comes
-# from provisioning, see README).
+# Flash the build and one provisioned device (secrets/DEVICE/, tools/provision.py) onto a
+# board over USB with mpremote: only changed files, refuses another device's board unless
+# FORCE=1; DRY_RUN=1 prints the mpremote commands.
 deploy: mpy
-	cd build && ../$(VENV)/bin/mpremote connect $(PORT) cp -r firmware lib boot.py main.py : + reset
+	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf build .pytest_cache
