@@ -43,9 +43,10 @@ mpy: setup
 
 # Flash the build and one provisioned device (secrets/DEVICE/, tools/provision.py) onto a
 # board over USB with mpremote: only changed files, refuses another device's board unless
-# FORCE=1; DRY_RUN=1 prints the mpremote commands.
+# FORCE=1; DRY_RUN=1 prints the mpremote commands; FROZEN=1 for a board whose firmware has
+# manifest.py frozen in (no .mpy copied).
 deploy: mpy
-	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run)
+	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run) $(if $(FROZEN),--frozen)
 
 clean:
 	rm -rf build .pytest_cache

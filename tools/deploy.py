@@ -73,11 +73,13 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def files_to_deploy(build, secrets, device):
+def files_to_deploy(build, secrets, device, frozen=False):
     """[(local path, remote path)] in copy order; raises FileNotFoundError naming what is
-    missing (run `make mpy` / tools/provision.py first)."""
+    missing (run `make mpy` / tools/provision.py first). frozen: the board runs a build with
+    manifest.py frozen in, so no .mpy is copied (files in / would come before `.frozen` on
+    sys.path and shadow the frozen modules)."""
     out = []
-    for top in ("firmware", "lib"):
+    for top in () if frozen else ("firmware", "lib"):
         base = os.path.join(build, top)
         if not os.path.isdir(base):
             raise FileNotFoundError("%s: no compiled firmware (run make mpy)" % base)
@@ -184,6 +186,8 @@ def main(argv=None):
     p.add_argument("--force", action="store_true",
                    help="replace another device's identity on this board")
     p.add_argument("--dry-run", action="store_true", help="print the mpremote commands only")
+    p.add_argument("--frozen", action="store_true",
+                   help="the board runs a firmware with manifest.py frozen in: copy no .mpy")
     p.add_argument("--board-state", help="with --dry-run: plan against this JSON state")
     p.add_argument("--build", default=os.path.join(ROOT, "build"), help="compiled tree")
     p.add_argument("--secrets", default=os.path.join(ROOT, "secrets"),
@@ -192,7 +196,7 @@ def main(argv=None):
     if a.board_state and not a.dry_run:
         p.error("--board-state needs --dry-run")
     try:
-        files = files_to_deploy(a.build, a.secrets, a.device)
+        files = files_to_deploy(a.build, a.secrets, a.device, a.frozen)
     except (FileNotFoundError, ValueError) as e:
         print("deploy: %s" % e, file=sys.stderr)
         return 2

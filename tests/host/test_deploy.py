@@ -142,3 +142,11 @@ def test_the_state_script_reads_a_littlefs_board(tmp_path):
     for p, d in files.items():
         assert state["hashes"][p] == hashlib.sha256(d).hexdigest()
     assert state["hashes"]["/lib/none.mpy"] is None
+
+
+def test_a_frozen_firmware_gets_no_bytecode_copied(tmp_path):
+    build, secrets = make_tree(tmp_path)
+    r, cmds = run(build, secrets, "--frozen")
+    assert r.returncode == 0
+    assert [c[-1] for c in cmds] == [":/certs", ":/boot.py", ":/main.py", ":/certs/pump-0001.der",
+                                     ":/config.json", "reset"]
