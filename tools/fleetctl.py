@@ -1,0 +1,728 @@
+"""fleetctl: the operator's command line for a fleet of these devices (host-side, CPython).
+
+Talks to the broker with paho-mqtt, using only the topic contract of README "Topic contract":
+watch what devices publish (tail), run a device command and wait for its answer (cmd),
+change a desired config layer after checking it against the firmware's declared settings
+(set), and list devices from their retained status and recent health (status).
+
+    python tools/fleetctl.py [--broker HOST:PORT] [--user U] [--prefix P] [--timeout S] \
+        {tail,cmd,set,status} ...
+
+Exit codes are listed in EPILOG (shown by --help) and are meant for scripts.
+"""
+import argparse
+import fnmatch
+import json
+import os
+import queue
+import re
+import secrets
+import sys
+import textwrap
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The firmware's own declared settings and document checks, imported rather than copied:
+# they are plain Python that runs unchanged in CPython, so what fleetctl accepts is exactly
+# what a device of this firmware revision accepts.
+from firmware import settings, twin  # noqa: E402
+
+OK, DEVICE_ERROR, INVALID, TIMEOUT, BROKER = 0, 1, 2, 3, 4
+INTERRUPTED = 130
+
+EPILOG = """\
+exit codes:
+  0    done (cmd: the device answered "ok"; tail: --count messages printed or Ctrl-C)
+  1    cmd: the device answered with status "error" (e.g. an unknown command)
+  2    bad arguments, or a desired document refused by validation (nothing was published)
+  3    timeout: no command result within --timeout, or tail --duration ended before --count
+  4    broker problem: unreachable, connection or subscription refused, connection lost
+  130  interrupted (Ctrl-C) other than in tail
+
+The password is taken from --password or, better (not visible in ps), $FLEETCTL_PASSWORD.
+
+examples:
+  fleetctl.py tail 'pump-*' --kind telemetry --count 10
+  fleetctl.py cmd pump-0042 logs --body '{"n": 5}'
+  fleetctl.py set --group model-x telemetry_interval=30 reconnect.cap=300
+  fleetctl.py status 'pump-*' --wait 3
+"""
+
+KINDS = ("telemetry", "status", "health")
+# Device ids and group names as the bootstrap config allows them: they become topic levels,
+# so anything else could address another device's topics or a wildcard.
+NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+GLOB_CHARS = set("*?[")
+
+
+class Fail(Exception):
+    """Ends the run: one line on stderr and the exit code."""
+
+    def __init__(self, code, msg):
+        super().__init__(msg)
+        self.code = code
+
+
+# ---- broker session ----------------------------------------------------------------------
+
+
+class Session:
+    """One clean MQTT session: blocking connect, subscribe and publish that wait for the
+    broker's acknowledgement, and the received messages in a queue for the main thread."""
+
+    def __init__(self, args):
+        self.args = args
+        self.host, self.port = parse_hostport(args.broker)
+        self.prefix = args.prefix
+        self.timeout = args.timeout
+        self.client_id = "fleetctl-%d-%s" % (os.getpid(), secrets.token_hex(3))
+        self.msgs = queue.Queue()
+        self.cond = threading.Condition()
+        self.connack = None
+        self.subacks = {}
+        self.lost = False
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                        clean_session=True)
+        if args.user is not None:
+            c.username_pw_set(args.user, args.password)
+        c.connect_timeout = self.timeout
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = lambda cl, u, m: self.msgs.put((time.time(), m.topic, m.payload, m.retain))
+        self.c = c
+
+    def __enter__(self):
+        where = "%s:%d" % (self.host, self.port)
+        try:
+            self.c.connect(self.host, self.port, keepalive=30)
+        except (OSError, ValueError) as e:  # refused, DNS, timeout, unreachable
+            raise Fail(BROKER, "cannot reach broker %s: %s" % (where, _reason(e)))
+        self.c.loop_start()
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.connack is not None or self.lost, self.timeout):
+                self.close()
+                raise Fail(BROKER, "no answer from broker %s within %g s" % (where, self.timeout))
+        if self.connack is None or self.connack.is_failure:
+            self.close()
+            raise Fail(BROKER, "broker %s refused the connection: %s" % (where, self.connack))
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.lost = False  # ours: not a loss
+        try:
+            self.c.disconnect()
+        finally:
+            self.c.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        with self.cond:
+            self.connack = reason_code
+            self.cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        # paho would reconnect by itself, but a new clean session would have lost our
+        # subscriptions: the run stops instead (exit 4) and the operator runs it again.
+        with self.cond:
+            self.lost = True
+            self.cond.notify_all()
+        self.msgs.put(None)  # wakes a waiting get()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self.cond:
+            self.subacks[mid] = reason_codes
+            self.cond.notify_all()
+
+    def _check(self):
+        if self.lost:
+            raise Fail(BROKER, "lost the connection to the broker")
+
+    def subscribe(self, filters):
+        rc, mid = self.c.subscribe([(f, 1) for f in filters])
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise Fail(BROKER, "subscribe failed: %s" % mqtt.error_string(rc))
+        with self.cond:
+            self.cond.wait_for(lambda: mid in self.subacks or self.lost, self.timeout)
+            codes = self.subacks.get(mid)
+        self._check()
+        if codes is None:
+            raise Fail(BROKER, "no SUBACK from the broker within %g s" % self.timeout)
+        for f, code in zip(filters, codes):
+            if code.is_failure:  # mosquitto's answer to a filter an ACL forbids
+                raise Fail(BROKER, "broker refused the subscription to %s: %s" % (f, code))
+
+    def publish(self, topic, payload, retain=False):
+        info = self.c.publish(topic, payload, 1, retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise Fail(BROKER, "publish to %s failed: %s" % (topic, mqtt.error_string(info.rc)))
+        try:
+            info.wait_for_publish(self.timeout)
+        except (RuntimeError, ValueError) as e:
+            raise Fail(BROKER, "publish to %s failed: %s" % (topic, e))
+        self._check()
+        if not info.is_published():
+            raise Fail(BROKER, "no PUBACK from the broker for %s within %g s"
+                       % (topic, self.timeout))
+
+    def get(self, deadline):
+        """The next message (time, topic, payload, retain), or None once `deadline`
+        (time.monotonic(); None: never) has passed."""
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            try:
+                # Bounded waits: a blocking get() without a timeout would delay Ctrl-C.
+                m = self.msgs.get(timeout=0.5 if left is None else min(left, 0.5))
+            except queue.Empty:
+                self._check()
+                continue
+            self._check()
+            if m is not None:
+                return m
+
+    def retained(self, filters, wait):
+        """The retained messages on `filters`: {topic: payload}. A marker we publish to
+        ourselves after subscribing comes back after every retained message the broker
+        queued for those subscriptions, so no fixed wait has to be guessed; `wait` bounds
+        it when an ACL keeps the marker from us."""
+        marker = "%sfleetctl/%s/sync" % (self.prefix, self.client_id)
+        self.subscribe(list(filters) + [marker])
+        token = secrets.token_hex(8).encode()
+        self.publish(marker, token)
+        got = {}
+        deadline = time.monotonic() + wait
+        while True:
+            m = self.get(deadline)
+            if m is None or (m[1] == marker and m[2] == token):
+                return got
+            if m[3] and m[1] != marker:
+                got[m[1]] = m[2]
+
+
+def _reason(e):
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def parse_hostport(text):
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, 1883
+    host = host.strip("[]")  # [::1]:1883
+    try:
+        port = int(port)
+    except ValueError:
+        raise Fail(INVALID, "--broker must be HOST:PORT, not %r" % text)
+    return host or "127.0.0.1", port
+
+
+# ---- topics ----------------------------------------------------------------------------------
+
+
+def check_name(what, name):
+    if not NAME_RE.match(name):
+        raise Fail(INVALID, "%s must be 1 to 64 characters of A-Z a-z 0-9 - _ . , not %r"
+                   % (what, name))
+    return name
+
+
+def is_pattern(text):
+    return bool(GLOB_CHARS & set(text))
+
+
+def device_of(prefix, topic):
+    """(device id, kind) of a devices/{id}/{kind} topic under the prefix, else None."""
+    if not topic.startswith(prefix):
+        return None
+    parts = topic[len(prefix):].split("/")
+    if len(parts) != 3 or parts[0] != "devices":
+        return None
+    return parts[1], parts[2]
+
+
+def target_filter(target):
+    """(topic level to subscribe to, fn(id) -> bool) for a device id or a glob pattern.
+    A pattern is subscribed to with `+` and matched here: MQTT has no partial wildcards."""
+    if is_pattern(target):
+        if "/" in target or "#" in target or "+" in target:
+            raise Fail(INVALID, "a pattern matches device ids and cannot hold / + #: %r" % target)
+        return "+", lambda i: fnmatch.fnmatchcase(i, target)
+    check_name("device id", target)
+    return target, lambda i: i == target
+
+
+def _json(payload):
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+# ---- tail ------------------------------------------------------------------------------------
+
+
+def cmd_tail(args):
+    kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise Fail(INVALID, "--kind takes a comma-separated list of %s" % ",".join(KINDS))
+    level, match = target_filter(args.target)
+    printed = 0
+    deadline = time.monotonic() + args.duration if args.duration else None
+    with Session(args) as s:
+        s.subscribe(["%sdevices/%s/%s" % (args.prefix, level, k) for k in kinds])
+        while args.count is None or printed < args.count:
+            m = s.get(deadline)
+            if m is None:
+                break
+            t, topic, payload, retain = m
+            dk = device_of(args.prefix, topic)
+            # Retained status is old news (use `status`); shown only when asked for.
+            if dk is None or not match(dk[0]) or (retain and not args.retained):
+                continue
+            text = payload.decode("utf-8", "replace")
+            if args.json:
+                data = _json(payload)
+                line = json.dumps({"t": round(t, 3), "device": dk[0], "kind": dk[1],
+                                   "retained": retain, "data": text if data is None else data})
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(t)) + ".%03d" % (t % 1 * 1000)
+                line = "%s %s %s%s %s" % (stamp, dk[0], dk[1], " (retained)" if retain else "",
+                                           text)
+            print(line, flush=True)
+            printed += 1
+    if args.count is not None and printed < args.count:
+        raise Fail(TIMEOUT, "%d of %d messages within --duration %g s"
+                   % (printed, args.count, args.duration))
+    return OK
+
+
+# ---- cmd -------------------------------------------------------------------------------------
+
+
+def cmd_cmd(args):
+    check_name("device id", args.device)
+    if not args.name or set("/+#\0") & set(args.name):
+        raise Fail(INVALID, "a command name is one topic level, without / + #: %r" % args.name)
+    body = {}
+    if args.body is not None:
+        body = _json(args.body.encode())
+        if not isinstance(body, dict):
+            raise Fail(INVALID, "--body must be a JSON object, e.g. '{\"n\": 5}'")
+    # The device answers a request id it already ran as a duplicate without running it
+    # again, so an operator retrying after a timeout passes the same id in --body.
+    rid = body.setdefault("id", "fleetctl-" + secrets.token_hex(6))
+    wait = args.cmd_timeout if args.cmd_timeout is not None else args.timeout
+    base = "%sdevices/%s/" % (args.prefix, args.device)
+    topic = base + "cmd/" + args.name
+    state = None
+    with Session(args) as s:
+        # Subscribed before publishing: a fast answer must not be missed.
+        s.subscribe([topic + "/result", base + "status"])
+        s.publish(topic, json.dumps(body))
+        deadline = time.monotonic() + wait
+        while True:
+            m = s.get(deadline)
+            if m is None:
+                break
+            doc = _json(m[2])
+            if not isinstance(doc, dict):
+                continue
+            if m[1] == base + "status":
+                state = doc.get("state")
+            elif doc.get("id") == rid:
+                print(json.dumps(doc), flush=True)
+                return OK if doc.get("status") == "ok" else DEVICE_ERROR
+    note = " (its retained status says %s)" % state if state else ""
+    raise Fail(TIMEOUT, "no result from %s for %s (id %s) within %g s%s; the broker may still "
+               "deliver the command when the device reconnects: to retry without running it "
+               "twice, pass the same id: --body '{\"id\": \"%s\"}'"
+               % (args.device, args.name, rid, wait, note, rid))
+
+
+# ---- set -------------------------------------------------------------------------------------
+
+
+def flatten(doc, prefix="", out=None):
+    """{dotted name: value} of a desired document without its version (nested objects are
+    dotted names, as the firmware's twin reads them)."""
+    out = {} if out is None else out
+    for k, v in doc.items():
+        if not prefix and k == "version":
+            continue
+        if isinstance(v, dict):
+            flatten(v, prefix + k + ".", out)
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def nest(flat):
+    doc = {}
+    for name in sorted(flat):
+        parts = name.split(".")
+        d = doc
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = flat[name]
+    return doc
+
+
+def validate(flat, what, hint=""):
+    """Every problem of a layer's settings at once, as the operator must fix them all. The
+    device would apply a layer with unknown keys minus those keys; here they are refused,
+    since they are typos or settings this firmware does not have."""
+    errors = []
+    for name in sorted(flat):
+        if settings.find(name) is None:
+            errors.append("%s: not a setting of this firmware" % name)
+            continue
+        try:
+            settings.check(name, flat[name])
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        known = ", ".join(s[0] for s in settings.SETTINGS)
+        raise Fail(INVALID, "%s refused, nothing published:\n  %s\n(settings: %s)%s"
+                   % (what, "\n  ".join(errors), known, hint))
+
+
+def parse_assignments(items):
+    """KEY=VALUE -> {key: value}; VALUE is JSON when it parses (7, 2.5, true, "x"), else a
+    string (log_level=warn); an empty VALUE (KEY=) or null removes KEY from the layer (None)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise Fail(INVALID, "expected KEY=VALUE, got %r" % item)
+        if value == "":
+            out[key] = None
+            continue
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def current_version(payload, where):
+    """Version of a retained desired document, 0 if there is none; (version, flat or None
+    when it cannot be read)."""
+    if not payload:
+        return 0, {}
+    doc = _json(payload)
+    if not isinstance(doc, dict):
+        print("fleetctl: warning: the current document on %s is not a JSON object" % where,
+              file=sys.stderr)
+        return 0, None
+    v = doc.get("version")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        print("fleetctl: warning: the current document on %s has no valid version" % where,
+              file=sys.stderr)
+        v = 0
+    return v, flatten(doc)
+
+
+def cmd_set(args):
+    if args.device:
+        check_name("device id", args.device)
+        topic = "%sdevices/%s/config/desired" % (args.prefix, args.device)
+    else:
+        check_name("group", args.group)
+        topic = "%sfleet/%s/config/desired" % (args.prefix, args.group)
+    if bool(args.file) == bool(args.assignments):
+        raise Fail(INVALID, "give either KEY=VALUE... or --file")
+    if args.file:
+        try:
+            with (sys.stdin if args.file == "-" else open(args.file)) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise Fail(INVALID, "cannot read %s: %s" % (args.file, e))
+        if not isinstance(doc, dict):
+            raise Fail(INVALID, "%s: a desired document is a JSON object" % args.file)
+        change = flatten(doc)
+        if "version" in doc:
+            print("fleetctl: note: the file's version is ignored; the next version is used",
+                  file=sys.stderr)
+    else:
+        change = parse_assignments(args.assignments)
+    # Checked before any connection: a refused change publishes nothing.
+    validate({k: v for k, v in change.items() if v is not None}, "desired settings")
+
+    with Session(args) as s:
+        filters = [topic]
+        reported = None
+        if args.device:
+            # The device's applied version too: if the broker lost its retained layers the
+            # device still runs the cached one, and a lower version would be ignored.
+            reported = "%sdevices/%s/config/reported" % (args.prefix, args.device)
+            filters.append(reported)
+        got = s.retained(filters, args.read_wait)
+        version, flat = current_version(got.get(topic), topic)
+        rep = _json(got.get(reported) or b"null") if reported else None
+        if isinstance(rep, dict) and isinstance(rep.get("versions"), dict):
+            applied = rep["versions"].get("device")
+            if isinstance(applied, int) and not isinstance(applied, bool) and applied > version:
+                version = applied
+        if args.file or args.replace:
+            flat = {}
+        elif flat is None:
+            raise Fail(INVALID, "cannot merge into the unreadable document on %s; use --replace"
+                       % topic)
+        for k, v in change.items():
+            if v is None:
+                flat.pop(k, None)
+            else:
+                flat[k] = v
+        validate(flat, "the merged layer (current document on %s plus the change)" % topic,
+                 "\nremove a key of the current layer with KEY=, or start afresh with --replace")
+        doc = {"version": version + 1}
+        doc.update(nest(flat))
+        text = json.dumps(doc)
+        try:
+            twin.check_text(text)  # the device's size and nesting limits
+        except twin.Rejected as e:
+            raise Fail(INVALID, "the document would be refused by devices: %s" % e)
+        if args.dry_run:
+            print("%s %s (dry run, not published)" % (topic, text), flush=True)
+            return OK
+        s.publish(topic, text, retain=True)
+    print("%s %s" % (topic, text), flush=True)
+    return OK
+
+
+# ---- status ----------------------------------------------------------------------------------
+
+
+def _age(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm" % (seconds // 60)
+    return "%dh" % (seconds // 3600)
+
+
+def cmd_status(args):
+    level, match = target_filter(args.pattern)
+    devs = {}  # id -> {"status": doc, "health": doc, "seen": time of the latest live message}
+    with Session(args) as s:
+        s.subscribe(["%sdevices/%s/%s" % (args.prefix, level, k) for k in KINDS])
+        deadline = time.monotonic() + args.wait
+        asked = set()
+        while True:
+            m = s.get(deadline)
+            if m is None:
+                break
+            t, topic, payload, retain = m
+            dk = device_of(args.prefix, topic)
+            if dk is None or not match(dk[0]):
+                continue
+            d = devs.setdefault(dk[0], {"status": None, "health": None, "seen": None})
+            if not retain:
+                # A retained status tells nothing about when it was sent; only messages
+                # that arrived live say the device was there.
+                d["seen"] = t
+            doc = _json(payload)
+            if not isinstance(doc, dict):
+                continue
+            if dk[1] == "status":
+                d["status"] = doc
+                if args.report and doc.get("state") == "online" and dk[0] not in asked:
+                    # Health comes every ~5 min; `report` makes an online device send one now.
+                    asked.add(dk[0])
+                    body = json.dumps({"id": "fleetctl-" + secrets.token_hex(6)})
+                    s.c.publish("%sdevices/%s/cmd/report" % (args.prefix, dk[0]), body, 1)
+            elif dk[1] == "health":
+                d["health"] = doc
+    now = time.time()
+    rows = []
+    for dev in sorted(devs):
+        d = devs[dev]
+        st = d["status"] or {}
+        h = d["health"] or {}
+        ob = h.get("outbox")
+        queued = ob.get("queued") if isinstance(ob, dict) else None
+        rows.append({
+            "device": dev,
+            "state": st.get("state", "?"),
+            "safe_mode": bool(st.get("safe_mode") or h.get("safe_mode")),
+            "boot": h.get("boot", st.get("boot")),
+            "cause": st.get("cause") or h.get("reset_cause"),
+            "fw": st.get("fw"),
+            "last_seen_s": None if d["seen"] is None else round(now - d["seen"], 1),
+            "queued": queued,
+        })
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return OK
+    table = [("DEVICE", "STATE", "BOOT", "CAUSE", "FW", "LAST SEEN", "QUEUE")]
+    for r in rows:
+        table.append((r["device"], r["state"] + (" (safe mode)" if r["safe_mode"] else ""),
+                      _cell(r["boot"]), _cell(r["cause"]), _cell(r["fw"]),
+                      _age(r["last_seen_s"]), _cell(r["queued"])))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    if not rows:
+        print("(no device matched %r within %g s)" % (args.pattern, args.wait), file=sys.stderr)
+    return OK
+
+
+def _cell(v):
+    return "-" if v is None else str(v)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+def _text(*paragraphs):
+    """Help text as wrapped paragraphs (the raw formatter keeps the exit code tables as
+    written, so prose is wrapped here)."""
+    return "\n\n".join(textwrap.fill(x, 88) for x in paragraphs)
+
+
+def parser():
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="fleetctl.py", formatter_class=fmt, epilog=EPILOG,
+        description=_text("Operate a fleet over MQTT: watch devices (tail), run commands "
+                          "(cmd), change the desired config (set), list devices (status). "
+                          "COMMAND --help tells more."))
+    p.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
+                   help="broker address (default %(default)s)")
+    p.add_argument("--user", help="MQTT user name")
+    p.add_argument("--password", default=os.environ.get("FLEETCTL_PASSWORD"),
+                   help="MQTT password (default: $FLEETCTL_PASSWORD; never printed)")
+    p.add_argument("--prefix", default="", help="topic prefix of the fleet (default none)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for the broker, and for a command result "
+                        "(default %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "tail", formatter_class=fmt, help="print what devices publish, as it arrives",
+        description=_text(
+            "Print the messages of one device, or of every device whose id matches a glob "
+            "pattern (pump-*, sensor-?1; quote it for the shell), one line each as they arrive. "
+            "Retained status messages (old news: use status) are left out unless --retained."),
+        epilog="exit codes: 0 after --count messages or on Ctrl-C, 3 if --duration ends first")
+    t.add_argument("target", metavar="TARGET", help="device id or glob pattern of ids")
+    t.add_argument("--kind", default=",".join(KINDS),
+                   help="comma-separated message kinds (default %(default)s)")
+    t.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    t.add_argument("--duration", type=float, metavar="S", help="exit after S seconds")
+    t.add_argument("--retained", action="store_true", help="also print retained messages")
+    t.add_argument("--json", action="store_true",
+                   help='one JSON object per line: {"t", "device", "kind", "retained", "data"}')
+
+    c = sub.add_parser(
+        "cmd", formatter_class=fmt, help="run a command on a device and print its result",
+        description=_text(
+            "Publish {prefix}devices/DEVICE/cmd/NAME with a JSON body carrying a request id, "
+            "wait for the answer with that id on .../cmd/NAME/result and print it as one JSON "
+            "line. Firmware commands: ping, report, logs (--body '{\"n\": 20}'), "
+            "refresh-config, reboot.",
+            "A timeout does not mean that the command will not run: the broker keeps it for a "
+            "device that is away and has a session. Retry with the same id in --body to run it "
+            "at most once (the device answers a known id with {\"duplicate\": true})."),
+        epilog="exit codes:\n"
+               "  0  the device answered ok (also a duplicate: that id had already run)\n"
+               "  1  the device answered error (unknown command, bad body)\n"
+               "  2  bad arguments\n"
+               "  3  no answer within --timeout\n"
+               "  4  broker problem")
+    c.add_argument("device", metavar="DEVICE")
+    c.add_argument("name", metavar="NAME", help="command name")
+    c.add_argument("--body", metavar="JSON",
+                   help="JSON object sent as the body; an \"id\" is added unless given")
+    c.add_argument("--timeout", dest="cmd_timeout", type=float, metavar="S",
+                   help="seconds to wait for the result (default: the global --timeout)")
+
+    s = sub.add_parser(
+        "set", formatter_class=fmt, help="change a device's or a group's desired config layer",
+        description=_text(
+            "Check the settings against the firmware's declared ones (firmware/settings.py): "
+            "unknown names, wrong types and out-of-range values are refused with exit 2 and "
+            "nothing is published. Then publish the layer retained on "
+            "{prefix}devices/ID/config/desired or {prefix}fleet/GROUP/config/desired with the "
+            "next version: the current retained document's + 1 (for a device, at least the "
+            "version it reports as applied + 1).",
+            "KEY=VALUE changes those keys of the current layer and keeps the others (--replace "
+            "starts from an empty layer); KEY= removes KEY. VALUE is JSON when it parses (30, "
+            "2.5), else a string (log_level=warn). Dotted names (reconnect.cap) are published "
+            "as nested objects. --file publishes the file's document as the whole layer (a "
+            "version in it is ignored).",
+            "Two operators changing the same layer at the same moment can both take the same "
+            "version; devices keep the first one they get."),
+        epilog="settings of this firmware:\n" + "\n".join(
+            "  %-24s %s" % (x[0], "|".join(x[3]) if x[1] == settings.CHOICE
+                            else "%s %s..%s" % (x[1], x[3], x[4])) for x in settings.SETTINGS)
+        + "\n\nexit codes: 0 published, 2 refused (nothing published), 4 broker problem")
+    who = s.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", metavar="ID")
+    who.add_argument("--group", metavar="G", help="a group of the devices' bootstrap config, "
+                                                  "or 'all' for every device")
+    s.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    s.add_argument("--file", metavar="PATH", help="desired document as JSON ('-': stdin)")
+    s.add_argument("--replace", action="store_true",
+                   help="KEY=VALUE: do not keep the other keys of the current layer")
+    s.add_argument("--dry-run", action="store_true", help="print the document, publish nothing")
+    s.add_argument("--read-wait", type=float, default=2.0, metavar="S",
+                   help="at most this long to read the current retained layer (default "
+                        "%(default)s; normally it takes a round trip)")
+
+    st = sub.add_parser(
+        "status", formatter_class=fmt, help="table of devices: state, boot, last seen, queue",
+        description=_text(
+            "Collect retained status and live status, health and telemetry for --wait seconds "
+            "and print one row per device: id, online/offline (safe mode marked), boot number, "
+            "reset cause of that boot, firmware, last seen (age of the newest live message; "
+            "'-' if none arrived while collecting) and queue depth (outbox.queued of the "
+            "latest health; '-' if none arrived: health comes every ~5 min, --report asks for "
+            "it now)."),
+        epilog="exit codes: 0 (also when no device matched), 2 bad arguments, 4 broker problem")
+    st.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
+                    help="device id or glob pattern (default: every device)")
+    st.add_argument("--wait", type=float, default=2.0, metavar="S",
+                    help="seconds to collect (default %(default)s)")
+    st.add_argument("--report", action="store_true",
+                    help="ask each online device for health now (the report command)")
+    st.add_argument("--json", action="store_true", help="one JSON object per device")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.prefix and not args.prefix.endswith("/"):
+        args.prefix += "/"  # as the firmware reads its bootstrap config's prefix
+    run = {"tail": cmd_tail, "cmd": cmd_cmd, "set": cmd_set, "status": cmd_status}[args.command]
+    try:
+        if set("+#\0") & set(args.prefix):
+            raise Fail(INVALID, "--prefix must not contain MQTT wildcards")
+        return run(args)
+    except Fail as e:
+        print("fleetctl: %s" % e, file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        # Ctrl-C is how a tail without --count ends: a normal end.
+        return OK if args.command == "tail" else INTERRUPTED
+    except BrokenPipeError:
+        # Output piped into `head`: the reader has all it wanted. stdout goes to /dev/null
+        # so that the interpreter's final flush does not complain about the pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
