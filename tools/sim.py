@@ -3,7 +3,8 @@
     python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]
                         [--workdir DIR] [--heapsize SIZE] [--build]
                         [--outage-every S [--outage-for S]] [--health-interval S]
-                        [--first-window S] [--processes N] [--prefix P] [--quiet]
+                        [--first-window S] [--stable-s S] [--processes N] [--prefix P]
+                        [--quiet]
 
 Starts a private mosquitto on a free port unless --broker is given, packs the devices into a
 few MicroPython processes (each device has its own flash image and id), prints what they
@@ -19,7 +20,9 @@ seconds cuts every connection and refuses new ones for --outage-for seconds.
 --health-interval S sets the devices' health_interval; the heap figures come from the
 heap_alloc of their devices/{id}/health messages. --build runs the compiled firmware
 (firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --first-window S sets the
-devices' broker.reconnect.first_window (the spread of a fleet's first reconnect).
+devices' broker.reconnect.first_window (the spread of a fleet's first reconnect), --stable-s S
+their broker.reconnect.stable_s (how long a connection must last before the delays start
+over: outages more often than the 30 s default keep the delays growing).
 """
 import argparse
 import glob
@@ -66,6 +69,8 @@ def parse_args(argv=None):
                    help="health_interval of the devices (health messages give the heap figures)")
     p.add_argument("--first-window", type=float, metavar="S",
                    help="broker.reconnect.first_window of the devices (default: the firmware's, 5 s)")
+    p.add_argument("--stable-s", type=float, metavar="S",
+                   help="broker.reconnect.stable_s of the devices (default: the firmware's, 30 s)")
     p.add_argument("--build", action="store_true",
                    help="compile firmware/ and lib/ into build/ (as make mpy) and run build/main.py")
     a = p.parse_args(argv)
@@ -80,6 +85,8 @@ def parse_args(argv=None):
             p.error("--outage-for must be shorter than --outage-every")
     if a.first_window is not None and a.first_window < 0:
         p.error("--first-window must not be negative")
+    if a.stable_s is not None and a.stable_s < 1:
+        p.error("--stable-s must be at least 1 (the bootstrap config's minimum)")
     if a.health_interval is not None and a.health_interval < 0.5:
         p.error("--health-interval must be at least 0.5 (the bootstrap config's minimum)")
     return a
@@ -291,8 +298,13 @@ def main(argv=None):
     configs = []
     for n in range(a.devices):
         b = {"keepalive": a.keepalive}
+        rec = {}
         if a.first_window is not None:
-            b["reconnect"] = {"first_window": a.first_window}
+            rec["first_window"] = a.first_window
+        if a.stable_s is not None:
+            rec["stable_s"] = a.stable_s
+        if rec:
+            b["reconnect"] = rec
         configs.append(device_config("sim-%04d" % n, dev_host, dev_port,
                                      telemetry_interval=a.interval, prefix=a.prefix, broker=b,
                                      **extra))

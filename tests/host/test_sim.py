@@ -37,10 +37,13 @@ def test_sim_rejects_bad_arguments(tmp_path):
 
 def test_sim_outages_and_health_give_heap_figures(tmp_path):
     # Outages at 4 s and 8 s through the sim's fault proxy; health every ~0.5 s gives the heap
-    # figures. first_window 0.5 s so that both devices are back between the outages.
+    # figures. first_window 0.5 s and stable_s 1 s so that both devices are back between the
+    # outages: with the default 30 s, connections of under 4 s never count as stable and each
+    # outage's retry delays grow from the last one's (the policy for a flapping link).
     lines = run_sim(tmp_path, "--devices", "2", "--processes", "2", "--duration", "12",
                     "--interval", "0.5", "--outage-every", "4", "--outage-for", "1.5",
-                    "--first-window", "0.5", "--health-interval", "0.5", "--heapsize", "256k")
+                    "--first-window", "0.5", "--stable-s", "1", "--health-interval", "0.5",
+                    "--heapsize", "256k")
     summary = json.loads(lines[-1])
     assert summary["gaps"] == 0 and summary["memory_errors"] == 0
     assert summary["telemetry"] >= 2 * 12, "telemetry kept flowing around the outages"
