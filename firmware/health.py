@@ -7,22 +7,32 @@ import time
 from backoff import jittered
 from firmware.version import SCHEMA
 
-LOG_LINES = 40
+LOG_BYTES = 2048
 LOG_LINE_MAX = 160
 
 
 class LogRing:
-    """The most recent log lines, oldest first, in one buffer allocated at boot: its memory
-    is the same from the first line on, however much is logged (a heap soak sees no growth
-    while it fills). A line longer than `width` bytes is cut at a character boundary."""
+    """The most recent log lines, oldest first, packed (a length byte, then the text) into
+    one circular buffer allocated at boot: its memory is the same from the first line on,
+    however much is logged, and short lines leave room for more of them (2 KiB keeps about
+    30 typical lines; fixed slots of the longest line kept a third as many in the same RAM).
+    A line longer than `width` bytes is cut at a character boundary."""
 
-    def __init__(self, size=LOG_LINES, width=LOG_LINE_MAX):
-        self.buf = bytearray(size * width)
-        self.lens = bytearray(size)  # width <= 255
+    def __init__(self, size=LOG_BYTES, width=LOG_LINE_MAX):
+        self.buf = bytearray(size)
         self.size = size
-        self.width = width
-        self.at = 0
+        self.width = min(width, 255, size - 1)  # the length must fit its byte
+        self.head = 0  # offset of the oldest line's length byte
+        self.used = 0
+        self.count = 0
         self.total = 0
+
+    def _put(self, off, data):
+        size = self.size
+        k = min(len(data), size - off)
+        self.buf[off:off + k] = data[:k]
+        if k < len(data):
+            self.buf[0:len(data) - k] = data[k:]
 
     def add(self, line):
         b = line.encode()
@@ -31,21 +41,35 @@ class LogRing:
             n = self.width
             while n and b[n] & 0xC0 == 0x80:  # not inside a UTF-8 sequence
                 n -= 1
-        off = self.at * self.width
-        self.buf[off:off + n] = memoryview(b)[:n]
-        self.lens[self.at] = n
-        self.at = (self.at + 1) % self.size
+        size = self.size
+        while size - self.used < n + 1:  # evict the oldest lines until this one fits
+            k = self.buf[self.head] + 1
+            self.head = (self.head + k) % size
+            self.used -= k
+            self.count -= 1
+        off = (self.head + self.used) % size
+        self.buf[off] = n
+        self._put((off + 1) % size, memoryview(b)[:n])
+        self.used += n + 1
+        self.count += 1
         self.total += 1
 
     def last(self, n):
         size = self.size
-        n = min(n, size, self.total)
-        mv = memoryview(self.buf)
+        buf = self.buf
+        skip = self.count - min(n, self.count)
+        off = self.head
         out = []
-        for i in range(n):
-            k = (self.at - n + i) % size
-            off = k * self.width
-            out.append(str(mv[off:off + self.lens[k]], "utf-8"))
+        for i in range(self.count):
+            k = buf[off]
+            if i >= skip:
+                a = (off + 1) % size
+                b = a + k
+                if b <= size:
+                    out.append(str(memoryview(buf)[a:b], "utf-8"))
+                else:
+                    out.append(str(bytes(buf[a:]) + bytes(buf[:b - size]), "utf-8"))
+            off = (off + 1 + k) % size
         return out
 
 

@@ -177,7 +177,7 @@ def test_log_ring_keeps_the_last_lines_in_memory_fixed_at_boot():
     import gc
     from firmware.health import LogRing
 
-    r = LogRing(4, 12)
+    r = LogRing(28, 12)  # bytes: four 6-byte lines and their length bytes
     assert r.last(3) == []
     for i in range(6):
         r.add("line %d" % i)
@@ -186,6 +186,22 @@ def test_log_ring_keeps_the_last_lines_in_memory_fixed_at_boot():
     r.add("x" * 30)
     r.add("abcdefghij\u20ac")  # 13 bytes: the 3-byte euro sign would be split at 12
     assert r.last(2) == ["x" * 12, "abcdefghij"], r.last(2)
+    # Lines of many lengths wrap around the buffer's end at every offset: the ring always
+    # holds the newest lines that fit, whole and in order.
+    w = LogRing(50, 20)
+    kept = []
+    for i in range(300):
+        line = "%d:" % i + "ab\u00e9"[: i % 3] * (i % 7)
+        w.add(line)
+        b = line.encode()
+        n = min(20, len(b))
+        while n < len(b) and b[n] & 0xC0 == 0x80:  # a cut leaves whole characters
+            n -= 1
+        kept.append(b[:n].decode())
+        while sum(len(x.encode()) + 1 for x in kept) > 50:
+            kept.pop(0)
+        assert w.last(100) == kept, (i, w.last(100), kept)
+        assert w.last(2) == kept[-2:]
     big = LogRing()
     gc.collect()
     before = gc.mem_alloc()
@@ -193,3 +209,20 @@ def test_log_ring_keeps_the_last_lines_in_memory_fixed_at_boot():
         big.add("pump-0042 I connected (session present: 1, resent: %d, sent: %d)" % (i, i))
     gc.collect()
     assert gc.mem_alloc() - before < 256, gc.mem_alloc() - before
+
+
+def test_room_reserved_at_start_up_is_released_for_the_boot_buffers():
+    import gc
+
+    b = _board("reserve")
+    d = Device(b)
+    d.heap_reserve = [bytearray(12288)]
+    gc.collect()
+    before = gc.mem_alloc()
+    d.build(bootconfig.validate({"device_id": "res", "broker": {"host": "h"}}))
+    assert d.heap_reserve == []
+    gc.collect()
+    # The 8 KB ring and the rest of the build came out of the 12 KB given back.
+    assert gc.mem_alloc() - before < 12288, gc.mem_alloc() - before
+    d.heap_reserve = None  # no reservation (a second device in the process): nothing to do
+    d.build(bootconfig.validate({"device_id": "res2", "broker": {"host": "h"}}))
