@@ -6,7 +6,8 @@
 #
 # The port's own manifest comes first (asyncio, network helpers, ...). boot.py and main.py
 # stay on the filesystem, as do /config.json and the certificates (tools/deploy.py). The
-# Unix board is left out: it is the simulator's, never a microcontroller's.
+# Unix board (unix.py, unixargs.py) is left out: it is the simulator's, never a
+# microcontroller's.
 # Paths are relative to this file; tests/host/test_packaging.py checks that each exists.
 include("$(PORT_DIR)/boards/manifest.py")
 

@@ -51,6 +51,8 @@ class Device:
         self._rebooting = False
         self._restart = asyncio.Event()
         self._reboot_task = None
+        # A list holding room taken early in the boot (main.py), released for our buffers.
+        self.heap_reserve = None
 
     def log(self, level, msg):
         if _LEVELS.find(level) >= self._min_level:
@@ -163,6 +165,12 @@ class Device:
                                self.rnd, self.log, self._apply, base)
         self.sync.subscribe()
         eff = self.sync.load()  # the cached config, from the first moment of the boot
+        # The outbox ring is the one large block: into the room reserved for it at start-up
+        # (main.py), released only now so that the garbage of loading the cached config
+        # does not land in it first.
+        if self.heap_reserve:
+            self.heap_reserve.clear()
+            self.board.collect()
         self.outbox = Outbox(
             self.board.fs if eff["outbox.flash_bytes"] else None,
             ram_bytes=eff["outbox.ram_bytes"], flash_bytes=eff["outbox.flash_bytes"],

@@ -3,6 +3,8 @@
 # whole, so a bad file is one clear error instead of a crash somewhere later.
 import json
 
+from firmware.twin import check_text
+
 PATH = "/config.json"
 MAX_BYTES = 4096
 
@@ -45,10 +47,11 @@ def validate(doc):
     if not isinstance(doc, dict):
         raise ConfigError("top level must be a JSON object")
     cfg = {"device_id": _check_id("device_id", doc.get("device_id"))}
-    prefix = _str(doc, "prefix", "")
-    for c in "+#\x00":
-        if c in prefix:
-            raise ConfigError("prefix must not contain MQTT wildcards or NUL")
+    prefix = doc.get("prefix", "")
+    # Printable ASCII: MicroPython keeps overlong bytes in strings (an overlong "+" would
+    # pass a wildcard check), and a topic that is not UTF-8 makes the broker drop us.
+    if not isinstance(prefix, str) or [c for c in prefix if c in "+#" or not " " <= c <= "~"]:
+        raise ConfigError("prefix must be printable ASCII without the MQTT wildcards + #")
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     cfg["prefix"] = prefix
@@ -197,14 +200,21 @@ def _reconnect(r):
 def load(fs):
     """Read and validate the bootstrap config from the board's filesystem."""
     try:
-        with fs.open(PATH, "r") as f:
-            text = f.read(MAX_BYTES + 1)
+        size = fs.stat(PATH)[6]
     except OSError:
         raise ConfigError("%s missing: provision the device (see README)" % PATH)
-    if len(text) > MAX_BYTES:
+    if size > MAX_BYTES:
         raise ConfigError("%s larger than %d bytes" % (PATH, MAX_BYTES))
     try:
+        # Exactly the file's size: read(MAX_BYTES + 1) took a 4 KB block at every boot,
+        # the moment the heap is most fragmented.
+        with fs.open(PATH, "r") as f:
+            text = f.read(size)
+    except OSError as e:
+        raise ConfigError("%s unreadable: %r" % (PATH, e))
+    try:
+        check_text(text, MAX_BYTES, 8, False)  # nesting costs the parser heap: refused first
         doc = json.loads(text)
     except ValueError:
-        raise ConfigError("%s is not valid JSON" % PATH)
+        raise ConfigError("%s is not valid JSON (or nested deeper than 8)" % PATH)
     return validate(doc)

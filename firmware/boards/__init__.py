@@ -20,9 +20,13 @@ def boards():
     """The board objects this process drives: one on a microcontroller, one or more on Unix."""
     cls = _mcu_board()
     if cls is None:
-        from firmware.boards.unix import boards_from_argv
+        from firmware.boards import unixargs
 
-        return boards_from_argv(sys.argv[1:])
+        out = unixargs.boards_from_argv(sys.argv[1:])
+        # Boot-only code: dropped so that it can be collected.
+        del sys.modules["firmware.boards.unixargs"]
+        globals().pop("unixargs", None)
+        return out
     return [cls()]
 
 

@@ -42,8 +42,8 @@ class FileBlockDevice:
             self.f = open(path, "w+b")
             self.new = True
         if self.new:
-            ff = b"\xff" * block_size
-            for _ in range(self.blocks):
+            ff = b"\xff" * 256  # erased flash; small, so a fresh image needs no 4 KB block
+            for _ in range(self.blocks * block_size // 256):
                 self.f.write(ff)
             self.f.flush()
 
@@ -84,8 +84,9 @@ def open_flash(path, size=DEFAULT_FLASH):
 
 
 class Control:
-    """Words in a host file that a test writes: link-down, hang-await, hang-busy, crash.
-    Read again at most every 100 ms, so a fleet of boards polling it costs little."""
+    """Words in a host file that a test writes: link-down, hang-await, hang-busy, crash,
+    clock=+S / clock=-S (the wall clock shifted by S seconds). Read again at most every
+    100 ms, so a fleet of boards polling it costs little."""
 
     def __init__(self, path):
         self.path = path
@@ -104,6 +105,14 @@ class Control:
             except OSError:
                 self.words = ()
         return word in self.words
+
+    def clock(self):
+        """Seconds `clock=+S` / `clock=-S` shifts this board's wall clock by (0 without)."""
+        self.has("")  # reads the file again when due
+        for w in self.words:
+            if w.startswith("clock="):
+                return float(w[6:])
+        return 0
 
 
 class SimLink:
@@ -187,8 +196,9 @@ class Board(BaseBoard):
         return time.ticks_diff(time.ticks_ms(), self._t0)
 
     def unix_time(self):
-        """Seconds since 1970, or None while the clock is not set (the host clock always is)."""
-        return round(time.time(), 3)
+        """Seconds since 1970, or None while the clock is not set (the host clock always is),
+        plus the control file's clock= shift (a test hook: wall-clock jumps)."""
+        return round(time.time() + self.control.clock(), 3)
 
     def read_sensors(self, rnd):
         # The host has no sensor; a plausible drifting value keeps payloads realistic.
@@ -231,57 +241,3 @@ class Board(BaseBoard):
         """No hardware to reset: Device.run boots the device again in this process."""
         self.cause = "soft"
         self._t0 = time.ticks_ms()
-
-
-def _usage(msg):
-    print("unix board: " + msg)
-    print(
-        "usage: micropython main.py [--flash-size BYTES] [--wdt HOST:PORT] --flash IMAGE "
-        "[--put DEST=HOSTFILE]... [--reset-cause CAUSE] [--control HOSTFILE] "
-        "[--flash IMAGE2 ...]"
-    )
-    sys.exit(2)
-
-
-def boards_from_argv(argv):
-    """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
-    flash before it boots (what `mpremote cp` does for a real board); --reset-cause and
-    --control also apply to the last --flash; --wdt is the runner's watchdog for all."""
-    size = DEFAULT_FLASH
-    wdt = None
-    out = []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if i + 1 >= len(argv):
-            _usage("missing value after " + a)
-        v = argv[i + 1]
-        i += 2
-        if a == "--flash-size":
-            size = int(v)
-        elif a == "--wdt":
-            host, _, port = v.rpartition(":")
-            wdt = (host, int(port))
-        elif a == "--flash":
-            out.append(Board(v, size))
-        elif not out:
-            _usage(a + " before any --flash")
-        elif a == "--reset-cause":
-            out[-1].cause = v
-        elif a == "--control":
-            out[-1].control.path = v
-        elif a == "--put":
-            dest, _, src = v.partition("=")
-            with open(src, "rb") as f:
-                data = f.read()
-            with out[-1].fs.open(dest, "wb") as f:
-                f.write(data)
-        else:
-            _usage("unknown option " + a)
-    if not out:
-        out.append(Board("flash.img", size))
-    shared = SharedHeap() if len(out) > 1 else None
-    for b in out:
-        b.wdt_addr = wdt
-        b.shared = shared
-    return out

@@ -1,0 +1,60 @@
+# The Unix port's command line: which boards this process drives (one --flash each) and
+# what the runner tells them. Boot-only: firmware/boards drops this module once the boards
+# exist, so its bytecode does not stay in the heap for the rest of the run.
+import sys
+
+from firmware.boards.unix import DEFAULT_FLASH, Board, SharedHeap
+
+
+def _usage(msg):
+    print("unix board: " + msg)
+    print(
+        "usage: micropython main.py [--flash-size BYTES] [--wdt HOST:PORT] --flash IMAGE "
+        "[--put DEST=HOSTFILE]... [--reset-cause CAUSE] [--control HOSTFILE] "
+        "[--flash IMAGE2 ...]"
+    )
+    sys.exit(2)
+
+
+def boards_from_argv(argv):
+    """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
+    flash before it boots (what `mpremote cp` does for a real board); --reset-cause and
+    --control also apply to the last --flash; --wdt is the runner's watchdog for all."""
+    size = DEFAULT_FLASH
+    wdt = None
+    out = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if i + 1 >= len(argv):
+            _usage("missing value after " + a)
+        v = argv[i + 1]
+        i += 2
+        if a == "--flash-size":
+            size = int(v)
+        elif a == "--wdt":
+            host, _, port = v.rpartition(":")
+            wdt = (host, int(port))
+        elif a == "--flash":
+            out.append(Board(v, size))
+        elif not out:
+            _usage(a + " before any --flash")
+        elif a == "--reset-cause":
+            out[-1].cause = v
+        elif a == "--control":
+            out[-1].control.path = v
+        elif a == "--put":
+            dest, _, src = v.partition("=")
+            with open(src, "rb") as f:
+                data = f.read()
+            with out[-1].fs.open(dest, "wb") as f:
+                f.write(data)
+        else:
+            _usage("unknown option " + a)
+    if not out:
+        out.append(Board("flash.img", size))
+    shared = SharedHeap() if len(out) > 1 else None
+    for b in out:
+        b.wdt_addr = wdt
+        b.shared = shared
+    return out
