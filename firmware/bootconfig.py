@@ -212,6 +212,8 @@ def load(fs):
             text = f.read(size)
     except OSError as e:
         raise ConfigError("%s unreadable: %r" % (PATH, e))
+    except UnicodeError:  # the text read checks UTF-8
+        raise ConfigError("%s is not UTF-8" % PATH)
     try:
         check_text(text, MAX_BYTES, 8, False)  # nesting costs the parser heap: refused first
         doc = json.loads(text)

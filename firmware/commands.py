@@ -9,6 +9,7 @@
 import json
 
 from firmware.bootlog import write_atomic
+from firmware.twin import loads
 
 DONE_PATH = "/cmd-done.json"
 _KEEP = 16
@@ -48,11 +49,18 @@ class Commands:
 
     async def on_message(self, topic, payload, retain):
         name = bytes(topic).decode().rsplit("/", 1)[-1]
+        if len(name) > 32:  # no command is named so; its result topic might not fit a frame
+            self.rejected += 1
+            return
         try:
-            body = json.loads(bytes(payload))
+            # Size, nesting and characters checked before parsing, as for desired layers.
+            body = loads(payload)
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
             rid = body.get("id")
+            # Echoed and remembered (16 of them): short, a string or an integer.
+            if rid is not None and (type(rid) not in (str, int) or len(str(rid)) > 64):
+                raise ValueError("id must be a string or an integer of at most 64 characters")
         except ValueError as e:
             self.rejected += 1
             await self._answer(name, None, "error", {"error": "bad body: %s" % e})

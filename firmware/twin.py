@@ -21,17 +21,25 @@ class Rejected(ValueError):
         self.version = version  # of the rejected document, when it could be read
 
 
-def check_text(text, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH):
+def check_text(text, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH, ascii=True):
     """Refuse a document by size or nesting before it is parsed (a parser's recursion and
-    allocations are what a hostile document would aim at)."""
+    allocations are what a hostile document would aim at). With `ascii`, also anything but
+    printable ASCII, tab and newlines, and \\u escapes: MicroPython's json keeps overlong
+    bytes and makes non-UTF-8 strings of escaped surrogates, which the device would echo
+    (unknown keys, request ids) to consumers that cannot read them; desired layers and
+    command bodies need no other characters."""
     if len(text) > max_bytes:
         raise Rejected("document larger than %d bytes" % max_bytes)
     depth = 0
     in_str = False
     esc = False
     for c in text:
+        if ascii and (c > "~" or c < " " and c not in "\t\n\r"):
+            raise Rejected("not printable ASCII")
         if in_str:
             if esc:
+                if ascii and c == "u":
+                    raise Rejected("\\u escape")
                 esc = False
             elif c == "\\":
                 esc = True
@@ -47,8 +55,9 @@ def check_text(text, max_bytes=MAX_BYTES, max_depth=MAX_DEPTH):
             depth -= 1
 
 
-def parse_layer(text):
-    """(version, {dotted name: value}, [unknown names]) or Rejected."""
+def loads(text):
+    """A JSON document from the wire (bytes or str), or Rejected: checked by check_text
+    before it is parsed."""
     if isinstance(text, (bytes, bytearray, memoryview)):
         if len(text) > MAX_BYTES:  # bytes, before decoding: the limit is on the wire size
             raise Rejected("document larger than %d bytes" % MAX_BYTES)
@@ -58,9 +67,14 @@ def parse_layer(text):
             raise Rejected("not UTF-8")
     check_text(text)
     try:
-        doc = json.loads(text)
+        return json.loads(text)
     except ValueError:
         raise Rejected("not valid JSON")
+
+
+def parse_layer(text):
+    """(version, {dotted name: value}, [unknown names]) or Rejected."""
+    doc = loads(text)
     if not isinstance(doc, dict):
         raise Rejected("not a JSON object")
     version = doc.get("version")
@@ -79,6 +93,8 @@ def parse_layer(text):
 
 def _flatten(d, prefix, out, unknown):
     for k, v in d.items():
+        if not isinstance(k, str):  # MicroPython's json reads {1: 2}
+            raise Rejected("keys must be strings")
         if not prefix and k == "version":
             continue
         name = prefix + k
@@ -86,8 +102,8 @@ def _flatten(d, prefix, out, unknown):
             _flatten(v, name + ".", out, unknown)
         elif settings.find(name):
             out[name] = v
-        else:
-            unknown.append(name)
+        elif len(unknown) < 8:  # reported: bounded, so the report still fits a frame
+            unknown.append(name[:64])
 
 
 class Twin:
