@@ -104,6 +104,8 @@ class MQTTClient:
             "keepalive_timeouts": 0,
             "resends": 0,
             "pings": 0,
+            "sub_refusals": 0,  # topic filters a SUBACK refused (0x80): an ACL, usually
+            "oversized": 0,  # inbound PUBLISHes over max_frame, acknowledged and dropped
             "rx": 0,
             "tx": 0,
             "last_refusal": 0,
@@ -123,9 +125,11 @@ class MQTTClient:
         # the next connection's writes.
         self._gate = [asyncio.Lock(), 0]
         self._pinging = False
+        self._rtask = None  # the read loop's task: inbound handlers run on it
         self._space = asyncio.Event()
         self._suback = asyncio.Event()
         self._sub_pid = 0
+        self._subs_sent = []
         self._dead = asyncio.Event()
         self._stop = False
         self._epoch = 0  # connections made so far; Message.sent refers to it
@@ -174,14 +178,21 @@ class MQTTClient:
                 return False
             await self._send_publish(topic, payload, 0, retain, False, 0)
             return True
+        over = False
         while self.session.full():
+            if asyncio.current_task() is self._rtask:
+                # From an inbound handler (a command's answer, a config report): it runs on
+                # the read loop, and room comes only with PUBACKs that this very task must
+                # read, so waiting would wedge the connection. It goes beyond the window.
+                over = True
+                break
             self._space.clear()
             await self._space.wait()
         msg = Message(topic, payload, 1, retain, token)
         done = None
         if wait:
             done = msg.done = asyncio.Event()
-        self.session.add(msg)
+        self.session.add(msg, over)
         if self.connected.is_set():
             try:
                 await self._send_publish(topic, payload, 1, retain, False, msg.pid)
@@ -271,6 +282,7 @@ class MQTTClient:
                 asyncio.create_task(self._read_loop()),
                 asyncio.create_task(self._keepalive_loop()),
             )
+            self._rtask = tasks[0]
             # While connected the keepalive loop checks in; without keepalive nobody does.
             self.beat(int(self.keepalive * 1500) + connect_ms if self.keepalive else None)
             try:
@@ -425,8 +437,13 @@ class MQTTClient:
     async def _subscribe_all(self, subs=None):
         pid = self.session.next_pid()
         self._sub_pid = pid
+        self._subs_sent = subs = subs or self.subs  # to name what a SUBACK refuses
         self._suback.clear()
-        await self._send(codec.subscribe_packet(pid, subs or self.subs))
+        await self._send(codec.subscribe_packet(pid, subs))
+        if asyncio.current_task() is self._rtask:
+            # From an inbound handler (the refresh-config command): the SUBACK can only be
+            # read once it returns, so waiting here would stall the link for `timeout`.
+            return
         await asyncio.wait_for(self._suback.wait(), self.timeout)
         if self._dead.is_set():
             raise OSError("link lost while subscribing")
@@ -478,6 +495,8 @@ class MQTTClient:
                 await self._fill(off + 1)
             n = vl.feed(buf[self._r0 + off])
             off += 1
+        if n > self.max_frame and byte0 & 0xF0 == codec.PUBLISH:
+            return byte0, await self._drop_big(byte0, off, n)
         codec.check_fixed_header(byte0, n, self.max_frame)
         self._last_rx = self.ticks_ms()
         self.stats["rx"] += 1
@@ -507,6 +526,38 @@ class MQTTClient:
         self._last_rx = self.ticks_ms()
         return mv
 
+    async def _drop_big(self, byte0, off, n):
+        """A PUBLISH over max_frame: read past and dropped, never handed to the app, and
+        acknowledged. Closing the connection instead would never end: the broker sends it
+        again on every reconnect (kept session) or subscription (retained). Returns None."""
+        codec.check_fixed_header(byte0, 0, self.max_frame)  # the flags (QoS 3)
+        k = min(n, len(self._rxbuf) - off)
+        await self._fill(off + k)
+        buf = self._rxbuf
+        h = self._r0 + off
+        end = 2 + ((buf[h] << 8) | buf[h + 1])
+        if end + 2 > k:
+            raise codec.ProtocolError("PUBLISH of %d bytes with a topic past the buffer" % n)
+        topic = bytes(buf[h + 2:h + end])
+        pid = (buf[h + end] << 8) | buf[h + end + 1]
+        self._r0 = h + k
+        left = n - k
+        while left:
+            if self._r0 == self._r1:
+                self._r0 = self._r1 = 0
+                await self._fill(1)
+            t = min(left, self._r1 - self._r0)
+            self._r0 += t
+            left -= t
+        self._last_rx = self.ticks_ms()
+        self.stats["oversized"] += 1
+        self.log("E", "dropped a message of %d bytes (max_frame %d) on %s" % (
+            n, self.max_frame, topic))
+        if byte0 & 6:
+            codec.ack_into(self._ackbuf, codec.PUBACK, pid)
+            await self._send(self._ackbuf)
+        return None
+
     async def _read_loop(self):
         try:
             buf = self._rxbuf
@@ -532,6 +583,8 @@ class MQTTClient:
         self._kill()
 
     async def _dispatch(self, byte0, body):
+        if body is None:  # dropped (_drop_big)
+            return
         ptype = byte0 & 0xF0
         if ptype == codec.PUBLISH:
             topic, payload, qos, pid, dup, retain = codec.decode_publish(byte0 & 0x0F, body)
@@ -557,8 +610,11 @@ class MQTTClient:
         elif ptype == codec.SUBACK:
             pid, granted = codec.decode_suback(body)
             if pid == self._sub_pid:
-                if 0x80 in granted:
-                    self.log("E", "broker refused a subscription: %r" % (granted,))
+                n = granted.count(0x80)
+                if n:
+                    self.stats["sub_refusals"] += n
+                    self.log("E", "broker refused %d subscription(s): %r" % (n, [
+                        s[0] for s, g in zip(self._subs_sent, granted) if g == 0x80]))
                 self._suback.set()
         elif ptype == codec.PINGRESP:
             pass

@@ -52,9 +52,10 @@ class Session:
                 return self._next
         raise RuntimeError("no free packet id")
 
-    def add(self, msg):
-        """Put a QoS 1 message in flight; assigns its packet id. Caller checks full()."""
-        if self.full():
+    def add(self, msg, over=False):
+        """Put a QoS 1 message in flight; assigns its packet id. Caller checks full(), or
+        says `over` (a message that must not wait for room goes beyond the window)."""
+        if self.full() and not over:
             raise RuntimeError("in-flight window full")
         msg.pid = self.next_pid()
         self._order += 1

@@ -3,6 +3,7 @@ MQTT) answers CONNECT and then sends one malformed frame. The device must close 
 count it, back off and try again, and stay up; never allocate the advertised size or hang."""
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -12,8 +13,9 @@ CONNACK = b"\x20\x02\x00\x00"
 
 CASES = {
     # name: bytes sent after CONNACK (or instead of it, for the CONNACK cases)
-    "oversized frame": b"\x30\xff\xff\xff\x7f",  # PUBLISH claiming 256 MiB
-    "frame above max_frame": b"\x30\x89\x20" + b"\x00\x03a/b" + b"x" * 100,  # 4105 bytes
+    # (A PUBLISH above max_frame is read past and dropped instead: see the test below.)
+    "oversized frame": b"\x90\xff\xff\xff\x7f",  # SUBACK claiming 256 MiB
+    "frame above max_frame": b"\x90\x89\x20" + b"\x00\x01" + b"\x01" * 100,  # 4105 bytes
     "five-byte remaining length": b"\x30\xff\xff\xff\xff\x01",
     "packet type a server never sends": b"\x10\x02\x00\x00",  # CONNECT
     "reserved packet type 0": b"\x00\x00",
@@ -31,6 +33,7 @@ class RogueBroker:
         self.payload = payload
         self.connack = connack
         self.connections = 0
+        self.received = b""  # what the device sent after its CONNECT
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         threading.Thread(target=self._run, args=(ready,), daemon=True).start()
@@ -57,11 +60,23 @@ class RogueBroker:
             if self.payload and self.payload.startswith(b"\x30\x0a"):
                 writer.close()  # truncated: the rest never comes
                 return
-            await reader.read(65536)  # until the device hangs up
+            while True:  # until the device hangs up
+                data = await reader.read(65536)
+                if not data:
+                    break
+                self.received += data
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
+
+    def wait_for(self, data, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if data in self.received:
+                return True
+            time.sleep(0.05)
+        return False
 
     def close(self):
         async def shutdown():
@@ -93,6 +108,25 @@ def test_malformed_frame_closes_counts_and_reconnects(case, fleet, tmp_path):
         p.wait_line(r"rb I link lost after .* reconnect in", 10, count=2)
         assert rogue.connections >= 2 and p.alive()
         assert "Traceback" not in p.output() and "MemoryError" not in p.output()
+    finally:
+        rogue.close()
+
+
+def test_a_publish_above_max_frame_is_acknowledged_dropped_and_counted(fleet, tmp_path):
+    # Closing the link instead would never end: a broker sends the message again on every
+    # reconnect (kept session) or subscription (retained). Read in pieces, never allocated.
+    big = b"\x00\x10devices/rp/cmd/x\x00\x07" + b"[" * 8989  # packet id 7
+    frame = b"\x32" + bytes([0x80 | len(big) % 128, len(big) // 128]) + big  # QoS 1
+    assert len(big) == 9009
+    rogue = RogueBroker(frame + b"\xd0\x00")  # then a PINGRESP: the stream is still in step
+    try:
+        p = _start(fleet, tmp_path, rogue.port, "rp")
+        p.wait_line(r"rp E dropped a message of 9009 bytes \(max_frame 4096\) on "
+                    r"b'devices/rp/cmd/x'", 10)
+        acked = rogue.wait_for(b"\x40\x02\x00\x07", 5)
+        time.sleep(0.5)
+        assert acked and rogue.connections == 1, "acknowledged, and the link stayed up"
+        assert "protocol error" not in p.output() and "link lost" not in p.output()
     finally:
         rogue.close()
 

@@ -33,6 +33,17 @@ def test_window_bounds_in_flight():
     assert s.ack(1) is None  # a second PUBACK for the same id is ignored
 
 
+def test_a_message_that_must_not_wait_goes_beyond_the_window():
+    # An inbound handler's answer, published from the read loop (lib/mqtt/client.py).
+    s = Session(window=2)
+    s.add(_msg(1))
+    s.add(_msg(2))
+    assert s.add(_msg(3), over=True) == 3 and len(s) == 3 and s.full()
+    assert [m.token for m in s.pending()] == [1, 2, 3]
+    s.ack(1)
+    assert s.full()  # still two in flight: the window is back, not exceeded again
+
+
 def test_pending_keeps_handover_order_across_wrap():
     s = Session(window=8)
     s._next = 65533
