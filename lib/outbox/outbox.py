@@ -286,8 +286,13 @@ class Outbox:
         if self.policy != "offline" or not self.ring.count:
             return
         now = self.ticks_ms()
+        waited = self.ticks_diff(now, self._ring_since) >= self.spill_ms
         if connected and self.ticks_diff(now, self._progress) < self.spill_ms:
+            # Acks flow, but maybe not for these: behind a backlog on flash or on a slow
+            # link, RAM records can wait far longer than spill_ms. Once the oldest has,
+            # it goes to flash all the same, or a power cut would take all of them.
+            if waited:
+                self.spill()
             return
-        if (self.ring.nbytes >= self.block
-                or self.ticks_diff(now, self._ring_since) >= self.spill_ms):
+        if self.ring.nbytes >= self.block or waited:
             self.spill()
