@@ -24,8 +24,21 @@ def read(fs):
 
 def write_atomic(fs, path, text):
     tmp = path + ".tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(text)
+    try:
+        with fs.open(tmp, "w") as f:
+            f.write(text)
+    except OSError:
+        # A full flash has no room for a new file, but an existing one can still be
+        # rewritten, and littlefs commits a file's new content at close, whole or not at
+        # all. Without this, a boot on a full flash could not count itself, and the next
+        # one would take the same boot number: two messages under one (boot, seq).
+        try:
+            fs.remove(tmp)
+        except OSError:
+            pass
+        with fs.open(path, "w") as f:
+            f.write(text)
+        return
     fs.rename(tmp, path)
 
 
