@@ -3,6 +3,10 @@
 Host-side (CPython). Started as root, mosquitto would drop to the `mosquitto` user and lose
 access to our temp files, so the config names the current user.
 """
+import base64
+import glob
+import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -17,6 +21,17 @@ def mosquitto_path():
         if p and os.path.exists(p):
             return p
     raise RuntimeError("mosquitto not found: run 'make setup' (apt-get install mosquitto)")
+
+
+def dynsec_plugin_path():
+    """mosquitto's dynamic-security plugin (in Debian's mosquitto package since 2.0)."""
+    for p in (glob.glob("/usr/lib/*/mosquitto_dynamic_security.so")
+              + glob.glob("/usr/lib/mosquitto*/mosquitto_dynamic_security.so")
+              + ["/usr/lib/mosquitto_dynamic_security.so",
+                 "/usr/local/lib/mosquitto_dynamic_security.so"]):
+        if os.path.exists(p):
+            return p
+    raise RuntimeError("mosquitto_dynamic_security.so not found (mosquitto 2.0 or newer)")
 
 
 def free_port():
@@ -39,7 +54,21 @@ def wait_port(host, port, timeout=10.0):
 class Mosquitto:
     """mosquitto on 127.0.0.1:port with persistence in workdir (so restarts keep sessions)."""
 
-    def __init__(self, workdir, port=None, extra_conf="", persistence=True, anonymous=True):
+    def __init__(self, workdir, port=None, extra_conf="", persistence=True, anonymous=None,
+                 passwords=None, acl=None, dynsec=None):
+        """Access control, all optional (with any of it anonymous defaults to False):
+        passwords: {user: password}, hashed into a password file with mosquitto_passwd;
+        acl: the text of an ACL file (mosquitto.conf(5) acl_file: `user`, `topic`, `pattern`
+        lines). mosquitto 2.0 checks an ACL file on delivery only: a denied SUBSCRIBE is
+        still granted (its messages never arrive) and a denied QoS 1 PUBLISH acknowledged
+        and dropped.
+        dynsec: the dynamic-security plugin's JSON document ({"clients": [...], "roles":
+        [...], "defaultACLAccess": {...}}, see mosquitto.org/documentation/dynamic-security)
+        with each client's "password" in clear (hashed here as the plugin does). It checks
+        subscriptions too: a denied one gets SUBACK 0x80. Its ACL topics take no %c/%u in
+        2.0, so give each device a role of its own."""
+        if anonymous is None:
+            anonymous = not (passwords or dynsec)
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.port = port or free_port()
@@ -58,6 +87,16 @@ class Mosquitto:
             "log_type information",
             "connection_messages true",
         ]
+        if passwords:
+            lines.append("password_file %s" % self._password_file(passwords))
+        if acl is not None:
+            acl_path = os.path.join(self.workdir, "acl")
+            with open(acl_path, "w") as f:
+                f.write(acl)
+            lines.append("acl_file %s" % acl_path)
+        if dynsec is not None:
+            lines.append("plugin %s" % dynsec_plugin_path())
+            lines.append("plugin_opt_config_file %s" % self._dynsec_file(dynsec))
         if persistence:
             lines += [
                 "persistence true",
@@ -67,6 +106,41 @@ class Mosquitto:
         with open(self.conf_path, "w") as f:
             f.write("\n".join(lines) + "\n" + extra_conf)
         self.proc = None
+
+    def _password_file(self, passwords):
+        """user:password lines, hashed in place (`mosquitto_passwd -U`), so no password
+        appears on a command line."""
+        path = os.path.join(self.workdir, "passwd")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            for user, pw in passwords.items():
+                f.write("%s:%s\n" % (user, pw))
+        tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        subprocess.run([tool, "-U", path], check=True, capture_output=True)
+        return path
+
+    def _dynsec_file(self, doc):
+        doc = dict(doc)
+        clients = []
+        for c in doc.get("clients", []):
+            c = dict(c)
+            if "password" in c and "salt" not in c:
+                # The plugin's own scheme (mosquitto_ctrl dynsec): PBKDF2-HMAC-SHA512.
+                salt = os.urandom(12)
+                c["password"] = base64.b64encode(hashlib.pbkdf2_hmac(
+                    "sha512", c["password"].encode(), salt, 101, 64)).decode()
+                c["salt"] = base64.b64encode(salt).decode()
+                c["iterations"] = 101
+            clients.append(c)
+        doc["clients"] = clients
+        doc.setdefault("defaultACLAccess", {"publishClientSend": False,
+                                            "publishClientReceive": False,
+                                            "subscribe": False, "unsubscribe": True})
+        path = os.path.join(self.workdir, "dynamic-security.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        return path
 
     def start(self):
         self.proc = subprocess.Popen(
