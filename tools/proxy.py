@@ -2,10 +2,12 @@
 
 It runs its own event loop in a thread, so tests and the simulators drive it with plain
 method calls: cut every connection, refuse new ones, black-hole traffic (stop forwarding
-without closing, as a dead route does), add latency, or admit at most R new connections
-per second. It records every connection attempt and every MQTT packet it forwards, by
-type and direction, from the fixed headers (plus the packet id and DUP flag of PUBLISH
-and SUBSCRIBE), so a test can assert what went over the wire rather than what a log says.
+without closing, as a dead route does), add latency, cap the bandwidth (bytes per second in
+each direction of each connection, as a slow radio link), or admit at most R new
+connections per second. It records every connection attempt and every MQTT packet it
+forwards, by type and direction, from the fixed headers (plus the packet id and DUP flag of
+PUBLISH and SUBSCRIBE), so a test can assert what went over the wire rather than what a log
+says.
 """
 import asyncio
 import random
@@ -122,6 +124,7 @@ class FaultProxy:
         self._refusing = False
         self._blackhole = None  # None, "both", UP or DOWN
         self._latency = 0.0
+        self._bandwidth = None  # bytes per second, each direction of each connection
         self._rate = None  # max new connections admitted per second
         self._window = []  # admission times within the last second (rate limit)
         self._conns = {}  # id -> (device writer, broker writer)
@@ -205,6 +208,13 @@ class FaultProxy:
         """Delay every forwarded chunk by this much, in both directions."""
         self._latency = seconds
 
+    def bandwidth(self, bytes_per_s):
+        """Cap every connection at this many bytes per second in each direction (None: no
+        cap), old connections and new. What is not yet forwarded waits in the proxy's read
+        buffer and the socket buffers, so a sender that outruns the cap for long sees its
+        writes back up, as on a slow link. Applies on top of latency()."""
+        self._bandwidth = bytes_per_s
+
     def rate_limit(self, per_second):
         """Admit at most this many new connections per second; refuse the rest (None: off)."""
         self._rate = per_second
@@ -264,6 +274,7 @@ class FaultProxy:
 
     async def _pump(self, cid, direction, reader, writer):
         framer = _Framer() if self.record else None
+        due = 0.0  # bandwidth cap: when the bytes forwarded so far have had their time
         try:
             while True:
                 data = await reader.read(65536)
@@ -275,24 +286,48 @@ class FaultProxy:
                 if bh and (bh == "both" or bh == direction):
                     self._poisoned.add(cid)
                     continue
-                if framer is not None:
-                    t = time.monotonic()
-                    for byte0, body in framer.feed(data):
-                        if byte0 >> 4 == 3 and direction == UP and cid not in self.first_publish:
-                            self.first_publish[cid] = t
-                        if self.record == "control" and byte0 >> 4 in _BULK:
-                            continue
-                        pkt = Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body)
-                        if pkt.client_id is not None:
-                            self.clients[cid] = pkt.client_id
-                        self.packets.append(pkt)
-                writer.write(data)
-                await writer.drain()
+                if not self._bandwidth:
+                    await self._forward(cid, direction, framer, writer, data)
+                    continue
+                # Capped: out in slices of a tenth of a second's worth, each once the bytes
+                # before it have had their time on the wire (no read meanwhile, so a sender
+                # that outruns the cap backs up). Faults set meanwhile apply to the rest.
+                off = 0
+                while off < len(data):
+                    bw = self._bandwidth
+                    if not bw:
+                        await self._forward(cid, direction, framer, writer, data[off:])
+                        break
+                    piece = data[off:off + max(1, int(bw // 10))]
+                    off += len(piece)
+                    now = time.monotonic()
+                    due = max(due, now) + len(piece) / bw
+                    await asyncio.sleep(due - now)
+                    bh = self._blackhole
+                    if bh and (bh == "both" or bh == direction):
+                        self._poisoned.add(cid)
+                        break
+                    await self._forward(cid, direction, framer, writer, piece)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             # One side ended: end the other too, as a real TCP path would after a close.
             writer.close()
+
+    async def _forward(self, cid, direction, framer, writer, data):
+        if framer is not None:
+            t = time.monotonic()
+            for byte0, body in framer.feed(data):
+                if byte0 >> 4 == 3 and direction == UP and cid not in self.first_publish:
+                    self.first_publish[cid] = t
+                if self.record == "control" and byte0 >> 4 in _BULK:
+                    continue
+                pkt = Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body)
+                if pkt.client_id is not None:
+                    self.clients[cid] = pkt.client_id
+                self.packets.append(pkt)
+        writer.write(data)
+        await writer.drain()
 
     async def _cut_poisoned(self):
         for cid in list(self._poisoned):
