@@ -478,8 +478,15 @@ def _kill_loop(fleet, proxy, observer, report, variant, outage_s, kills, bw, tmp
         started = time.time()
     p.wait_line(dev + r" I connected", 20)
     sc.wait_recovered()
-    first_new = next(pk.t for pk in proxy.packets_since(mark, "PUBLISH", "up")
-                     if pk.conn > old)
+    # The telemetry that ended wait_recovered may be the killed process's, still held by
+    # the slow proxy: the new process's first PUBLISH can come after it, so wait for it.
+    first_new = None
+    end = time.monotonic() + 20
+    while first_new is None and time.monotonic() < end:
+        first_new = next((pk.t for pk in proxy.packets_since(mark, "PUBLISH", "up")
+                          if pk.conn > old), None)
+        time.sleep(0.05)
+    assert first_new is not None, "no PUBLISH from the last process in 20 s"
 
     def unsent():
         """Per killed boot: seconds before its kill that its first message missing at the
