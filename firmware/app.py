@@ -3,13 +3,12 @@
 # boot history (reset cause, safe mode), then the supervised tasks on one asyncio loop.
 import asyncio
 import json
-import sys
 import time
 
 from backoff import Backoff, Fixed, Rng
 from mqtt.client import MQTTClient
 from outbox.outbox import Outbox
-from firmware import settings
+from firmware import forget, settings
 from firmware.bootlog import BootLog
 from firmware.commands import Commands
 from firmware.configsync import ConfigSync
@@ -75,8 +74,8 @@ class Device:
 
                     self.ssl = tlsctx.context(self.board.fs, tls)
                 # 8 KB of bytecode (64-bit port) that the rest of the boot has no use for.
-                _forget("firmware.bootconfig")
-                _forget("firmware.tlsctx")
+                forget("firmware.bootconfig")
+                forget("firmware.tlsctx")
                 return cfg
             except ValueError as e:  # bootconfig.ConfigError
                 if str(e) != last:
@@ -457,16 +456,6 @@ class Device:
         self._spill()
         self._save_uptime(pending="crash")
         self.board.reset()
-
-
-def _forget(name):
-    """Drop a module used only at boot, so that its bytecode can be collected (an import
-    later loads it again)."""
-    if sys.modules.pop(name, None) is not None:
-        pkg, _, attr = name.rpartition(".")
-        p = sys.modules.get(pkg)
-        if p is not None and attr in p.__dict__:
-            delattr(p, attr)
 
 
 async def run_devices(devices):

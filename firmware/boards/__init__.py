@@ -20,12 +20,11 @@ def boards():
     """The board objects this process drives: one on a microcontroller, one or more on Unix."""
     cls = _mcu_board()
     if cls is None:
+        from firmware import forget
         from firmware.boards import unixargs
 
         out = unixargs.boards_from_argv(sys.argv[1:])
-        # Boot-only code: dropped so that it can be collected.
-        del sys.modules["firmware.boards.unixargs"]
-        globals().pop("unixargs", None)
+        forget("firmware.boards.unixargs")  # boot-only code
         return out
     return [cls()]
 
