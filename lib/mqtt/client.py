@@ -533,13 +533,10 @@ class MQTTClient:
         codec.check_fixed_header(byte0, 0, self.max_frame)  # the flags (QoS 3)
         k = min(n, len(self._rxbuf) - off)
         await self._fill(off + k)
-        buf = self._rxbuf
         h = self._r0 + off
-        end = 2 + ((buf[h] << 8) | buf[h + 1])
-        if end + 2 > k:
-            raise codec.ProtocolError("PUBLISH of %d bytes with a topic past the buffer" % n)
-        topic = bytes(buf[h + 2:h + end])
-        pid = (buf[h + end] << 8) | buf[h + end + 1]
+        # The buffered start of the body holds the topic and packet id (a topic longer
+        # than the buffer is a protocol error).
+        topic, _, qos, pid, _, _ = codec.decode_publish(byte0 & 0x0F, self._rxmv[h:h + k])
         self._r0 = h + k
         left = n - k
         while left:
@@ -553,7 +550,7 @@ class MQTTClient:
         self.stats["oversized"] += 1
         self.log("E", "dropped a message of %d bytes (max_frame %d) on %s" % (
             n, self.max_frame, topic))
-        if byte0 & 6:
+        if qos:
             codec.ack_into(self._ackbuf, codec.PUBACK, pid)
             await self._send(self._ackbuf)
         return None
