@@ -288,6 +288,17 @@ def test_broker_restarts_long(fleet, broker, obs, chaos_report):
 # ---- 2. partition and black hole -------------------------------------------------------
 
 
+def _partition_for(sc, proxy, seconds):
+    """The proxy cuts every connection and refuses new ones for `seconds`, recorded in the
+    scenario as one fault window."""
+    sc.inject()
+    proxy.refuse()
+    proxy.cut()
+    time.sleep(seconds)
+    proxy.refuse(False)
+    sc.remove()
+
+
 def _partition(fleet, proxy, observer, report, variant, outage_s):
     dev = "pt-" + variant
     sc = Scenario(report, "partition", variant,
@@ -295,12 +306,7 @@ def _partition(fleet, proxy, observer, report, variant, outage_s):
                   observer, [dev])
     p = fleet.device(dev, telemetry_interval=0.2, broker=FAST)
     sc.wait(lambda: sc.count() >= 5, 15, "telemetry")
-    sc.inject()
-    proxy.refuse()
-    proxy.cut()
-    time.sleep(outage_s)
-    proxy.refuse(False)
-    sc.remove()
+    _partition_for(sc, proxy, outage_s)
     sc.wait_recovered()
     sc.wait_caught_up()
     time.sleep(1)
@@ -610,12 +616,7 @@ def _full_flash(fleet, proxy, observer, report, variant, outage_s, leave, tmp_pa
     boot2 = _boot_of(p, dev)
     p.wait_line(dev + r" I connected", 15)
     sc.wait(lambda: sc.seqs().get((dev, boot2)), 15, "telemetry of the boot on a full flash")
-    sc.inject()
-    proxy.refuse()
-    proxy.cut()
-    time.sleep(outage_s)
-    proxy.refuse(False)
-    sc.remove()
+    _partition_for(sc, proxy, outage_s)
     sc.wait_recovered()
     # A config change: applied although its cache cannot be written.
     observer.publish("devices/%s/config/desired" % dev,
@@ -682,12 +683,7 @@ def _clock_jumps(fleet, proxy, observer, report, variant, jumps, hold_s, tmp_pat
         spans.append([j, t, None])
         time.sleep(hold_s)
         if j == -86400:
-            sc.inject()
-            proxy.refuse()
-            proxy.cut()
-            time.sleep(2)
-            proxy.refuse(False)
-            sc.remove()
+            _partition_for(sc, proxy, 2)
             sc.wait_recovered()
             time.sleep(1)
     ctl.write_text("")
