@@ -7,10 +7,23 @@ It also plays the boards' hardware watchdog, which the Unix port lacks: each boa
 and feeds it over UDP (firmware/boards/unix.py); when a board's feeds stop for its timeout,
 the process is killed with SIGKILL, as a reset would, and started again, the starved board
 told that its reset cause is `watchdog` (the others in the process lost power with it).
+
+A real board has a CPU of its own; boards sharing a process share one asyncio loop, so a
+board can wait for its turn while the process boots or serves the others. A process with
+several boards therefore also sends `tick LAG_MS` every 200 ms from its loop (how late
+the tick ran): time the loop was that late is not counted against its boards' watchdogs,
+and while the loop sends nothing at all (a process busy in one long step) no board is
+judged, until the loop has been silent for `host_hang_s` (a whole process stuck: a hang).
+A process of one board is judged as that board would be: its loop is its own.
+
+And it plays the power supply: with `restart=True` a process that dies (a crash, or a
+`power_cut()`, which is a SIGKILL) is powered up again after a short random off time, its
+boards told `power-on`.
 """
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -24,6 +37,12 @@ HEAP_PER_BOARD_K = 96  # a device's heap on the 64-bit port, with room to spare
 # Devices per MicroPython process in a fleet: each process costs ~12 MB of host memory, and
 # one asyncio loop serves this many boards without lagging their timers.
 DEVICES_PER_PROCESS = 250
+# A multi-board process whose loop has not ticked for this long is not busy but stuck.
+HOST_HANG_S = 60.0
+# Its loop ticks every 0.2 s: silent longer than this, it is in one long step right now.
+TICK_LATE_S = 1.0
+# Off time of a process between its death and the power coming back (s, random in range).
+OFF_S = (0.5, 2.0)
 
 
 def venv_tool(name):
@@ -90,7 +109,8 @@ class Spec:
 
 class DeviceProcess:
     def __init__(self, specs, workdir, heapsize=None, flash_size=None, echo=None, env=None,
-                 main=None, watchdog=True, on_watchdog=None):
+                 main=None, watchdog=True, on_watchdog=None, restart=False, off_s=OFF_S,
+                 host_hang_s=HOST_HANG_S, rnd=None):
         self.specs = specs
         self.workdir = workdir
         self.heapsize = heapsize
@@ -105,6 +125,19 @@ class DeviceProcess:
         self.on_watchdog = on_watchdog  # fn(image) before the restart: tests clear faults
         self.causes = {}  # image -> reset cause to tell it at its next start
         self.resets = []  # images reset by the watchdog, in order
+        self.restart = restart  # power up again after a death (crash or power cut)
+        self.off_s = off_s
+        self.host_hang_s = host_hang_s
+        self.rnd = rnd or random.Random()
+        self.exits = []  # return codes of deaths the process caused itself (crashes)
+        self.power_cuts = 0
+        self.restarts = 0  # power-ups after a death (not counting watchdog resets)
+        self._cut = None  # the process a power cut is killing
+        self._restarting = False  # dead, with the power coming back after the off time
+        self._gen = 0  # spawns so far: the watchdog forgets what an earlier process armed
+        # Held across kill and respawn (watchdog reset, power-up), so that the reader of a
+        # dead process's output tells "replaced" from "died" without a race.
+        self._lock = threading.RLock()
         self._wdt = None
         self._closed = False
         self._interrupted = False
@@ -150,6 +183,7 @@ class DeviceProcess:
         return self
 
     def _spawn(self):
+        self._gen += 1
         self.proc = subprocess.Popen(
             self.argv(),
             cwd=ROOT,
@@ -165,6 +199,54 @@ class DeviceProcess:
     def _pump(self, proc):
         for raw in proc.stdout:
             self._note(raw.decode("utf-8", "replace").rstrip("\n"))
+        self._died(proc, proc.wait())
+
+    def _died(self, proc, rc):
+        """The output of `proc` ended: unless the runner replaced it (watchdog reset) or is
+        stopping it, it crashed or lost its power; with `restart`, power comes back."""
+        with self._lock:
+            if proc is not self.proc or self._closed:
+                return
+            if proc is self._cut:
+                self._cut = None
+            else:
+                self.exits.append(rc)
+                self._note("runner: process exited (rc %s)" % rc)
+            if not self.restart:
+                return
+            self._restarting = True
+            off = self.rnd.uniform(*self.off_s)
+        t = threading.Timer(off, self._power_up)
+        t.daemon = True
+        t.start()
+
+    def _power_up(self):
+        with self._lock:
+            self._restarting = False
+            if self._closed:
+                return
+            self.causes = {s.image: "power-on" for s in self.specs}
+            self.restarts += 1
+            self._note("runner: power back after a restart")
+            self._spawn()
+
+    def power_cut(self):
+        """SIGKILL, as pulling the power would; with `restart`, it comes back (see _died).
+        Returns False when there was no running process to cut."""
+        with self._lock:
+            if self._closed or not self.alive():
+                return False
+            self._cut = self.proc
+            self.power_cuts += 1
+            self._note("runner: power cut")
+            self.proc.kill()
+            return True
+
+    def down(self):
+        """Dead for good: not running and no power-up coming (a watchdog reset or a
+        restart after a power cut is not a dead process)."""
+        with self._lock:
+            return not self._restarting and not self.alive()
 
     def _note(self, line):
         with self.cond:
@@ -174,8 +256,12 @@ class DeviceProcess:
             self.echo(line)
 
     def _watch(self):
-        """The watchdog: `arm IMAGE MS` sets a board's timeout, `feed IMAGE` restarts it."""
+        """The watchdog: `arm IMAGE MS` sets a board's timeout, `feed IMAGE` restarts it,
+        `tick LAG_MS` says the process's loop runs and was LAG_MS late (module docstring)."""
         armed = {}  # image -> (timeout s, last feed)
+        gen = None
+        tick = None  # when the process's loop last ticked (None: it never has)
+        shared = len(self.specs) > 1  # boards share the loop: its lag is not theirs
         while not self._closed:
             t0 = time.monotonic()
             try:
@@ -183,37 +269,67 @@ class DeviceProcess:
             except socket.timeout:
                 data = b""
             now = time.monotonic()
+            if gen != self._gen:
+                # A new process (restart, power-up): its boards arm again; nothing is owed.
+                gen, armed, tick = self._gen, {}, None
             if now - t0 > 0.6:
                 # recv returns within its 0.1 s timeout unless this thread itself was not
                 # running (a busy host, the GIL): the feeds queued meanwhile are not late,
                 # so move every deadline by the time it was away. Boards count, not us.
                 away = now - t0
                 armed = {i: (t, last + away) for i, (t, last) in armed.items()}
+                if tick is not None:
+                    tick += away
             try:
                 words = data.decode().split()
                 if words[0] == "arm":
                     armed[words[1]] = (int(words[2]) / 1000, now)
                 elif words[0] == "feed" and words[1] in armed:
                     armed[words[1]] = (armed[words[1]][0], now)
+                elif words[0] == "tick":
+                    tick = now
+                    if shared:
+                        lag = max(0, int(words[1])) / 1000
+                        armed = {i: (t, min(now, last + lag)) for i, (t, last) in armed.items()}
             except (IndexError, ValueError):
                 pass
-            for image, (timeout, last) in list(armed.items()):
-                if now - last > timeout and self.alive() and not self._closed:
-                    self._reset(image, now - last)
-                    armed.clear()
-                    break
+            starved = self._starved(armed, now, tick if shared else None)
+            if starved:
+                self._reset(*starved)
+                armed.clear()
         self._wdt.close()
 
-    def _reset(self, image, starved):
-        self.proc.kill()
-        self.proc.wait()
-        self.resets.append(image)
-        self._note("runner: watchdog reset of %s after %.1f s without a feed" % (image, starved))
-        if self.on_watchdog:
-            self.on_watchdog(image)
-        self.causes = {s.image: "power-on" for s in self.specs}
-        self.causes[image] = "watchdog"
-        if not self._closed:
+    def _starved(self, armed, now, tick):
+        """(image, seconds without a feed, why) of the board to reset, or None. `tick`: when
+        a shared loop last ticked (None for a process of one board)."""
+        with self._lock:
+            if not self.alive() or self._closed:
+                return None
+        late = [(now - last - t, i, now - last) for i, (t, last) in armed.items()
+                if now - last > t]
+        if not late:
+            return None
+        _, image, starved = max(late)
+        if tick is None or now - tick <= TICK_LATE_S:
+            return image, starved, ""
+        silent = now - tick
+        if silent > self.host_hang_s:
+            return image, starved, "; the process's loop stopped for %.1f s" % silent
+        return None  # the loop is in one long step: wait for its tick, which says how long
+
+    def _reset(self, image, starved, why=""):
+        with self._lock:
+            if self._closed or not self.alive():
+                return
+            self.proc.kill()
+            self.proc.wait()
+            self.resets.append(image)
+            self._note("runner: watchdog reset of %s after %.1f s without a feed%s"
+                       % (image, starved, why))
+            if self.on_watchdog:
+                self.on_watchdog(image)
+            self.causes = {s.image: "power-on" for s in self.specs}
+            self.causes[image] = "watchdog"
             self._spawn()
 
     def output(self):
@@ -264,8 +380,32 @@ class DeviceProcess:
             self.kill()
 
     def kill(self):
-        self._closed = True
-        if self.alive():
-            self.proc.kill()
+        with self._lock:
+            self._closed = True
+            if self.alive():
+                self.proc.kill()
         if self.proc:
             self.proc.wait()
+
+
+def stop_fleet(fleet, timeout=5.0):
+    """Graceful stop of every process at once (then SIGKILL for those that linger). Returns
+    how many output lines each had printed before it (what follows is the stop's)."""
+    marks = [len(p.lines) for p in fleet]
+    for p in fleet:
+        p.interrupt()
+    for p in fleet:
+        p.stop(timeout)
+    return marks
+
+
+def error_counts(fleet, marks):
+    """memory_errors: output lines naming a MemoryError while the fleet ran (before `marks`);
+    stop_errors: tracebacks of graceful stops (seen rarely: "heap is locked" in the Unix
+    port's new_event_loop after Ctrl-C; README "Reconnect storm")."""
+    return {
+        "memory_errors": sum(1 for p, m in zip(fleet, marks) for line in p.lines[:m]
+                             if "MemoryError" in line),
+        "stop_errors": sum(1 for p, m in zip(fleet, marks) for line in p.lines[m:]
+                           if line.startswith("Traceback")),
+    }

@@ -85,8 +85,9 @@ def open_flash(path, size=DEFAULT_FLASH):
 
 class Control:
     """Words in a host file that a test writes: link-down, hang-await, hang-busy, crash,
-    clock=+S / clock=-S (the wall clock shifted by S seconds). Read again at most every
-    100 ms, so a fleet of boards polling it costs little."""
+    clock=+S / clock=-S (the wall clock shifted by S seconds), host-busy=MS (the process
+    blocked for MS at each reading). Read again at most every 100 ms, so a fleet of boards
+    polling it costs little."""
 
     def __init__(self, path):
         self.path = path
@@ -106,13 +107,17 @@ class Control:
                 self.words = ()
         return word in self.words
 
-    def clock(self):
-        """Seconds `clock=+S` / `clock=-S` shifts this board's wall clock by (0 without)."""
+    def number(self, name):
+        """The number of a `name=N` word (0 without one)."""
         self.has("")  # reads the file again when due
         for w in self.words:
-            if w.startswith("clock="):
-                return float(w[6:])
+            if w.startswith(name) and w[len(name):len(name) + 1] == "=":
+                return float(w[len(name) + 1:])
         return 0
+
+    def clock(self):
+        """Seconds `clock=+S` / `clock=-S` shifts this board's wall clock by (0 without)."""
+        return self.number("clock")
 
 
 class SimLink:
@@ -166,6 +171,26 @@ class SharedHeap:
         return self._figures
 
 
+class LoopTicker:
+    """Tells the runner's watchdog every 200 ms that this process's loop runs, and how late
+    it ran. Boards sharing a process wait for each other's turns on the loop, which boards
+    with their own CPUs would not: the runner does not count that lateness against their
+    watchdogs (tools/devices.py). One per process of several boards, started by the first arm."""
+
+    def __init__(self):
+        self.task = None
+
+    def start(self, send):
+        if self.task is None:
+            self.task = asyncio.create_task(self._run(send))
+
+    async def _run(self, send):
+        while True:
+            t = time.ticks_ms()
+            await asyncio.sleep_ms(200)
+            send("tick %d" % (time.ticks_diff(time.ticks_ms(), t) - 200))
+
+
 class Board(BaseBoard):
     name = "unix"
 
@@ -180,6 +205,7 @@ class Board(BaseBoard):
         self.wdt_addr = None  # (host, port) of the runner's watchdog, if it has one
         self._wdt_sock = None
         self.shared = None  # SharedHeap when the process drives more than one board
+        self.ticker = None  # LoopTicker, likewise
 
     def collect(self):
         if self.shared:
@@ -205,7 +231,8 @@ class Board(BaseBoard):
         return {"temp_c": round(21.0 + rnd.uniform(-0.5, 0.5), 2)}
 
     async def sample(self, rnd):
-        # Test hooks: a sensor driver stuck on an await, one that spins, one that raises.
+        # Test hooks: a sensor driver stuck on an await, one that spins, one that raises;
+        # and the whole process held up for a while.
         c = self.control
         if c.has("hang-await"):
             await asyncio.Event().wait()
@@ -214,6 +241,12 @@ class Board(BaseBoard):
                 pass
         if c.has("crash"):
             raise RuntimeError("sensor fault (test hook)")
+        busy = int(c.number("host-busy"))
+        if busy:
+            # Stands for the other boards of a shared process holding the loop for a while
+            # (a 250-board process booting): no task of any board runs meanwhile.
+            print("%s host busy for %d ms (test hook)" % (self.label, busy))
+            time.sleep_ms(busy)
         return self.read_sensors(rnd)
 
     def reset_cause(self):
@@ -233,6 +266,8 @@ class Board(BaseBoard):
 
     def arm_watchdog(self, timeout_ms):
         self._wdt_send("arm %s %d" % (self.label, timeout_ms))
+        if self.ticker:
+            self.ticker.start(self._wdt_send)
 
     def feed_watchdog(self):
         self._wdt_send("feed " + self.label)

@@ -3,7 +3,7 @@
 # exist, so its bytecode does not stay in the heap for the rest of the run.
 import sys
 
-from firmware.boards.unix import DEFAULT_FLASH, Board, SharedHeap
+from firmware.boards.unix import DEFAULT_FLASH, Board, LoopTicker, SharedHeap
 
 
 def _usage(msg):
@@ -54,7 +54,9 @@ def boards_from_argv(argv):
     if not out:
         out.append(Board("flash.img", size))
     shared = SharedHeap() if len(out) > 1 else None
+    ticker = LoopTicker() if len(out) > 1 else None
     for b in out:
         b.wdt_addr = wdt
         b.shared = shared
+        b.ticker = ticker
     return out
