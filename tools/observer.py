@@ -8,33 +8,51 @@ import paho.mqtt.client as mqtt
 
 class Observer:
     def __init__(self, host, port, topics=("#",), on_message=None, client_id=None, clean=True,
-                 auth=None):
+                 auth=None, reconnect=None, keepalive=30, record=True):
         """clean=False with a fixed client_id keeps a broker session, so messages published
-        while this observer was away are delivered when it comes back. auth: (user, pw)."""
+        while this observer was away are delivered when it comes back. auth: (user, pw).
+        reconnect: (first, longest) delay in s between attempts after a lost connection
+        (paho's default is 1 s doubling to 2 minutes, long enough to miss a device's backlog
+        with a clean session, or to hold up a run's figures with a kept one).
+        record=False keeps no list of messages (a long run with on_message only)."""
         self.messages = []  # (monotonic time, topic, payload bytes, retain)
         self.cond = threading.Condition()
         self.on_message = on_message
+        self.record = record
+        self.disconnects = 0  # connections lost, not counting close()
+        self._closing = False
+        self._where = (host, port, client_id, auth)
         self.c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean
         )
+        self.clean = clean
         self.c.on_message = self._on_message
+        self.c.on_disconnect = self._on_disconnect
         if auth:
             self.c.username_pw_set(*auth)
+        if reconnect:
+            self.c.reconnect_delay_set(*reconnect)
         self._subscribed = threading.Event()
         self.c.on_subscribe = lambda *a: self._subscribed.set()
         # Subscribe on every connect: after a broker restart without persistence paho
         # reconnects by itself, but the subscriptions are gone.
         subs = [(t, 1) for t in topics]
         self.c.on_connect = lambda c, u, f, rc, p=None: c.subscribe(subs)
-        self.c.connect(host, port, keepalive=30)
+        self.c.connect(host, port, keepalive=keepalive)
         self.c.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError("observer could not subscribe")
 
+    def _on_disconnect(self, client, userdata, flags, rc, props=None):
+        with self.cond:
+            if not self._closing:
+                self.disconnects += 1
+
     def _on_message(self, client, userdata, msg):
         item = (time.monotonic(), msg.topic, msg.payload, msg.retain)
         with self.cond:
-            self.messages.append(item)
+            if self.record:
+                self.messages.append(item)
             self.cond.notify_all()
         if self.on_message:
             self.on_message(*item)
@@ -63,6 +81,24 @@ class Observer:
     def publish(self, topic, payload, qos=1, retain=False):
         self.c.publish(topic, payload, qos, retain).wait_for_publish(10)
 
-    def close(self):
+    def close(self, forget=False):
+        """forget=True with a kept session (clean=False) also ends that session on the
+        broker, so nothing more is queued there for an observer that will not return."""
+        with self.cond:
+            self._closing = True
         self.c.loop_stop()
         self.c.disconnect()
+        if forget and not self.clean:
+            host, port, client_id, auth = self._where
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                            clean_session=True)
+            if auth:
+                c.username_pw_set(*auth)
+            try:
+                c.connect(host, port, keepalive=10)
+                end = time.monotonic() + 5
+                while not c.is_connected() and time.monotonic() < end:
+                    c.loop(0.1)  # the CONNACK: the broker has dropped the session
+                c.disconnect()
+            except OSError:
+                pass  # the broker is gone: so is the session, unless it persists it

@@ -1,19 +1,40 @@
 """Run simulated devices (the real firmware on the MicroPython Unix port) against a broker.
 
     python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]
+                        [--observe HOST:PORT] [--user U --password P] [--set KEY=VALUE]...
                         [--workdir DIR] [--heapsize SIZE] [--build]
-                        [--outage-every S [--outage-for S]] [--health-interval S]
-                        [--first-window S] [--stable-s S] [--processes N] [--prefix P]
-                        [--quiet]
+                        [--outage-every S [--outage-for S]] [--power-cut-every S]
+                        [--no-restart] [--health-interval S] [--first-window S]
+                        [--stable-s S] [--processes N] [--prefix P] [--quiet]
 
 Starts a private mosquitto on a free port unless --broker is given, packs the devices into a
 few MicroPython processes (each device has its own flash image and id), prints what they
 publish, and on --duration or Ctrl-C stops them gracefully and prints one JSON summary line:
-{"devices", "online", "telemetry", "gaps", "duplicates", "memory_errors"}, plus "outages",
-"outage_cuts", "reconnects", "refused" with --outage-every and "heap_samples",
-"heap_min_bytes", "heap_max_bytes", "heap_slope_bytes_per_hour" once health arrived, and
-"process_exits" / "watchdog_resets" when device processes died or were reset. Each device
-process's output is written to WORKDIR/devices-N.log at the end.
+{"devices", "online", "telemetry", "gaps", "duplicates", "memory_errors", "stop_errors",
+"consumer_disconnects"}, plus "outages", "outage_cuts", "reconnects", "refused" with
+--outage-every, "power_cuts" and "restarts" with --power-cut-every or after any restart,
+"heap_samples", "heap_min_bytes", "heap_max_bytes", "heap_slope_bytes_per_hour" once health
+arrived, and "process_exits" / "watchdog_resets" when device processes died by themselves
+or were reset. Each device process's output is written to WORKDIR/devices-N.log at the end.
+
+The consumer that counts gaps keeps a broker session (a fixed client id for the run, clean
+session off) and reconnects within a second, so a broker restart or a cut loses nothing on
+its side: its gaps are the devices'. It connects to --observe when given (default: where the
+devices connect), so it can bypass a fault proxy that the devices go through; its own lost
+connections are counted in "consumer_disconnects". It ends its session when the run ends.
+
+The runner plays the boards' power supply: a device process that dies (a crash, a kill from
+outside, a power cut) is powered up again after a random 0.5-2 s off time, unless
+--no-restart; --power-cut-every S kills a random device process with SIGKILL every S
+seconds (every board in it loses power). The early stop (every device process gone) counts
+only processes that will not come back: a watchdog reset or a restart is not a dead fleet.
+
+--set KEY=VALUE sets any bootstrap setting of every device (README "Bootstrap config"): a
+dotted path and a JSON value (a value that is not JSON is a string), repeatable, applied
+after the shorthands (--interval, --keepalive, --first-window, --stable-s, --health-interval,
+--prefix, --user, --password); e.g. --set broker.reconnect.first_window=2 --set
+safe_mode.boots=10. The configs are checked by the firmware's own validator before anything
+starts. device_id, broker.host and broker.port are the simulator's own (--broker).
 
 --outage-every S puts tools/proxy.FaultProxy between the devices and the broker and every S
 seconds cuts every connection and refuses new ones for --outage-for seconds.
@@ -22,12 +43,15 @@ heap_alloc of their devices/{id}/health messages. --build runs the compiled firm
 (firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --first-window S sets the
 devices' broker.reconnect.first_window (the spread of a fleet's first reconnect), --stable-s S
 their broker.reconnect.stable_s (how long a connection must last before the delays start
-over: outages more often than the 30 s default keep the delays growing).
+over: outages more often than the 30 s default keep the delays growing). --user and
+--password (or $SIM_PASSWORD) log the devices and the consumer in to a broker that requires it.
 """
 import argparse
+import copy
 import glob
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -38,8 +62,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from firmware.bootconfig import ConfigError, validate  # noqa: E402
 from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import ROOT, device_config, start_fleet, venv_tool  # noqa: E402
+from tools.devices import (ROOT, device_config, error_counts, start_fleet,  # noqa: E402
+                           stop_fleet, venv_tool)
 from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import FaultProxy  # noqa: E402
@@ -47,6 +73,74 @@ from tools.proxy import FaultProxy  # noqa: E402
 # Heap samples taken before this many seconds of a run without outages are warm-up (see
 # heap_figures); capped at a third of the run so that a short run still gets a slope.
 WARMUP_S = 30.0
+# The simulator's own settings, refused in --set: one id per device, and where the devices
+# connect is the simulator's broker or fault proxy.
+OWN_KEYS = ("device_id", "broker.host", "broker.port")
+# The consumer's delays between reconnect attempts (first, longest), in s.
+CONSUMER_RECONNECT = (0.2, 1.0)
+
+
+def parse_endpoint(p, text, flag):
+    host, _, port = text.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        p.error("%s wants HOST:PORT, not %r" % (flag, text))
+    return host or "127.0.0.1", port
+
+
+def parse_set(text):
+    """'a.b.c=JSON' -> ('a.b.c', value); a value that is not JSON is taken as a string."""
+    key, eq, raw = text.partition("=")
+    parts = key.split(".")
+    if not eq or not all(parts):
+        raise ValueError("--set wants KEY=VALUE with a dotted KEY, not %r" % text)
+    if key in OWN_KEYS:
+        raise ValueError("--set %s: the simulator sets it (use --broker for where devices "
+                         "connect)" % key)
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def set_path(doc, key, value):
+    """Put value at the dotted key of doc, making the objects on the way."""
+    parts = key.split(".")
+    d = doc
+    for i, part in enumerate(parts[:-1]):
+        nxt = d.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ValueError("--set %s: %s is not an object" % (key, ".".join(parts[:i + 1])))
+        d = nxt
+    d[parts[-1]] = value
+
+
+def make_config(a, device_id, host, port):
+    """A device's bootstrap config: the shorthands, then every --set in order."""
+    broker = {"keepalive": a.keepalive}
+    rec = {}
+    if a.first_window is not None:
+        rec["first_window"] = a.first_window
+    if a.stable_s is not None:
+        rec["stable_s"] = a.stable_s
+    if rec:
+        broker["reconnect"] = rec
+    if a.user is not None:
+        broker["user"] = a.user
+    if a.password is not None:
+        broker["password"] = a.password
+    extra = {}
+    if a.health_interval is not None:
+        extra["health_interval"] = a.health_interval
+    cfg = device_config(device_id, host, port, telemetry_interval=a.interval, prefix=a.prefix,
+                        broker=broker, **extra)
+    for key, value in a.sets:
+        set_path(cfg, key, copy.deepcopy(value))
+    return cfg
 
 
 def parse_args(argv=None):
@@ -55,6 +149,14 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--interval", type=float, default=1.0, help="telemetry period in s (default 1)")
     p.add_argument("--broker", help="HOST:PORT of an existing broker (default: start mosquitto)")
+    p.add_argument("--observe", metavar="HOST:PORT",
+                   help="where the consumer connects (default: where the devices connect)")
+    p.add_argument("--user", help="MQTT user name of the devices and the consumer")
+    p.add_argument("--password", default=os.environ.get("SIM_PASSWORD"),
+                   help="MQTT password (default $SIM_PASSWORD)")
+    p.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a bootstrap setting of every device: dotted key, JSON value "
+                        "(repeatable; after the shorthands)")
     p.add_argument("--workdir", help="flash images, configs and broker files (default: a temp dir)")
     p.add_argument("--heapsize", help="MicroPython heap per process, e.g. 128k")
     p.add_argument("--processes", type=int, help="MicroPython processes (default: by fleet size)")
@@ -65,6 +167,10 @@ def parse_args(argv=None):
                    help="every S s cut all device connections (through a fault proxy) ...")
     p.add_argument("--outage-for", type=float, default=10.0, metavar="S",
                    help="... and refuse new ones for S s (default 10)")
+    p.add_argument("--power-cut-every", type=float, metavar="S",
+                   help="every S s kill a random device process with SIGKILL (a power cut)")
+    p.add_argument("--no-restart", action="store_true",
+                   help="leave a device process that died dead (default: power it up again)")
     p.add_argument("--health-interval", type=float, metavar="S",
                    help="health_interval of the devices (health messages give the heap figures)")
     p.add_argument("--first-window", type=float, metavar="S",
@@ -83,12 +189,30 @@ def parse_args(argv=None):
             p.error("--outage-every and --outage-for must be positive")
         if a.outage_for >= a.outage_every:
             p.error("--outage-for must be shorter than --outage-every")
+    if a.power_cut_every is not None:
+        if a.power_cut_every <= 0:
+            p.error("--power-cut-every must be positive")
+        if a.no_restart:
+            p.error("--power-cut-every needs the restarts that --no-restart turns off")
     if a.first_window is not None and a.first_window < 0:
         p.error("--first-window must not be negative")
     if a.stable_s is not None and a.stable_s < 1:
         p.error("--stable-s must be at least 1 (the bootstrap config's minimum)")
     if a.health_interval is not None and a.health_interval < 0.5:
         p.error("--health-interval must be at least 0.5 (the bootstrap config's minimum)")
+    if a.password is not None and a.user is None:
+        p.error("--password needs --user")
+    a.broker_at = parse_endpoint(p, a.broker, "--broker") if a.broker else None
+    a.observe_at = parse_endpoint(p, a.observe, "--observe") if a.observe else None
+    try:
+        a.sets = [parse_set(t) for t in a.set]
+        # The firmware's own checks, once, on what every device will get (ids aside).
+        cfg = validate(make_config(a, "sim-0000", "127.0.0.1", 1883))
+    except ConfigError as e:
+        p.error("invalid config: %s" % e)
+    except ValueError as e:  # --set's own
+        p.error(str(e))
+    a.topic_prefix = cfg["prefix"]
     return a
 
 
@@ -173,6 +297,19 @@ def heap_figures(samples, warmup_end):
     }
 
 
+def every(period, t0, stop, until=None):
+    """Yields k = 1, 2, ... at t0 + k * period (monotonic s) until `stop` is set; none at or
+    after `until` s since t0 (the run's duration)."""
+    k = 0
+    while True:
+        k += 1
+        if until is not None and k * period >= until:
+            return
+        if stop.wait(max(0.0, t0 + k * period - time.monotonic())):
+            return
+        yield k
+
+
 class Outages:
     """Every `every` s from `t0`: cut every proxied connection, refuse new ones for `length`
     s, then accept again. Runs in a thread until `stop` is set."""
@@ -194,13 +331,7 @@ class Outages:
         return self
 
     def _run(self):
-        k = 0
-        while True:
-            k += 1
-            if self.until is not None and k * self.every >= self.until:
-                return
-            if self.stop.wait(max(0.0, self.t0 + k * self.every - time.monotonic())):
-                return
+        for k in every(self.every, self.t0, self.stop, self.until):
             start = time.monotonic() - self.t0
             self.proxy.refuse(True)
             mark = self.proxy.mark()
@@ -216,6 +347,19 @@ class Outages:
                      % (k, start, end, cut, refused))
             if ended:
                 return
+
+
+def power_cuts(fleet, period, t0, stop, say, rnd, until=None):
+    """Every `period` s a random running device process loses its power (SIGKILL); the
+    runner powers it up again (tools/devices.py). Run in a thread."""
+    for k in every(period, t0, stop, until):
+        live = [i for i, p in enumerate(fleet) if p.alive()]
+        if not live:
+            continue
+        i = rnd.choice(live)
+        if fleet[i].power_cut():
+            say("sim: power cut %d at %.1f s: device process %d (%d board(s))"
+                % (k, time.monotonic() - t0, i, len(fleet[i].specs)))
 
 
 def memory_error_report(fleet, context=20, limit=3):
@@ -234,15 +378,14 @@ def main(argv=None):
     a = parse_args(argv)
     workdir = a.workdir or tempfile.mkdtemp(prefix="sim-")
     os.makedirs(workdir, exist_ok=True)
+    say = (lambda s: None) if a.quiet else (lambda s: print(s, flush=True))
     main_py = None
     if a.build:
         main_py, n_mpy = build_mpy()
-        if not a.quiet:
-            print("sim: build/: %d .mpy files, running %s" % (n_mpy, main_py), flush=True)
+        say("sim: build/: %d .mpy files, running %s" % (n_mpy, main_py))
     broker = None
-    if a.broker:
-        host, _, port = a.broker.rpartition(":")
-        host, port = host or "127.0.0.1", int(port)
+    if a.broker_at:
+        host, port = a.broker_at
     else:
         broker = Mosquitto(os.path.join(workdir, "broker")).start()
         host, port = broker.host, broker.port
@@ -254,9 +397,9 @@ def main(argv=None):
         # which would grow without bound in a long run.
         proxy = FaultProxy(host, port, record=False).start()
         dev_host, dev_port = proxy.host, proxy.port
-        if not a.quiet:
-            print("sim: fault proxy on %s:%d, outage every %g s for %g s"
-                  % (proxy.host, proxy.port, a.outage_every, a.outage_for), flush=True)
+        say("sim: fault proxy on %s:%d, outage every %g s for %g s"
+            % (proxy.host, proxy.port, a.outage_every, a.outage_for))
+    obs_host, obs_port = a.observe_at or (dev_host, dev_port)
 
     ledger = Ledger()
     lock = threading.Lock()
@@ -267,7 +410,7 @@ def main(argv=None):
     health_suffix = "/health"
 
     def on_msg(t, topic, payload, retain):
-        parts = topic[len(a.prefix):].split("/")
+        parts = topic[len(a.topic_prefix):].split("/")
         if len(parts) != 3 or parts[0] != "devices":
             return
         try:
@@ -285,68 +428,60 @@ def main(argv=None):
         if not a.quiet:
             print("%s %s" % (topic, payload.decode("utf-8", "replace")), flush=True)
 
+    pre = a.topic_prefix
     obs = Observer(
-        host, port,
-        topics=(a.prefix + "devices/+/telemetry", a.prefix + "devices/+/status",
-                a.prefix + "devices/+/health"),
+        obs_host, obs_port,
+        topics=(pre + "devices/+/telemetry", pre + "devices/+/status", pre + "devices/+/health"),
         on_message=on_msg,
+        # A session of its own for this run, kept across lost connections (see the module
+        # docstring) and ended with the run.
+        client_id="sim-consumer-%d-%06x" % (os.getpid(), random.getrandbits(24)),
+        clean=False, reconnect=CONSUMER_RECONNECT, keepalive=10, record=False,
+        auth=(a.user, a.password or "") if a.user is not None else None,
     )
     echo = None if a.quiet else (lambda line: print(line, flush=True))
-    extra = {}
-    if a.health_interval is not None:
-        extra["health_interval"] = a.health_interval
-    configs = []
-    for n in range(a.devices):
-        b = {"keepalive": a.keepalive}
-        rec = {}
-        if a.first_window is not None:
-            rec["first_window"] = a.first_window
-        if a.stable_s is not None:
-            rec["stable_s"] = a.stable_s
-        if rec:
-            b["reconnect"] = rec
-        configs.append(device_config("sim-%04d" % n, dev_host, dev_port,
-                                     telemetry_interval=a.interval, prefix=a.prefix, broker=b,
-                                     **extra))
+    configs = [make_config(a, "sim-%04d" % n, dev_host, dev_port) for n in range(a.devices)]
     t_start[0] = time.monotonic()
     fleet = start_fleet(configs, workdir, processes=a.processes, heapsize=a.heapsize,
-                        echo=echo, main=main_py)
+                        echo=echo, main=main_py, restart=not a.no_restart)
 
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threads = []
     outages = None
     if proxy:
-        outages = Outages(proxy, a.outage_every, a.outage_for, t_start[0], stop,
-                          (lambda s: None) if a.quiet else (lambda s: print(s, flush=True)),
-                          until=a.duration)
-        outages.start()
+        outages = Outages(proxy, a.outage_every, a.outage_for, t_start[0], stop, say,
+                          until=a.duration).start()
+        threads.append(outages.thread)
+    if a.power_cut_every is not None:
+        t = threading.Thread(target=power_cuts, daemon=True, name="power-cuts", args=(
+            fleet, a.power_cut_every, t_start[0], stop, say, random.Random(), a.duration))
+        t.start()
+        threads.append(t)
     end = None if a.duration is None else t_start[0] + a.duration
     dead = 0
     while not stop.is_set():
-        # Until the duration or a signal; early if every device process has died (a crash
-        # at boot must not cost a whole soak).
+        # Until the duration or a signal; early if every device process is gone for good (a
+        # crash at boot with --no-restart must not cost a whole soak).
         left = 1.0 if end is None else min(1.0, end - time.monotonic())
         if left <= 0 or stop.wait(left):
             break
-        # Twice in a row: a watchdog reset (tools/devices.py) restarts a process in between.
-        dead = 0 if any(p.alive() for p in fleet) else dead + 1
+        # Twice in a row, as a second look costs nothing.
+        dead = dead + 1 if all(p.down() for p in fleet) else 0
         if dead >= 2:
             print("sim: every device process has exited; stopping at %.0f s"
                   % (time.monotonic() - t_start[0]), file=sys.stderr, flush=True)
             break
     stop.set()
-    if outages:
-        outages.thread.join(10)
+    for t in threads:
+        t.join(10)
     with lock:
         online = ledger.online()
-    early = [(i, p.proc.returncode) for i, p in enumerate(fleet) if not p.alive()]
-    for p in fleet:
-        p.interrupt()
-    for p in fleet:
-        p.stop()
+    early = [(i, p.proc.returncode) for i, p in enumerate(fleet) if p.down()]
+    marks = stop_fleet(fleet)
     time.sleep(0.5)  # let the last acknowledged messages reach the observer
-    obs.close()
+    obs.close(forget=True)
     if proxy:
         proxy.stop()
     if broker:
@@ -357,19 +492,26 @@ def main(argv=None):
     for i, rc in early:
         print("sim: device process %d exited before the stop (rc %s); output in %s"
               % (i, rc, os.path.join(workdir, "devices-%d.log" % i)), file=sys.stderr, flush=True)
-    memory_errors = sum(1 for p in fleet for l in p.output().splitlines() if "MemoryError" in l)
-    if memory_errors:
-        print("sim: %d device output line(s) with MemoryError:" % memory_errors, file=sys.stderr)
+    errors = error_counts(fleet, marks)
+    if errors["memory_errors"]:
+        print("sim: %d device output line(s) with MemoryError:" % errors["memory_errors"],
+              file=sys.stderr)
         print("\n".join(memory_error_report(fleet)), file=sys.stderr, flush=True)
     with lock:
         summary = ledger.summary(a.devices, online)
         samples = list(heap)
-    summary["memory_errors"] = memory_errors
-    if early:
-        summary["process_exits"] = len(early)  # device processes that died before the stop
-    wdt = sum(len(getattr(p, "resets", ())) for p in fleet)
+    summary.update(errors)
+    summary["consumer_disconnects"] = obs.disconnects
+    exits = sum(len(p.exits) for p in fleet)
+    if exits:
+        summary["process_exits"] = exits  # deaths the processes caused themselves
+    wdt = sum(len(p.resets) for p in fleet)
     if wdt:
         summary["watchdog_resets"] = wdt  # processes the runner's watchdog killed and restarted
+    restarts = sum(p.restarts for p in fleet)
+    if a.power_cut_every is not None or restarts:
+        summary["power_cuts"] = sum(p.power_cuts for p in fleet)
+        summary["restarts"] = restarts  # power-ups after a cut or an exit
     if outages:
         accepted = len([x for x in proxy.attempts if x[1] == "accepted"])
         summary["outages"] = len(outages.done)

@@ -37,7 +37,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import ROOT, device_config, start_fleet  # noqa: E402
+from tools.devices import (ROOT, device_config, error_counts, start_fleet,  # noqa: E402
+                           stop_fleet)
 from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import FaultProxy  # noqa: E402
@@ -219,11 +220,7 @@ class Run:
             summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
         finally:
             # Output up to here is the run's; what follows is the graceful stop's.
-            marks = [len(p.lines) for p in fleet]
-            for p in fleet:
-                p.interrupt()
-            for p in fleet:
-                p.stop(timeout=20)
+            marks = stop_fleet(fleet, timeout=20)
             time.sleep(1.0)  # the last acknowledged messages reach the observer
             obs.close()
             proxy.stop()
@@ -236,12 +233,7 @@ class Run:
             summary["unexplained_loss"] = self.ledger.gaps()
             summary["duplicates"] = self.ledger.duplicates
             heap = dict(self.heap)
-        summary["memory_errors"] = sum(
-            1 for p, m in zip(fleet, marks) for line in p.lines[:m] if "MemoryError" in line)
-        # A process whose graceful stop raised (seen rarely: "heap is locked" in the Unix
-        # port's new_event_loop after Ctrl-C; README "Reconnect storm").
-        summary["stop_errors"] = sum(1 for p, m in zip(fleet, marks) for line in p.lines[m:]
-                                     if line.startswith("Traceback"))
+        summary.update(error_counts(fleet, marks))
         summary["heap_per_device_bytes"] = per_device_heap(heap, fleet)
         return summary, series
 

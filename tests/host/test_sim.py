@@ -1,10 +1,20 @@
-"""tools/sim.py as an operator runs it: its own broker, a fleet, a JSON summary at the end."""
+"""tools/sim.py as an operator runs it: its own broker, a fleet, a JSON summary at the end;
+settings from the command line, a consumer that survives its own lost connection, power
+cuts, a broker that requires a login."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
+import pytest
+
+from tools.broker import Mosquitto
 from tools.devices import ROOT
+from tools.proxy import FaultProxy
 
 
 def run_sim(tmp_path, *args):
@@ -57,3 +67,181 @@ def test_sim_outages_and_health_give_heap_figures(tmp_path):
     assert 16 * 1024 < summary["heap_min_bytes"] <= summary["heap_max_bytes"] < 256 * 1024
     assert isinstance(summary["heap_slope_bytes_per_hour"], float)
     assert not any("MemoryError" in l for l in lines)
+
+
+# ---- settings from the command line ----------------------------------------------------
+
+
+def test_set_parses_dotted_keys_and_json_values():
+    from tools.sim import parse_set, set_path
+
+    doc = {"broker": {"host": "h", "keepalive": 30}}
+    for text in ("broker.reconnect.first_window=2", "safe_mode.boots=10", "groups=[\"a\"]",
+                 "prefix=site/", "broker.keepalive=7"):
+        set_path(doc, *parse_set(text))
+    assert doc == {"broker": {"host": "h", "keepalive": 7, "reconnect": {"first_window": 2}},
+                   "safe_mode": {"boots": 10}, "groups": ["a"], "prefix": "site/"}
+    for bad in ("novalue", "=1", "a..b=1", "device_id=x", "broker.host=x"):
+        try:
+            parse_set(bad)
+        except ValueError:
+            continue
+        raise AssertionError("accepted %r" % bad)
+    try:
+        set_path(doc, "broker.keepalive.x", 1)
+    except ValueError as e:
+        assert "broker.keepalive is not an object" in str(e)
+    else:
+        raise AssertionError("set a key inside a number")
+
+
+def test_sim_set_reaches_every_device_and_a_bad_one_stops_before_the_start(tmp_path):
+    # prefix through --set: the devices publish under it and the consumer follows it.
+    lines = run_sim(tmp_path, "--devices", "2", "--duration", "4", "--interval", "0.5",
+                    "--processes", "1", "--set", "prefix=site7/",
+                    "--set", "broker.reconnect.first_window=0.5")
+    summary = json.loads(lines[-1])
+    assert summary["online"] == 2 and summary["telemetry"] >= 2 and summary["gaps"] == 0
+    assert any(l.startswith("site7/devices/sim-0001/telemetry {") for l in lines)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--set", "watchdog_ms=5"],
+        capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "invalid config: watchdog_ms must be in" in r.stderr
+    assert "mosquitto on" not in r.stdout, "nothing started"
+
+
+# ---- a run that an operator watches and stops ------------------------------------------
+
+
+class SimRun:
+    """tools/sim.py in the background, its output lines collected as they come."""
+
+    def __init__(self, tmp_path, *args, env=None):
+        self.lines = []
+        self.cond = threading.Condition()
+        self.p = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--workdir", str(tmp_path),
+             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            with self.cond:
+                self.lines.append(line.rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait(self, pred, timeout, what):
+        end = time.monotonic() + timeout
+        with self.cond:
+            while not pred(self.lines):
+                left = end - time.monotonic()
+                if left <= 0 or self.p.poll() is not None:
+                    raise AssertionError("sim: no %s; last lines:\n%s"
+                                         % (what, "\n".join(self.lines[-30:])))
+                self.cond.wait(min(left, 1.0))
+
+    def wait_line(self, pattern, timeout=30, count=1):
+        rx = re.compile(pattern)
+        self.wait(lambda ls: len([l for l in ls if rx.search(l)]) >= count, timeout,
+                  "%d line(s) matching %r" % (count, pattern))
+
+    def finish(self):
+        """Ctrl-C, as an operator stops it; returns the summary."""
+        self.p.send_signal(signal.SIGINT)
+        self.p.wait(60)
+        with self.cond:
+            assert self.p.returncode == 0, "\n".join(self.lines[-30:])
+            return json.loads(self.lines[-1])
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def sim_run(tmp_path):
+    runs = []
+
+    def start(*args, **kw):
+        runs.append(SimRun(tmp_path, *args, **kw))
+        return runs[-1]
+
+    yield start
+    for r in runs:
+        r.kill()
+
+
+def _tele(lines, dev):
+    """seqs of dev's telemetry in the sim's output."""
+    out = []
+    for l in lines:
+        if l.startswith("devices/%s/telemetry {" % dev):
+            out.append(json.loads(l.split(" ", 1)[1])["seq"])
+    return out
+
+
+def test_the_consumer_keeps_its_session_across_its_own_lost_connection(
+        broker, observer, sim_run):
+    # The devices publish to the broker; the consumer reads through a proxy (--observe)
+    # that the test cuts while the devices go on. Its kept session holds what they publish
+    # meanwhile: a clean session would lose it and print gaps that are not the devices'.
+    cproxy = FaultProxy(broker.host, broker.port, record=False).start()
+    try:
+        sim = sim_run("--broker", "%s:%d" % (broker.host, broker.port),
+                      "--observe", "%s:%d" % (cproxy.host, cproxy.port),
+                      "--devices", "2", "--processes", "1", "--interval", "0.3",
+                      "--set", "broker.reconnect.first_window=0.5")
+        for dev in ("sim-0000", "sim-0001"):
+            sim.wait(lambda ls, d=dev: _tele(ls, d), 30, dev + " telemetry")
+        cproxy.refuse(True)
+        cproxy.cut()
+        # The devices go on publishing while the consumer is away: seen on the broker.
+        n = len(observer.matching("/telemetry"))
+        observer.wait(lambda m: len(observer.matching("/telemetry")) >= n + 10, 20,
+                      "telemetry while the consumer is away")
+        last = {d: max(m["seq"] for m in observer.json("devices/%s/telemetry" % d))
+                for d in ("sim-0000", "sim-0001")}
+        cproxy.refuse(False)
+        for dev, seq in last.items():
+            sim.wait(lambda ls, d=dev, s=seq: s in _tele(ls, d), 30,
+                     "%s seq %d at the consumer" % (dev, seq))
+        summary = sim.finish()
+    finally:
+        cproxy.stop()
+    assert summary["consumer_disconnects"] >= 1, summary
+    assert summary["gaps"] == 0 and summary["online"] == 2, summary
+    assert summary["telemetry"] >= sum(last.values())
+
+
+def test_power_cuts_restart_the_devices_and_lose_nothing_acknowledged(sim_run):
+    sim = sim_run("--devices", "2", "--processes", "2", "--interval", "0.3",
+                  "--power-cut-every", "2", "--set", "broker.reconnect.first_window=0.5")
+    sim.wait_line(r"^runner: power back after a restart", 60, count=2)
+    sim.wait_line(r'/status \{.*"boot": 2', 30)
+    summary = sim.finish()
+    assert summary["power_cuts"] >= 2 and summary["restarts"] >= 2, summary
+    assert summary["power_cuts"] - summary["restarts"] in (0, 1, 2), summary
+    assert summary["gaps"] == 0 and "process_exits" not in summary, summary
+    assert "watchdog_resets" not in summary, summary
+    births = [json.loads(l.split(" ", 1)[1]) for l in sim.lines if "/status {" in l]
+    assert [b for b in births if b.get("boot", 0) >= 2 and b.get("cause") == "power-on"
+            and b["state"] == "online"], births
+
+
+def test_sim_logs_in_to_a_broker_that_requires_it(tmp_path):
+    m = Mosquitto(tmp_path / "authbroker", passwords={"fleet": "s3cret-pw"}).start()
+    try:
+        env = dict(os.environ, SIM_PASSWORD="s3cret-pw")
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--workdir",
+             str(tmp_path / "run"), "--broker", "%s:%d" % (m.host, m.port), "--user", "fleet",
+             "--devices", "2", "--processes", "1", "--duration", "4", "--interval", "0.5",
+             "--set", "broker.reconnect.first_window=0.5"],
+            capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        m.stop()
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["online"] == 2 and summary["telemetry"] >= 2, summary
+    assert "s3cret-pw" not in r.stdout + r.stderr
