@@ -19,9 +19,10 @@ or were reset. Each device process's output is written to WORKDIR/devices-N.log 
 
 The consumer that counts gaps keeps a broker session (a fixed client id for the run, clean
 session off) and reconnects within a second, so a broker restart or a cut loses nothing on
-its side: its gaps are the devices'. It connects to --observe when given (default: where the
-devices connect), so it can bypass a fault proxy that the devices go through; its own lost
-connections are counted in "consumer_disconnects". It ends its session when the run ends.
+its side: its gaps are the devices'. It connects to --observe when given (default: the
+broker, --broker or the simulator's own, never --outage-every's proxy), so it can bypass a
+fault proxy that the devices go through; its own lost connections are counted in
+"consumer_disconnects". It ends its session when the run ends.
 
 The runner plays the boards' power supply: a device process that dies (a crash, a kill from
 outside, a power cut) is powered up again after a random 0.5-2 s off time, unless
@@ -150,7 +151,7 @@ def parse_args(argv=None):
     p.add_argument("--interval", type=float, default=1.0, help="telemetry period in s (default 1)")
     p.add_argument("--broker", help="HOST:PORT of an existing broker (default: start mosquitto)")
     p.add_argument("--observe", metavar="HOST:PORT",
-                   help="where the consumer connects (default: where the devices connect)")
+                   help="where the consumer connects (default: the broker)")
     p.add_argument("--user", help="MQTT user name of the devices and the consumer")
     p.add_argument("--password", default=os.environ.get("SIM_PASSWORD"),
                    help="MQTT password (default $SIM_PASSWORD)")
@@ -399,7 +400,7 @@ def main(argv=None):
         dev_host, dev_port = proxy.host, proxy.port
         say("sim: fault proxy on %s:%d, outage every %g s for %g s"
             % (proxy.host, proxy.port, a.outage_every, a.outage_for))
-    obs_host, obs_port = a.observe_at or (dev_host, dev_port)
+    obs_host, obs_port = a.observe_at or (host, port)  # not through --outage-every's proxy
 
     ledger = Ledger()
     lock = threading.Lock()
