@@ -139,6 +139,7 @@ class DeviceProcess:
         # dead process's output tells "replaced" from "died" without a race.
         self._lock = threading.RLock()
         self._wdt = None
+        self._reader = None  # the thread reading the current process's output
         self._closed = False
         self._interrupted = False
 
@@ -194,7 +195,8 @@ class DeviceProcess:
             # stops each device once (a second SIGINT would cut its graceful stop short).
             start_new_session=True,
         )
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, args=(self.proc,), daemon=True)
+        self._reader.start()
 
     def _pump(self, proc):
         for raw in proc.stdout:
@@ -368,16 +370,21 @@ class DeviceProcess:
             self._interrupted = True
             self.proc.send_signal(signal.SIGINT)
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout=30.0):
         """Graceful stop, then SIGKILL if it lingers. Only one SIGINT: a second one would
         cut the firmware's stop (queue to flash, offline, disconnect) short."""
         self.interrupt()
-        if not self.alive():
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self.alive():
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._drained()
+
+    def _drained(self):
+        """Wait until every line the process printed is in `lines` (and echoed)."""
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(10)
 
     def kill(self):
         with self._lock:
@@ -386,9 +393,10 @@ class DeviceProcess:
                 self.proc.kill()
         if self.proc:
             self.proc.wait()
+            self._drained()
 
 
-def stop_fleet(fleet, timeout=5.0):
+def stop_fleet(fleet, timeout=30.0):
     """Graceful stop of every process at once (then SIGKILL for those that linger). Returns
     how many output lines each had printed before it (what follows is the stop's)."""
     marks = [len(p.lines) for p in fleet]
