@@ -3,7 +3,8 @@
     python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]
                         [--observe HOST:PORT] [--user U --password P] [--set KEY=VALUE]...
                         [--workdir DIR] [--heapsize SIZE] [--build]
-                        [--outage-every S [--outage-for S]] [--power-cut-every S]
+                        [--outage-every S [--outage-for S] [--outages N]]
+                        [--power-cut-every S]
                         [--no-restart] [--health-interval S] [--first-window S]
                         [--stable-s S] [--processes N] [--prefix P] [--quiet]
 
@@ -11,11 +12,11 @@ Starts a private mosquitto on a free port unless --broker is given, packs the de
 few MicroPython processes (each device has its own flash image and id), prints what they
 publish, and on --duration or Ctrl-C stops them gracefully and prints one JSON summary line:
 {"devices", "online", "telemetry", "gaps", "duplicates", "memory_errors", "stop_errors",
-"consumer_disconnects"}, plus "outages", "outage_cuts", "reconnects", "refused" with
---outage-every, "power_cuts" and "restarts" with --power-cut-every or after any restart,
+"consumer_disconnects", "watchdog_resets"}, plus "outages", "outage_cuts", "reconnects", "refused" with
+--outage-every, "power_cuts" and "restarts" with --power-cut-every or after any restart, "safe_mode" (devices
+whose latest status says so: 5 short boots in a row, power cuts included, end in it),
 "heap_samples", "heap_min_bytes", "heap_max_bytes", "heap_slope_bytes_per_hour" once health
-arrived, and "process_exits" / "watchdog_resets" when device processes died by themselves
-or were reset. Each device process's output is written to WORKDIR/devices-N.log at the end.
+arrived, and "process_exits" when device processes died by themselves. Each device process's output is written to WORKDIR/devices-N.log at the end.
 
 The consumer that counts gaps keeps a broker session (a fixed client id for the run, clean
 session off) and reconnects within a second, so a broker restart or a cut loses nothing on
@@ -38,7 +39,9 @@ safe_mode.boots=10. The configs are checked by the firmware's own validator befo
 starts. device_id, broker.host and broker.port are the simulator's own (--broker).
 
 --outage-every S puts tools/proxy.FaultProxy between the devices and the broker and every S
-seconds cuts every connection and refuses new ones for --outage-for seconds.
+seconds cuts every connection and refuses new ones for --outage-for seconds (--outages N
+times at most). Outages and
+power cuts start once every device has said it is online (at most 60 s after the start).
 --health-interval S sets the devices' health_interval; the heap figures come from the
 heap_alloc of their devices/{id}/health messages. --build runs the compiled firmware
 (firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --first-window S sets the
@@ -77,6 +80,8 @@ WARMUP_S = 30.0
 # The simulator's own settings, refused in --set: one id per device, and where the devices
 # connect is the simulator's broker or fault proxy.
 OWN_KEYS = ("device_id", "broker.host", "broker.port")
+# The faults (outages, power cuts) start once every device is online, or after this long.
+UP_WAIT_S = 60.0
 # The consumer's delays between reconnect attempts (first, longest), in s.
 CONSUMER_RECONNECT = (0.2, 1.0)
 
@@ -168,6 +173,8 @@ def parse_args(argv=None):
                    help="every S s cut all device connections (through a fault proxy) ...")
     p.add_argument("--outage-for", type=float, default=10.0, metavar="S",
                    help="... and refuse new ones for S s (default 10)")
+    p.add_argument("--outages", type=int, metavar="N",
+                   help="... at most N times (default: until the end)")
     p.add_argument("--power-cut-every", type=float, metavar="S",
                    help="every S s kill a random device process with SIGKILL (a power cut)")
     p.add_argument("--no-restart", action="store_true",
@@ -190,6 +197,8 @@ def parse_args(argv=None):
             p.error("--outage-every and --outage-for must be positive")
         if a.outage_for >= a.outage_every:
             p.error("--outage-for must be shorter than --outage-every")
+    if a.outages is not None and (a.outages < 1 or a.outage_every is None):
+        p.error("--outages wants a count of at least 1 and --outage-every")
     if a.power_cut_every is not None:
         if a.power_cut_every <= 0:
             p.error("--power-cut-every must be positive")
@@ -311,16 +320,57 @@ def every(period, t0, stop, until=None):
         yield k
 
 
-class Outages:
-    """Every `every` s from `t0`: cut every proxied connection, refuse new ones for `length`
-    s, then accept again. Runs in a thread until `stop` is set."""
+class FleetUp:
+    """When the faults start: once every device has said it is online (a fault during the
+    boot would hit a fleet that is not there yet, more so on a busy host), or after
+    UP_WAIT_S. t0 is when the run started, `end` when it ends (monotonic s, or None)."""
 
-    def __init__(self, proxy, every, length, t0, stop, say, until=None):
+    def __init__(self, devices, stop, say):
+        self.devices = devices
+        self.t0 = self.end = None  # set by begin()
+        self.stop = stop
+        self.say = say
+        self.online = set()
+        self.event = threading.Event()
+        self.at = None
+
+    def begin(self, t0, duration):
+        self.t0 = t0
+        self.end = None if duration is None else t0 + duration
+
+    def seen_online(self, device):
+        """Called with each online status (under the caller's lock)."""
+        self.online.add(device)
+        if len(self.online) >= self.devices and not self.event.is_set():
+            self.at = time.monotonic()
+            self.event.set()
+
+    def wait(self):
+        """Block until the faults may start; returns (start, until) for `every`, or None if
+        the run stops first."""
+        deadline = self.t0 + UP_WAIT_S
+        while not self.event.wait(0.2):
+            if self.stop.is_set():
+                return None
+            if time.monotonic() >= deadline:
+                self.say("sim: %d of %d devices online after %.0f s; the faults start anyway"
+                         % (len(self.online), self.devices, UP_WAIT_S))
+                break
+        start = self.at or time.monotonic()
+        return start, (None if self.end is None else self.end - start)
+
+
+class Outages:
+    """Every `every` s once the fleet is up: cut every proxied connection, refuse new ones
+    for `length` s, then accept again. Runs in a thread until `stop` is set."""
+
+    def __init__(self, proxy, every, length, up, stop, say, count=None):
         self.proxy = proxy
-        self.until = until  # s since t0 (the run's duration): no outage starts at or after it
+        self.count = count  # at most this many (None: until the run ends)
         self.every = every
         self.length = length
-        self.t0 = t0
+        self.up = up
+        self.t0 = up.t0  # times in `done` are s since the run started
         self.stop = stop
         self.say = say
         self.done = []  # (start s, end s, connections cut, attempts refused)
@@ -332,7 +382,10 @@ class Outages:
         return self
 
     def _run(self):
-        for k in every(self.every, self.t0, self.stop, self.until):
+        when = self.up.wait()
+        if when is None:
+            return
+        for k in every(self.every, when[0], self.stop, when[1]):
             start = time.monotonic() - self.t0
             self.proxy.refuse(True)
             mark = self.proxy.mark()
@@ -346,14 +399,18 @@ class Outages:
             self.done.append((start, end, cut, refused))
             self.say("sim: outage %d at %.1f-%.1f s: cut %d connection(s), refused %d attempt(s)"
                      % (k, start, end, cut, refused))
-            if ended:
+            if ended or k == self.count:
                 return
 
 
-def power_cuts(fleet, period, t0, stop, say, rnd, until=None):
-    """Every `period` s a random running device process loses its power (SIGKILL); the
-    runner powers it up again (tools/devices.py). Run in a thread."""
-    for k in every(period, t0, stop, until):
+def power_cuts(fleet, period, up, stop, say, rnd):
+    """Every `period` s once the fleet is up a random running device process loses its
+    power (SIGKILL); the runner powers it up again (tools/devices.py). Run in a thread."""
+    when = up.wait()
+    if when is None:
+        return
+    t0 = up.t0
+    for k in every(period, when[0], stop, when[1]):
         live = [i for i, p in enumerate(fleet) if p.alive()]
         if not live:
             continue
@@ -375,11 +432,23 @@ def memory_error_report(fleet, context=20, limit=3):
     return out
 
 
+_out = threading.Lock()
+
+
+def emit(line, f=None):
+    """One whole line to stdout (or f): the consumer, the device processes' readers and the
+    fault threads all print, and print() from two threads can splice their lines."""
+    f = f or sys.stdout
+    with _out:
+        f.write(line + "\n")
+        f.flush()
+
+
 def main(argv=None):
     a = parse_args(argv)
     workdir = a.workdir or tempfile.mkdtemp(prefix="sim-")
     os.makedirs(workdir, exist_ok=True)
-    say = (lambda s: None) if a.quiet else (lambda s: print(s, flush=True))
+    say = (lambda s: None) if a.quiet else emit
     main_py = None
     if a.build:
         main_py, n_mpy = build_mpy()
@@ -390,7 +459,7 @@ def main(argv=None):
     else:
         broker = Mosquitto(os.path.join(workdir, "broker")).start()
         host, port = broker.host, broker.port
-        print("sim: mosquitto on %s:%d (log %s)" % (host, port, broker.log_path), flush=True)
+        emit("sim: mosquitto on %s:%d (log %s)" % (host, port, broker.log_path))
     proxy = None
     dev_host, dev_port = host, port
     if a.outage_every is not None:
@@ -404,6 +473,8 @@ def main(argv=None):
 
     ledger = Ledger()
     lock = threading.Lock()
+    stop = threading.Event()
+    up = FleetUp(a.devices, stop, say)
     heap = []  # (t since start, device, heap_alloc) from health messages
     t_start = [time.monotonic()]
     tele_suffix = "/telemetry"
@@ -417,17 +488,19 @@ def main(argv=None):
         try:
             msg = json.loads(payload)
         except ValueError:
-            print("sim: non-JSON on %s" % topic, flush=True)
+            emit("sim: non-JSON on %s" % topic)
             return
         with lock:
             if topic.endswith(tele_suffix) and isinstance(msg.get("seq"), int):
                 ledger.telemetry(parts[1], msg, t)
             elif topic.endswith(status_suffix):
                 ledger.status[parts[1]] = msg
+                if msg.get("state") == "online" and not retain:  # not an earlier run's
+                    up.seen_online(parts[1])
             elif topic.endswith(health_suffix) and isinstance(msg.get("heap_alloc"), int):
                 heap.append((t - t_start[0], parts[1], msg["heap_alloc"]))
         if not a.quiet:
-            print("%s %s" % (topic, payload.decode("utf-8", "replace")), flush=True)
+            emit("%s %s" % (topic, payload.decode("utf-8", "replace")))
 
     pre = a.topic_prefix
     obs = Observer(
@@ -440,24 +513,24 @@ def main(argv=None):
         clean=False, reconnect=CONSUMER_RECONNECT, keepalive=10, record=False,
         auth=(a.user, a.password or "") if a.user is not None else None,
     )
-    echo = None if a.quiet else (lambda line: print(line, flush=True))
+    echo = None if a.quiet else emit
     configs = [make_config(a, "sim-%04d" % n, dev_host, dev_port) for n in range(a.devices)]
     t_start[0] = time.monotonic()
+    up.begin(t_start[0], a.duration)
     fleet = start_fleet(configs, workdir, processes=a.processes, heapsize=a.heapsize,
                         echo=echo, main=main_py, restart=not a.no_restart)
 
-    stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threads = []
     outages = None
     if proxy:
-        outages = Outages(proxy, a.outage_every, a.outage_for, t_start[0], stop, say,
-                          until=a.duration).start()
+        outages = Outages(proxy, a.outage_every, a.outage_for, up, stop, say,
+                          count=a.outages).start()
         threads.append(outages.thread)
     if a.power_cut_every is not None:
         t = threading.Thread(target=power_cuts, daemon=True, name="power-cuts", args=(
-            fleet, a.power_cut_every, t_start[0], stop, say, random.Random(), a.duration))
+            fleet, a.power_cut_every, up, stop, say, random.Random()))
         t.start()
         threads.append(t)
     end = None if a.duration is None else t_start[0] + a.duration
@@ -471,14 +544,16 @@ def main(argv=None):
         # Twice in a row, as a second look costs nothing.
         dead = dead + 1 if all(p.down() for p in fleet) else 0
         if dead >= 2:
-            print("sim: every device process has exited; stopping at %.0f s"
-                  % (time.monotonic() - t_start[0]), file=sys.stderr, flush=True)
+            emit("sim: every device process has exited; stopping at %.0f s"
+                 % (time.monotonic() - t_start[0]), sys.stderr)
             break
     stop.set()
     for t in threads:
         t.join(10)
     with lock:
         online = ledger.online()
+        # In safe mode a device publishes no telemetry, so it is not counted online: say so.
+        safe = sum(1 for st in ledger.status.values() if st.get("safe_mode"))
     early = [(i, p.proc.returncode) for i, p in enumerate(fleet) if p.down()]
     marks = stop_fleet(fleet)
     time.sleep(0.5)  # let the last acknowledged messages reach the observer
@@ -491,24 +566,25 @@ def main(argv=None):
         with open(os.path.join(workdir, "devices-%d.log" % i), "w") as f:
             f.write(p.output() + "\n")
     for i, rc in early:
-        print("sim: device process %d exited before the stop (rc %s); output in %s"
-              % (i, rc, os.path.join(workdir, "devices-%d.log" % i)), file=sys.stderr, flush=True)
+        emit("sim: device process %d exited before the stop (rc %s); output in %s"
+             % (i, rc, os.path.join(workdir, "devices-%d.log" % i)), sys.stderr)
     errors = error_counts(fleet, marks)
     if errors["memory_errors"]:
-        print("sim: %d device output line(s) with MemoryError:" % errors["memory_errors"],
-              file=sys.stderr)
-        print("\n".join(memory_error_report(fleet)), file=sys.stderr, flush=True)
+        emit("sim: %d device output line(s) with MemoryError:" % errors["memory_errors"],
+             sys.stderr)
+        emit("\n".join(memory_error_report(fleet)), sys.stderr)
     with lock:
         summary = ledger.summary(a.devices, online)
         samples = list(heap)
     summary.update(errors)
     summary["consumer_disconnects"] = obs.disconnects
+    if safe:
+        summary["safe_mode"] = safe  # devices whose latest status said safe mode
     exits = sum(len(p.exits) for p in fleet)
     if exits:
         summary["process_exits"] = exits  # deaths the processes caused themselves
-    wdt = sum(len(p.resets) for p in fleet)
-    if wdt:
-        summary["watchdog_resets"] = wdt  # processes the runner's watchdog killed and restarted
+    # Processes the runner's watchdog killed and restarted (0 is a figure worth seeing).
+    summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
     restarts = sum(p.restarts for p in fleet)
     if a.power_cut_every is not None or restarts:
         summary["power_cuts"] = sum(p.power_cuts for p in fleet)
@@ -527,7 +603,7 @@ def main(argv=None):
             run_s = a.duration if a.duration else (time.monotonic() - t_start[0])
             warmup_end = min(WARMUP_S, run_s / 3.0)
         summary.update(heap_figures(samples, warmup_end))
-    print(json.dumps(summary), flush=True)
+    emit(json.dumps(summary))
     return 0
 
 
