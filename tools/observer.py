@@ -33,7 +33,8 @@ class Observer:
         if reconnect:
             self.c.reconnect_delay_set(*reconnect)
         self._subscribed = threading.Event()
-        self.c.on_subscribe = lambda *a: self._subscribed.set()
+        self.subacks = 0  # SUBACKs so far: one per (re)connect, as it subscribes on each
+        self.c.on_subscribe = self._on_subscribe
         # Subscribe on every connect: after a broker restart without persistence paho
         # reconnects by itself, but the subscriptions are gone.
         subs = [(t, 1) for t in topics]
@@ -42,6 +43,10 @@ class Observer:
         self.c.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError("observer could not subscribe")
+
+    def _on_subscribe(self, *args):
+        self.subacks += 1
+        self._subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, rc, props=None):
         with self.cond:

@@ -120,7 +120,9 @@ def test_a_group_the_device_may_not_read_is_refused_and_reported(fleet, observer
     # The safety-net refresh asks again, is refused again, and counts again.
     t0 = time.monotonic()
     assert cmd(observer, "acl-b", "refresh-config", "f1")["data"] == {"refreshed": True}, p.output()
-    assert time.monotonic() - t0 < 2, "refresh-config took %.1f s" % (time.monotonic() - t0)
+    # The bug this guards against waited for its SUBACK on the loop that reads it: a stall
+    # of the 10 s step timeout. A busy host may take a few seconds; not ten.
+    assert time.monotonic() - t0 < 8, "refresh-config took %.1f s" % (time.monotonic() - t0)
     cmd(observer, "acl-b", "report", "r2")
     observer.wait(lambda m: [h for h in observer.json("devices/acl-b/health")
                              if h["mqtt"]["sub_refusals"] == 2], 10, "second refusal counted")

@@ -99,6 +99,7 @@ def test_lost_session_resubscribes_then_republishes_with_no_loss(
     proxy.blackhole()  # nothing gets through: telemetry piles up unacknowledged
     time.sleep(1.5)
     proxy.refuse()
+    subacks = observer.subacks
     if how == "taken over":
         _take_over(broker)
     else:
@@ -106,8 +107,8 @@ def test_lost_session_resubscribes_then_republishes_with_no_loss(
         fresh = Mosquitto(broker.workdir + "-fresh", port=broker.port, persistence=False)
         fresh.start()
         request.addfinalizer(fresh.stop)
-        wait_for(lambda: observer.c.is_connected(), 15, "observer back")
-        time.sleep(0.5)  # its SUBSCRIBE must be in before the device's first message
+        # Its SUBSCRIBE must be in before the device's first message.
+        wait_for(lambda: observer.subacks > subacks, 30, "observer subscribed again")
     lost = proxy.mark()
     proxy.blackhole(False)
     proxy.cut()
@@ -131,8 +132,9 @@ def test_black_holed_link_is_detected_by_keepalive_and_recovered(fleet, proxy, o
     p.wait_line("k1 W no traffic from broker", 10)
     detected = time.monotonic() - t0
     # Silent for 1.5 x keepalive since the last packet received (< 0.5 s before t0 with
-    # telemetry acked every 0.5 s), checked every keepalive/4.
-    assert 1.5 * ka - 0.7 <= detected <= 1.5 * ka + ka / 4 + 0.5, detected
+    # telemetry acked every 0.5 s), checked every keepalive/4: never earlier; later only by
+    # as much as a busy host delays the device's loop (a TCP timeout would take minutes).
+    assert 1.5 * ka - 0.7 <= detected <= 1.5 * ka + ka / 4 + 5, detected
     # A new connection into the black hole gets no CONNACK: the step timeout ends it.
     p.wait_line("k1 W connect failed at connack", 10)
     proxy.blackhole(False)
