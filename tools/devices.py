@@ -262,7 +262,7 @@ class DeviceProcess:
         `tick LAG_MS` says the process's loop runs and was LAG_MS late (module docstring)."""
         armed = {}  # image -> (timeout s, last feed)
         gen = None
-        tick = None  # when the process's loop last ticked (None: it never has)
+        tick = None  # when a shared loop last ticked (or its process started)
         shared = len(self.specs) > 1  # boards share the loop: its lag is not theirs
         while not self._closed:
             t0 = time.monotonic()
@@ -273,7 +273,9 @@ class DeviceProcess:
             now = time.monotonic()
             if gen != self._gen:
                 # A new process (restart, power-up): its boards arm again; nothing is owed.
-                gen, armed, tick = self._gen, {}, None
+                # Its loop has not ticked yet: the first board arms and starts the ticks,
+                # then the others boot, which can hold the loop before the first tick.
+                gen, armed, tick = self._gen, {}, now
             if now - t0 > 0.6:
                 # recv returns within its 0.1 s timeout unless this thread itself was not
                 # running (a busy host, the GIL): the feeds queued meanwhile are not late,

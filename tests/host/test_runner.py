@@ -4,6 +4,8 @@ that brings a dead process back after a power cut, a crash or a kill from outsid
 import os
 import signal
 
+import pytest
+
 from tools.devices import Spec
 
 FAST = {"keepalive": 5, "reconnect": {"first_window": 0.5, "base": 0.2, "cap": 1}}
@@ -27,9 +29,10 @@ def _seqs(observer, dev, boot=1):
     return {m["seq"] for m in observer.json("devices/%s/telemetry" % dev) if m["boot"] == boot}
 
 
-def _two_boards(fleet, observer, tmp_path, over=None, a_over=None, **kw):
+def _two_boards(fleet, observer, tmp_path, over=None, a_over=None, a_ctl="", **kw):
     over = over or {}
     a, actl = _board(fleet, tmp_path, "ra", **dict(over, **(a_over or {})))
+    actl.write_text(a_ctl)
     b, _ = _board(fleet, tmp_path, "rb", **over)
     p = fleet.start(a, b, **kw)
     for dev in ("ra", "rb"):
@@ -37,15 +40,19 @@ def _two_boards(fleet, observer, tmp_path, over=None, a_over=None, **kw):
     return p, a, actl
 
 
+@pytest.mark.parametrize("when", ["running", "boot"])
 def test_a_shared_process_busy_longer_than_the_timeout_is_not_a_hang(
-        fleet, observer, tmp_path):
+        when, fleet, observer, tmp_path):
     # Each of ra's readings (every 4 s) holds the whole process for 4 s, longer than both
     # boards' 3 s watchdog: as a process busy booting or serving 250 boards does. Without
-    # the loop's ticks the runner would reset the process at the first hold. (The
-    # supervisors may skip a feed right after a hold, until every task has checked in.)
+    # the loop's ticks the runner would reset the process at the first hold. At boot the
+    # first hold comes before the loop's first tick, as the boot of 249 more boards would.
+    # (The supervisors may skip a feed right after a hold, until every task has checked in.)
+    hold = "host-busy=4000"
     p, _, ctl = _two_boards(fleet, observer, tmp_path, over={"watchdog_ms": 3000},
-                            a_over={"telemetry_interval": 4})
-    ctl.write_text("host-busy=4000")
+                            a_over={"telemetry_interval": 4},
+                            a_ctl=hold if when == "boot" else "")
+    ctl.write_text(hold)
     p.wait_line(r"ra\.img host busy for 4000 ms", 60, count=3)
     ctl.write_text("")
     # Both boards go on in the same boot, their telemetry after the holds arriving.
