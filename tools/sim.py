@@ -12,11 +12,13 @@ Starts a private mosquitto on a free port unless --broker is given, packs the de
 few MicroPython processes (each device has its own flash image and id), prints what they
 publish, and on --duration or Ctrl-C stops them gracefully and prints one JSON summary line:
 {"devices", "online", "telemetry", "gaps", "duplicates", "memory_errors", "stop_errors",
-"consumer_disconnects", "watchdog_resets"}, plus "outages", "outage_cuts", "reconnects", "refused" with
---outage-every, "power_cuts" and "restarts" with --power-cut-every or after any restart, "safe_mode" (devices
-whose latest status says so: 5 short boots in a row, power cuts included, end in it),
-"heap_samples", "heap_min_bytes", "heap_max_bytes", "heap_slope_bytes_per_hour" once health
-arrived, and "process_exits" when device processes died by themselves. Each device process's output is written to WORKDIR/devices-N.log at the end.
+"consumer_disconnects", "watchdog_resets"}, plus "outages", "outage_cuts", "reconnects",
+"refused" with --outage-every, "power_cuts" and "restarts" with --power-cut-every or after
+any restart, "safe_mode" (devices whose latest status says so: 5 short boots in a row,
+power cuts included, end in it), "heap_samples", "heap_min_bytes", "heap_max_bytes",
+"heap_slope_bytes_per_hour" once health arrived, and "process_exits" when device processes
+died by themselves. Each device process's output is written to WORKDIR/devices-N.log at the
+end.
 
 The consumer that counts gaps keeps a broker session (a fixed client id for the run, clean
 session off) and reconnects within a second, so a broker restart or a cut loses nothing on
