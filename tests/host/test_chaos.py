@@ -622,7 +622,11 @@ def _full_flash(fleet, proxy, observer, report, variant, outage_s, leave, tmp_pa
     observer.publish("devices/%s/config/desired" % dev,
                      json.dumps({"version": 1, "telemetry_interval": 0.1}), retain=True)
     p.wait_line(dev + r" I config from device changed telemetry_interval", 10)
-    time.sleep(1)
+    # The outbox's failed flash writes reported before the power cut (health every ~1 s;
+    # a fixed second here missed it once).
+    observer.wait(lambda m: [h for h in observer.json("devices/%s/health" % dev)
+                             if h["boot"] == boot2 and h["outbox"]["flash_errors"] > 0],
+                  30, "health reporting that the outbox hit the full flash")
     # A power cut on the full flash, and the boot after it.
     p.proc.kill()
     p.proc.wait()
