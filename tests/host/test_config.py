@@ -1,6 +1,7 @@
 """Config twin end to end: retained desired layers on a real mosquitto, Unix-port devices,
 the reported document they publish, the cache on their flash."""
 import json
+import re
 import time
 
 from tools.devices import Spec
@@ -224,6 +225,7 @@ def test_health_is_published_with_sane_fields_and_logs_come_back(fleet, observer
     assert r["id"] == "l-1" and r["status"] == "ok"
     lines = r["data"]["lines"]
     assert 1 <= len(lines) <= 5 and all(l.startswith("h1 ") for l in lines)
+    p.wait_line(re.escape(lines[-1]))  # the runner may not have read the console that far
     assert "\n".join(lines) in p.output(), "the ring holds the console's lines, in order"
     observer.publish("devices/h1/cmd/logs", json.dumps({"id": "l-2", "n": 40}))
     observer.wait(lambda m: len(_results(observer, "h1", "logs")) >= 2, 10, "logs result")
