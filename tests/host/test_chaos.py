@@ -169,8 +169,7 @@ def obs(broker):
     """An observer with a kept session (fixed id, clean=False) that reconnects quickly:
     across a broker restart, what the devices publish meanwhile is queued for it."""
     o = Observer(broker.host, broker.port, topics=("devices/#",), client_id="chaos-observer",
-                 clean=False)
-    o.c.reconnect_delay_set(0.1, 0.5)
+                 clean=False, reconnect=(0.1, 0.5))
     yield o
     o.close()
 
