@@ -299,16 +299,14 @@ class DeviceProcess:
                 pass
             starved = self._starved(armed, now, tick if shared else None)
             if starved:
-                self._reset(*starved)
+                self._reset(*starved)  # or nothing, if the process is gone or stopping
                 armed.clear()
         self._wdt.close()
 
     def _starved(self, armed, now, tick):
         """(image, seconds without a feed, why) of the board to reset, or None. `tick`: when
-        a shared loop last ticked (None for a process of one board)."""
-        with self._lock:
-            if not self.alive() or self._closed:
-                return None
+        a shared loop last ticked (None for a process of one board). _reset checks that the
+        process still runs."""
         late = [(now - last - t, i, now - last) for i, (t, last) in armed.items()
                 if now - last > t]
         if not late:

@@ -42,8 +42,8 @@ starts. device_id, broker.host and broker.port are the simulator's own (--broker
 
 --outage-every S puts tools/proxy.FaultProxy between the devices and the broker and every S
 seconds cuts every connection and refuses new ones for --outage-for seconds (--outages N
-times at most). Outages and
-power cuts start once every device has said it is online (at most 60 s after the start).
+times at most). Outages and power cuts start once every device has said it is online (at
+most 60 s after the start).
 --health-interval S sets the devices' health_interval; the heap figures come from the
 heap_alloc of their devices/{id}/health messages. --build runs the compiled firmware
 (firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --first-window S sets the
@@ -536,16 +536,14 @@ def main(argv=None):
         t.start()
         threads.append(t)
     end = None if a.duration is None else t_start[0] + a.duration
-    dead = 0
     while not stop.is_set():
         # Until the duration or a signal; early if every device process is gone for good (a
         # crash at boot with --no-restart must not cost a whole soak).
         left = 1.0 if end is None else min(1.0, end - time.monotonic())
         if left <= 0 or stop.wait(left):
             break
-        # Twice in a row, as a second look costs nothing.
-        dead = dead + 1 if all(p.down() for p in fleet) else 0
-        if dead >= 2:
+        # down() is exact: a watchdog reset or a power-up in progress is not down.
+        if all(p.down() for p in fleet):
             emit("sim: every device process has exited; stopping at %.0f s"
                  % (time.monotonic() - t_start[0]), sys.stderr)
             break
