@@ -3,7 +3,6 @@
 # boot history (reset cause, safe mode), then the supervised tasks on one asyncio loop.
 import asyncio
 import json
-import time
 
 from backoff import Backoff, Fixed, Rng
 from mqtt.client import MQTTClient
@@ -121,7 +120,7 @@ class Device:
             self.board.link, cfg["wifi"],
             Backoff(self.rnd, r["base"], r["cap"], r["first_window"], r["stable_s"],
                     flap_limit=1000),
-            self.log, self.board.ticks_ms, beat=lambda ms: self._beat("link", ms),
+            self.log, self._uptime, beat=lambda ms: self._beat("link", ms),
         )
         self.client = MQTTClient(
             cfg["device_id"],
@@ -139,6 +138,8 @@ class Device:
             timeout=b["timeout"],
             backoff=Fixed(2.0) if base_p else Backoff(self.rnd, **r),
             ticks_ms=self.board.ticks_ms,
+            ticks_diff=self.board.ticks_diff,
+            uptime_s=self._uptime,
             log=self.log,
             on_message=self._on_message,
             on_connect=self._on_connect,
@@ -174,7 +175,7 @@ class Device:
             self.board.fs if eff["outbox.flash_bytes"] else None,
             ram_bytes=eff["outbox.ram_bytes"], flash_bytes=eff["outbox.flash_bytes"],
             policy=eff["outbox.policy"], overflow=o["overflow"], spill_ms=o["spill_ms"],
-            ticks_ms=self.board.ticks_ms, ticks_diff=time.ticks_diff, log=self.log,
+            ticks_ms=self.board.ticks_ms, ticks_diff=self.board.ticks_diff, log=self.log,
             topic=self.topics.telemetry,
         )
         self._queued = asyncio.Event()
@@ -244,6 +245,10 @@ class Device:
         self._save_uptime(pending=cause)
         self.board.reset()  # a board never comes back from this; the Unix port does
         self._restart.set()
+
+    def _uptime(self):
+        """Seconds since boot, wrap-free: for connection lengths."""
+        return self.board.uptime_ms() / 1000
 
     def _beat(self, name, ms):
         if self.sup is not None:
@@ -423,6 +428,7 @@ class Device:
             self.timesync = TimeSync(
                 self.board.set_time, self.rnd, self.log, self.board.ticks_ms, n["servers"],
                 interval_s=n["interval"], timeout_ms=n["timeout_ms"],
+                ticks_diff=self.board.ticks_diff,
                 beat=lambda ms: self._beat("ntp", ms), now=self.board.unix_time)
             sup.spawn("ntp", self.timesync.run, critical=False, within_ms=n["timeout_ms"] + 5000)
         if self.safe:

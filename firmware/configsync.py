@@ -4,11 +4,11 @@
 # validated (twin.py), cached on flash when something changed, applied, and the effective
 # config goes out retained on config/reported when it differs from the last one sent.
 # A safety-net refresh re-subscribes on a per-device random schedule.
-import asyncio
 import json
 
 from backoff import jittered
 from firmware import configcache
+from firmware.clock import sleep_s
 from firmware.twin import Twin
 
 
@@ -92,8 +92,9 @@ class ConfigSync:
         return False
 
     async def refresh_loop(self, interval):
-        """interval: fn() -> T seconds. First at uniform(0, T), then T * uniform(0.5, 1.5)."""
-        await asyncio.sleep(self.rnd.uniform(0, interval()))
+        """interval: fn() -> T seconds. First at uniform(0, T), then T * uniform(0.5, 1.5).
+        T may be a week: longer than one asyncio sleep may be on a board (clock.sleep_s)."""
+        await sleep_s(self.rnd.uniform(0, interval()))
         while True:
             await self.refresh()
-            await asyncio.sleep(jittered(interval(), self.rnd))
+            await sleep_s(jittered(interval(), self.rnd))

@@ -2,7 +2,6 @@
 # lag watch, and the health document published on devices/{id}/health on a jittered period.
 import asyncio
 import json
-import time
 
 from backoff import jittered
 from firmware.version import SCHEMA
@@ -84,11 +83,12 @@ class Health:
     async def watch_lag(self, period_ms=100):
         """A loop that sleeps period_ms and measures how late it wakes: a blocking call
         anywhere in the firmware shows up here."""
-        ticks = self.device.board.ticks_ms
+        board = self.device.board
+        ticks = board.ticks_ms
         while True:
             t = ticks()
             await asyncio.sleep_ms(period_ms)
-            late = time.ticks_diff(ticks(), t) - period_ms
+            late = board.ticks_diff(ticks(), t) - period_ms
             if late > self.lag_max_ms:
                 self.lag_max_ms = late
 

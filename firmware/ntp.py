@@ -88,7 +88,8 @@ def parse(reply, n, req, rtt_ms=0):
     return secs + ms // 1000, ms % 1000
 
 
-async def query(addr, timeout_ms, rnd, ticks_ms=time.ticks_ms, req=None, rx=None,
+async def query(addr, timeout_ms, rnd, ticks_ms=time.ticks_ms, ticks_diff=time.ticks_diff,
+                req=None, rx=None,
                 poll_ms=10):
     """One exchange with the server at sockaddr `addr`, within timeout_ms; returns
     (unix_s, ms, rtt_ms). Raises NtpError for a refusal (kiss-o'-death, unsynchronised),
@@ -112,7 +113,7 @@ async def query(addr, timeout_ms, rnd, ticks_ms=time.ticks_ms, req=None, rx=None
             # MicroPython's asyncio cannot wait for a UDP socket to become readable, so
             # poll; readinto returns None (no exception, no allocation) when nothing came.
             n = s.readinto(rx)
-            waited = time.ticks_diff(ticks_ms(), t0)
+            waited = ticks_diff(ticks_ms(), t0)
             if n is not None:
                 try:
                     secs, ms = parse(rx, n, req, waited)
@@ -149,11 +150,13 @@ class TimeSync:
     max_sleep_ms = 3600000  # longest single sleep between beats
 
     def __init__(self, set_time, rnd, log, ticks_ms, servers, port=123, interval_s=3600,
-                 timeout_ms=3000, beat=None, now=None, base_s=2, cap_s=300, poll_ms=10):
+                 timeout_ms=3000, beat=None, now=None, base_s=2, cap_s=300, poll_ms=10,
+                 ticks_diff=time.ticks_diff):
         self.set_time = set_time
         self.rnd = rnd
         self.log = log
         self.ticks_ms = ticks_ms
+        self.ticks_diff = ticks_diff
         self.servers = servers
         self.port = port
         self.interval_s = interval_s
@@ -190,7 +193,7 @@ class TimeSync:
                     self.stats["resolves"] += 1
                     self.log("D", "ntp: resolved %s" % host)
                 secs, ms, rtt = await query(addr, self.timeout_ms, self.rnd, self.ticks_ms,
-                                            self._req, self._rx, self.poll_ms)
+                                            self.ticks_diff, self._req, self._rx, self.poll_ms)
             except Exception as e:  # whatever went wrong, the next server may still answer
                 self._addrs[i] = None  # the address may have moved: ask DNS again next time
                 self._failed(host, _reason(e))

@@ -3,7 +3,6 @@
 # every task that promised to check in did so in time. A stuck await or a busy loop thus
 # stops the feeding and the hardware (or the Unix runner standing in for it) resets.
 import asyncio
-import time
 
 # A task that dies this many times within DEATH_WINDOW_MS is beyond restarting.
 DEATH_LIMIT = 3
@@ -21,7 +20,7 @@ class _Task:
         self.deadline = None  # ticks by which the task must check in again; None: no promise
         self.restarts = 0
         self.recent = 0  # deaths within the current window
-        self.window_start = 0
+        self.window_start = None  # board uptime (s) of the window's first death
 
 
 class Supervisor:
@@ -30,6 +29,8 @@ class Supervisor:
         self.log = log
         self.rnd = rnd
         self.ticks = board.ticks_ms
+        self.diff = board.ticks_diff
+        self.add = board.ticks_add
         self.wdt_ms = wdt_ms
         # Slack on every promise, so a loop that is merely busy is not mistaken for a hang.
         self.grace_ms = wdt_ms if grace_ms is None else grace_ms
@@ -46,7 +47,7 @@ class Supervisor:
         and from then on by whatever each beat promises."""
         t = _Task(name, factory, critical)
         if within_ms is not None:
-            t.deadline = time.ticks_add(self.ticks(), within_ms + self.grace_ms)
+            t.deadline = self.add(self.ticks(), within_ms + self.grace_ms)
         self.tasks[name] = t
         t.task = asyncio.create_task(self._keep(t))
         return t.task
@@ -56,7 +57,7 @@ class Supervisor:
         purpose (waiting for another supervised task) and promises nothing."""
         t = self.tasks.get(name)
         if t is not None:
-            t.deadline = None if within_ms is None else time.ticks_add(
+            t.deadline = None if within_ms is None else self.add(
                 self.ticks(), within_ms + self.grace_ms)
 
     def set_timeout(self, wdt_ms):
@@ -91,8 +92,10 @@ class Supervisor:
             except Exception as e:
                 err = e
             now = self.ticks()
-            if time.ticks_diff(now, t.window_start) > DEATH_WINDOW_MS:
-                t.window_start = now
+            # In uptime, not ticks: a window that began weeks ago is not "recent" after a wrap.
+            up = self.board.uptime_s()
+            if t.window_start is None or up - t.window_start > DEATH_WINDOW_MS // 1000:
+                t.window_start = up
                 t.recent = 0
             t.recent += 1
             t.restarts += 1
@@ -106,7 +109,7 @@ class Supervisor:
             d = int(d * self.rnd.uniform(0.5, 1.5))
             self.log("E", "task %s died: %r; restart %d in %d ms" % (t.name, err, t.restarts, d))
             if t.deadline is not None:
-                t.deadline = time.ticks_add(now, d + self.grace_ms)
+                t.deadline = self.add(now, d + self.grace_ms)
             await asyncio.sleep_ms(d)
 
     async def fatal(self, reason):
@@ -125,12 +128,13 @@ class Supervisor:
 
     # ---- watchdog --------------------------------------------------------------------
 
-    def overdue(self):
+    def overdue(self, now=None):
         """(name, ms late) of the first task past its promise, or None."""
-        now = self.ticks()
+        if now is None:
+            now = self.ticks()
         for t in self.tasks.values():
             if t.deadline is not None:
-                late = time.ticks_diff(now, t.deadline)
+                late = self.diff(now, t.deadline)
                 if late > 0:
                     return t.name, late
         return None
@@ -140,8 +144,14 @@ class Supervisor:
         waiting for a config is not a hang); being scheduled at all proves the loop turns."""
         board = self.board
         board.arm_watchdog(self.wdt_ms)
+        step = self.wdt_ms // 4
+        woke = self.ticks()
         while True:
-            late = self.overdue()
+            now = self.ticks()
+            self._credit(self.diff(now, woke) - step)
+            woke = now
+            board.uptime_s()  # the uptime counter must look at the ticks at least every 2^29 ms
+            late = self.overdue(now)  # the `now` the stall was measured at
             if late is None:
                 board.feed_watchdog()
                 self.stats["feeds"] += 1
@@ -152,4 +162,14 @@ class Supervisor:
                 self._starving = late[0]
                 self.stats["starved"] += 1
                 self.log("E", "watchdog: task %s missed its check-in by %d ms; not feeding" % late)
-            await asyncio.sleep_ms(self.wdt_ms // 4)
+            await asyncio.sleep_ms(step)
+
+    def _credit(self, stalled):
+        """The loop did not run for `stalled` ms (a long flash erase; on the Unix board, its
+        driven clock): no task could check in meanwhile, so the promises move by as much. A
+        stall longer than the watchdog's timeout is the hardware's to judge, not ours."""
+        if stalled <= self.wdt_ms:
+            return
+        for t in self.tasks.values():
+            if t.deadline is not None:
+                t.deadline = self.add(t.deadline, stalled)

@@ -4,7 +4,6 @@
 # device at once. MQTT waits on `up` and is told at once when the link goes, instead of
 # finding out a keepalive later or burning connect attempts on a link that is not there.
 import asyncio
-import time
 
 from micropython import const
 
@@ -13,14 +12,14 @@ _CHECK_MS = const(1000)
 
 
 class LinkSupervisor:
-    def __init__(self, link, networks, backoff, log, ticks_ms, on_down=None, beat=None,
+    def __init__(self, link, networks, backoff, log, uptime_s, on_down=None, beat=None,
                  join_timeout_ms=15000):
         self.link = link  # connect(ssid, pw), isconnected(), disconnect(), rssi()
         # No networks configured: the board's own link (the host's network on Unix).
         self.networks = networks or [(None, None)]
         self.backoff = backoff
         self.log = log
-        self.ticks_ms = ticks_ms
+        self.uptime_s = uptime_s  # fn() -> wrap-free seconds: a link can stay up for weeks
         self.on_down = on_down  # fn(): the link just went
         self.beat = beat or (lambda ms: None)
         self.join_timeout_ms = join_timeout_ms
@@ -38,14 +37,14 @@ class LinkSupervisor:
                 self.beat(int(d * 1000))
                 await asyncio.sleep(d)
                 continue
-            since = self.ticks_ms()
+            since = self.uptime_s()
             self.up.set()
             while self.link.isconnected():
                 self.beat(_CHECK_MS)
                 await asyncio.sleep_ms(_CHECK_MS)
             self.up.clear()
             self.stats["losses"] += 1
-            lasted = time.ticks_diff(self.ticks_ms(), since) / 1000
+            lasted = self.uptime_s() - since
             d = bo.dropped(lasted)
             self.log("W", "link to %s lost after %.1f s; rejoin in %.1f s" % (
                 self.ssid, lasted, d))

@@ -4,6 +4,8 @@ import gc
 import os
 import time
 
+from firmware.clock import Uptime
+
 
 def largest_free_block():
     """Largest block the heap can hand out now. MicroPython has no call for it, so bisect
@@ -29,8 +31,27 @@ class BaseBoard:
         b = os.urandom(4)
         return b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24)
 
+    # Every tick stamp and duration of the firmware goes through these three, so that the
+    # Unix board can give them a board's 2^30 period (firmware/clock.py).
     def ticks_ms(self):
         return time.ticks_ms()
+
+    def ticks_diff(self, a, b):
+        return time.ticks_diff(a, b)
+
+    def ticks_add(self, a, d):
+        return time.ticks_add(a, d)
+
+    def start_uptime(self):
+        """Uptime counts from now (the boot, or the Unix board's in-process reset)."""
+        self._uptime = Uptime(self.ticks_ms, self.ticks_diff)
+
+    def uptime_ms(self):
+        """Since boot, wrap-free (firmware/clock.py)."""
+        return self._uptime.ms()
+
+    def uptime_s(self):
+        return self._uptime.s()
 
     def log(self, line):
         print(line)

@@ -84,9 +84,7 @@ class McuBoard(BaseBoard):
         self.label = "".join("%02x" % b for b in machine.unique_id())
         self.link = WlanLink(self.power_save)
         self.wdt = None
-
-    def uptime_ms(self):
-        return time.ticks_ms()
+        self.start_uptime()
 
     def unix_time(self):
         t = time.time() + _EPOCH_OFFSET

@@ -13,9 +13,13 @@ import vfs
 from micropython import const
 
 from firmware.boards.base import BaseBoard
+from firmware.clock import EmulatedTicks
 
 _BLOCK = const(4096)
 DEFAULT_FLASH = const(1048576)
+# A board's ticks wrap every 12.4 days; the emulated ones start this close to a wrap, so
+# every run longer than a minute crosses one.
+TICKS_BEFORE_WRAP_MS = const(60000)
 
 
 class FileBlockDevice:
@@ -86,7 +90,10 @@ def open_flash(path, size=DEFAULT_FLASH):
 class Control:
     """Words in a host file that a test writes: link-down, hang-await, hang-busy, crash,
     clock=+S / clock=-S (the wall clock shifted by S seconds), host-busy=MS (the process
-    blocked for MS at each reading). Read again at most every 100 ms, so a fleet of boards
+    blocked for MS at each reading), ticks=MS (the board's ticks driven MS ahead: days of
+    uptime in seconds; raise it by less than 2^29 at a time, and again only once every
+    loop of the firmware has run since, or the firmware sees a step that a board's
+    ticks_diff cannot span). Read again at most every 100 ms, so a fleet of boards
     polling it costs little."""
 
     def __init__(self, path):
@@ -198,9 +205,10 @@ class Board(BaseBoard):
         self.flash_path = flash_path
         self.bdev, self.fs = open_flash(flash_path, flash_size)
         self.label = label or flash_path
-        self._t0 = time.ticks_ms()
         self.cause = "power-on"  # the runner says otherwise after a watchdog kill
         self.control = Control(None)
+        self._shift = 0
+        self.set_ticks_before_wrap(TICKS_BEFORE_WRAP_MS)
         self.link = SimLink(self.control)
         self.wdt_addr = None  # (host, port) of the runner's watchdog, if it has one
         self._wdt_sock = None
@@ -218,8 +226,20 @@ class Board(BaseBoard):
             return self.shared.heap(lambda: BaseBoard.heap(self))
         return BaseBoard.heap(self)
 
-    def uptime_ms(self):
-        return time.ticks_diff(time.ticks_ms(), self._t0)
+    def _ticks_shift(self):
+        # Only forward, as ticks go: a control file caught half-written reads as no shift.
+        s = int(self.control.number("ticks"))
+        if s > self._shift:
+            self._shift = s
+        return self._shift
+
+    def set_ticks_before_wrap(self, ms):
+        """Ticks as a board's (period 2^30), starting `ms` before a wrap."""
+        self._ticks = t = EmulatedTicks(time.ticks_ms, ms, self._ticks_shift)
+        self.ticks_ms = t.now
+        self.ticks_diff = t.diff
+        self.ticks_add = t.add
+        self.start_uptime()
 
     def unix_time(self):
         """Seconds since 1970, or None while the clock is not set (the host clock always is),
@@ -275,4 +295,4 @@ class Board(BaseBoard):
     def reset(self):
         """No hardware to reset: Device.run boots the device again in this process."""
         self.cause = "soft"
-        self._t0 = time.ticks_ms()
+        self.start_uptime()

@@ -9,7 +9,8 @@ from firmware.boards.unix import DEFAULT_FLASH, Board, LoopTicker, SharedHeap
 def _usage(msg):
     print("unix board: " + msg)
     print(
-        "usage: micropython main.py [--flash-size BYTES] [--wdt HOST:PORT] --flash IMAGE "
+        "usage: micropython main.py [--flash-size BYTES] [--wdt HOST:PORT] "
+        "[--ticks-before-wrap S] --flash IMAGE "
         "[--put DEST=HOSTFILE]... [--reset-cause CAUSE] [--control HOSTFILE] "
         "[--flash IMAGE2 ...]"
     )
@@ -19,9 +20,11 @@ def _usage(msg):
 def boards_from_argv(argv):
     """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
     flash before it boots (what `mpremote cp` does for a real board); --reset-cause and
-    --control also apply to the last --flash; --wdt is the runner's watchdog for all."""
+    --control also apply to the last --flash; --wdt is the runner's watchdog for all;
+    --ticks-before-wrap S starts every board's ticks S seconds before their 2^30 wrap."""
     size = DEFAULT_FLASH
     wdt = None
+    before_wrap = None
     out = []
     i = 0
     while i < len(argv):
@@ -35,6 +38,10 @@ def boards_from_argv(argv):
         elif a == "--wdt":
             host, _, port = v.rpartition(":")
             wdt = (host, int(port))
+        elif a == "--ticks-before-wrap":
+            before_wrap = int(float(v) * 1000)
+            if not 0 <= before_wrap < 0x40000000:
+                _usage("--ticks-before-wrap: 0 to 1073741 s")
         elif a == "--flash":
             out.append(Board(v, size))
         elif not out:
@@ -59,4 +66,6 @@ def boards_from_argv(argv):
         b.wdt_addr = wdt
         b.shared = shared
         b.ticker = ticker
+        if before_wrap is not None:
+            b.set_ticks_before_wrap(before_wrap)
     return out

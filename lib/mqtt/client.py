@@ -58,6 +58,8 @@ class MQTTClient:
         timeout=10,
         backoff=None,
         ticks_ms=time.ticks_ms,
+        ticks_diff=time.ticks_diff,
+        uptime_s=None,
         log=_log,
         on_message=None,
         on_connect=None,
@@ -79,6 +81,10 @@ class MQTTClient:
         self.timeout = timeout
         self.backoff = backoff or Backoff(Rng(time.ticks_ms()))
         self.ticks_ms = ticks_ms
+        self.ticks_diff = ticks_diff
+        # fn() -> seconds that never wrap (the board's uptime): how long a connection lasted
+        # can be weeks, past what ticks_diff spans on a board (6.2 days).
+        self.uptime_s = uptime_s or (lambda: time.time())
         self.log = log
         self.on_message = on_message  # async or plain fn(topic: bytes, payload: memoryview, retain)
         self.on_connect = on_connect  # fn(session_present) after subscribe/resend on each connect
@@ -277,7 +283,7 @@ class MQTTClient:
                 self.beat(int(d * 1000))
                 await asyncio.sleep(d)
                 continue
-            up = self.ticks_ms()
+            up = self.uptime_s()
             tasks = (
                 asyncio.create_task(self._read_loop()),
                 asyncio.create_task(self._keepalive_loop()),
@@ -299,7 +305,7 @@ class MQTTClient:
                 await self._close()
             if self._stop:
                 break
-            lasted = time.ticks_diff(self.ticks_ms(), up) / 1000
+            lasted = self.uptime_s() - up
             if lasted < bo.flap_s:
                 self.stats["flaps"] += 1
                 self._trouble[3] += 1
@@ -709,18 +715,27 @@ class MQTTClient:
         if not ka:
             return
         step = min(1000, ka // 4)
+        diff = self.ticks_diff
+        woke = self.ticks_ms()
         while not self._dead.is_set():
             self.beat(step)
             await asyncio.sleep_ms(step)
             now = self.ticks_ms()
-            if time.ticks_diff(now, self._last_rx) >= ka * 3 // 2:
+            stalled = diff(now, woke) - step
+            woke = now
+            if stalled > ka // 2:
+                # The loop itself did not run (a long flash erase; the Unix board's driven
+                # clock): the read loop could not have heard the broker meanwhile, so that
+                # time is not the broker's silence. Its silence counts from now.
+                self._last_rx = now  # a stale _last_tx makes the ping below check the link
+            if diff(now, self._last_rx) >= ka * 3 // 2:
                 self.stats["keepalive_timeouts"] += 1
                 self.log("W", "no traffic from broker for 1.5 x keepalive: link dead")
                 self._kill()
                 break
             if (
-                time.ticks_diff(now, self._last_tx) >= ka
-                or time.ticks_diff(now, self._last_rx) >= ka
+                diff(now, self._last_tx) >= ka
+                or diff(now, self._last_rx) >= ka
             ) and self.connected.is_set() and not self._pinging:
                 # In its own task: a ping stuck behind a stalled write must not stop this
                 # loop from noticing the silence.

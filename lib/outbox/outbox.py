@@ -80,7 +80,9 @@ class Outbox:
             return False
         if self._flash_down_at is None:
             return True
-        if self.ticks_diff(self.ticks_ms(), self._flash_down_at) >= _RETRY_FLASH_MS:
+        # A negative difference is a stamp older than ticks_diff spans (6.2 days on a board).
+        d = self.ticks_diff(self.ticks_ms(), self._flash_down_at)
+        if d >= _RETRY_FLASH_MS or d < 0:
             self._flash_down_at = None
             return True
         return False
@@ -286,8 +288,11 @@ class Outbox:
         if self.policy != "offline" or not self.ring.count:
             return
         now = self.ticks_ms()
-        waited = self.ticks_diff(now, self._ring_since) >= self.spill_ms
-        if connected and self.ticks_diff(now, self._progress) < self.spill_ms:
+        # Stamps older than ticks_diff spans (6.2 days on a board) come out negative.
+        d = self.ticks_diff(now, self._ring_since)
+        waited = d >= self.spill_ms or d < 0
+        d = self.ticks_diff(now, self._progress)
+        if connected and 0 <= d < self.spill_ms:
             # Acks flow, but maybe not for these: behind a backlog on flash or on a slow
             # link, RAM records can wait far longer than spill_ms. Once the oldest has,
             # it goes to flash all the same, or a power cut would take all of them.

@@ -6,17 +6,23 @@ import time
 
 from backoff import Backoff, Rng
 from firmware import supervisor as supmod
+from firmware.boards.base import BaseBoard
+from firmware.clock import EmulatedTicks
 from firmware.supervisor import Supervisor
 from firmware.wifi import LinkSupervisor
 
 
-class FakeBoard:
-    def __init__(self):
+class FakeBoard(BaseBoard):
+    """A board's ticks (period 2^30) starting 300 ms before a wrap, so that every test here
+    crosses one; `shift` drives them forward (days in an instant)."""
+
+    def __init__(self, before_wrap_ms=300):
         self.feeds = 0
         self.armed = []
-
-    def ticks_ms(self):
-        return time.ticks_ms()
+        self.shift = 0
+        t = EmulatedTicks(time.ticks_ms, before_wrap_ms, lambda: self.shift)
+        self.ticks_ms, self.ticks_diff, self.ticks_add = t.now, t.diff, t.add
+        self.start_uptime()
 
     def arm_watchdog(self, ms):
         self.armed.append(ms)
@@ -160,7 +166,8 @@ def _link(reachable, nets):
     down = []
     fl = FakeLink(reachable)
     bo = Backoff(Rng(9), base=0.05, cap=0.1, first_window=0.05, stable_s=30, flap_limit=1000)
-    ls = LinkSupervisor(fl, nets, bo, lambda lv, m: lines.append(lv + " " + m), time.ticks_ms,
+    ls = LinkSupervisor(fl, nets, bo, lambda lv, m: lines.append(lv + " " + m),
+                        FakeBoard().uptime_s,
                         on_down=lambda: down.append(1), join_timeout_ms=300)
     return ls, fl, lines, down
 
@@ -188,3 +195,65 @@ async def test_link_loss_is_noticed_reported_and_the_link_joined_again():
     await asyncio.wait_for(ls.up.wait(), 3)
     assert ls.stats["joins"] == 2
     t.cancel()
+
+
+async def test_deaths_days_apart_are_not_a_crash_loop_after_the_ticks_wrap():
+    # Three deaths a week apart: each its own window. Measured in ticks, as it once was,
+    # a week is more than ticks_diff spans (6.2 days) and came out negative: "recent".
+    s, lines, fatal = _sup()
+    runs = []
+
+    async def rare():
+        runs.append(1)
+        if len(runs) <= 3:
+            for _ in range(2):  # 2 x 3.1 days later, and a bit
+                s.board.shift += (1 << 28) + 1000
+                s.board.uptime_s()  # as the watchdog loop's regular look would
+            raise ValueError("once in a while")
+        await asyncio.sleep(10)
+
+    old = supmod.RESTART_BASE_MS
+    supmod.RESTART_BASE_MS = 10
+    try:
+        s.spawn("rare", rare)
+        for _ in range(100):
+            if len(runs) > 3:
+                break
+            await asyncio.sleep_ms(20)
+    finally:
+        supmod.RESTART_BASE_MS = old
+    assert len(runs) == 4 and not fatal, (runs, fatal, lines)
+    assert s.board.uptime_s() >= 6 * (1 << 28) // 1000
+    s.cancel_all()
+
+
+async def test_a_stalled_loop_is_not_a_missed_check_in():
+    # The whole loop stood still for 3 days of ticks (the Unix board's driven clock; on a
+    # board, a stall past the timeout is the hardware watchdog's): no task could check in
+    # meanwhile, so none is late for it. A task stuck afterwards still is.
+    s, lines, fatal = _sup(wdt_ms=80, grace_ms=0)
+    beat = [True]
+    jump = [False]
+
+    async def worker():
+        while True:
+            if beat[0]:
+                s.beat("w", 60)
+            if jump[0]:
+                jump[0] = False
+                s.board.shift += 1 << 28  # the watchdog looks before the next beat
+            await asyncio.sleep_ms(50)
+
+    s.spawn("w", worker, within_ms=60)
+    dog = asyncio.create_task(s.watchdog())
+    await asyncio.sleep_ms(100)
+    jump[0] = True
+    fed = s.board.feeds
+    await asyncio.sleep_ms(200)
+    assert not jump[0] and s.stats["starved"] == 0, (s.stats, lines)
+    assert s.board.feeds >= fed + 5
+    beat[0] = False
+    await asyncio.sleep_ms(300)
+    assert s.stats["starved"] == 1, (s.stats, lines)
+    dog.cancel()
+    s.cancel_all()

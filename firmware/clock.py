@@ -1,0 +1,80 @@
+# Time the firmware measures, kept correct on a board whose millisecond ticks wrap every
+# 2^30 ms (12.4 days) and whose ticks_diff only spans half of that: a wrap-free uptime,
+# sleeps of any length, and the Unix board's emulation of a board's tick period (the 64-bit
+# port's ticks never wrap, so without it no test could see a wrap).
+import asyncio
+
+from micropython import const
+
+PERIOD = const(0x40000000)  # 2^30: ticks_ms() on every 32-bit port
+_MASK = const(0x3FFFFFFF)
+_HALF = const(0x20000000)  # ticks_diff spans [-_HALF, _HALF); ticks_add refuses beyond
+# The longest single asyncio sleep: ticks_add(now, ms) raises OverflowError at 2^29 ms on
+# a board, so a week-long refresh interval is slept in steps.
+MAX_SLEEP_MS = const(86400000)
+
+
+class EmulatedTicks:
+    """A board's tick arithmetic over the host's ticks: period 2^30, starting `before_wrap_ms`
+    before a wrap, shifted by `shift()` ms (a test hook that drives time forward)."""
+
+    def __init__(self, host_ms, before_wrap_ms, shift=None):
+        self.host_ms = host_ms
+        self._base = PERIOD - before_wrap_ms - host_ms()
+        self.shift = shift
+
+    def now(self):
+        t = self.host_ms() + self._base
+        if self.shift is not None:
+            t += self.shift()
+        return t & _MASK
+
+    @staticmethod
+    def diff(a, b):
+        return ((a - b + _HALF) & _MASK) - _HALF
+
+    @staticmethod
+    def add(a, d):
+        if d < -_HALF or d >= _HALF:
+            raise OverflowError("ticks interval overflow")  # what a board raises
+        return (a + d) & _MASK
+
+
+class Uptime:
+    """Milliseconds since boot without a wrap: whole seconds plus a remainder, advanced by
+    the tick difference since the last look. Correct as long as someone looks at least
+    every 2^29 ms; the supervisor's watchdog loop does, every few seconds. Seconds stay
+    small ints for 34 years; only ms() past 12.4 days is a big int on a 32-bit port."""
+
+    def __init__(self, ticks_ms, ticks_diff):
+        self.ticks_ms = ticks_ms
+        self.ticks_diff = ticks_diff
+        self._last = ticks_ms()
+        self._s = 0
+        self._ms = 0
+
+    def poll(self):
+        now = self.ticks_ms()
+        ms = self._ms + self.ticks_diff(now, self._last)
+        self._last = now
+        if ms >= 1000:
+            self._s += ms // 1000
+            ms %= 1000
+        self._ms = ms
+
+    def s(self):
+        self.poll()
+        return self._s
+
+    def ms(self):
+        self.poll()
+        return self._s * 1000 + self._ms
+
+
+async def sleep_s(seconds, sleep_ms=asyncio.sleep_ms):
+    """asyncio.sleep for any length: in steps a board's ticks_add accepts."""
+    ms = int(seconds * 1000)
+    while ms > 0:
+        step = ms if ms < MAX_SLEEP_MS else MAX_SLEEP_MS
+        await sleep_ms(step)
+        ms -= step
