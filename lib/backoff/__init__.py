@@ -4,26 +4,44 @@
 
 class Rng:
     """Small per-instance PRNG (xorshift32). MicroPython's `random` is one global state;
-    each device needs its own stream so many devices in one process stay independent."""
+    each device needs its own stream so many devices in one process stay independent.
+
+    The 32-bit state is kept as two 16-bit halves: a 32-bit port's small ints end at 2^30,
+    so whole-word arithmetic would make a big int (about 250 bytes of garbage) per draw.
+    Every intermediate here stays below 2^30; the sequence is xorshift32's."""
 
     def __init__(self, seed):
         # Scramble the seed and skip the first outputs: xorshift's early values from a
         # small seed are small too, which would put every device at the start of a window.
-        self._s = ((seed * 2654435761) & 0xFFFFFFFF) or 0x9E3779B9
+        s = ((seed * 2654435761) & 0xFFFFFFFF) or 0x9E3779B9
+        self._h = s >> 16
+        self._l = s & 0xFFFF
         for _ in range(8):
-            self.u32()
+            self._step()
+
+    def _step(self):
+        h = self._h
+        lo = self._l
+        # s ^= s << 13
+        h ^= ((h << 13) | (lo >> 3)) & 0xFFFF
+        lo ^= (lo << 13) & 0xFFFF
+        # s ^= s >> 17
+        lo ^= h >> 1
+        # s ^= s << 5
+        h ^= ((h << 5) | (lo >> 11)) & 0xFFFF
+        lo ^= (lo << 5) & 0xFFFF
+        self._h = h
+        self._l = lo
 
     def u32(self):
-        s = self._s
-        s ^= (s << 13) & 0xFFFFFFFF
-        s ^= s >> 17
-        s ^= (s << 5) & 0xFFFFFFFF
-        self._s = s
-        return s
+        """The next 32-bit output (a big int on a 32-bit port: for the rare caller, NTP)."""
+        self._step()
+        return (self._h << 16) | self._l
 
     def random(self):
         """Uniform in [0, 1)."""
-        return self.u32() / 4294967296.0
+        self._step()
+        return self._h / 65536.0 + self._l / 4294967296.0
 
     def uniform(self, a, b):
         return a + (b - a) * self.random()
