@@ -9,6 +9,12 @@ PATH = "/boot.json"
 # What a board reports for the reset that started this boot. "soft" and "watchdog" can be
 # ours: a reset the firmware asked for leaves its reason in the record first ("pending").
 CAUSES = ("power-on", "hard", "watchdog", "soft", "crash", "deepsleep", "unknown")
+# Short boots that end in these say nothing about the firmware: the power went (ESP32 and
+# RP2 both report a brownout as power-on) or the board slept. They neither count towards
+# safe mode nor end a run of short boots. Everything else can be a firmware fault: a
+# watchdog reset (a hang), a crash we recorded, "hard" (an ESP32 panic, or a reset nobody
+# recorded), "unknown".
+NOT_OURS = ("power-on", "deepsleep")
 
 
 def read(fs):
@@ -52,7 +58,8 @@ class BootLog:
 
     def start(self, hw_cause, safe_after):
         """Count this boot, settle why the last one ended, and decide safe mode: after
-        `safe_after` boots in a row that ended before they were marked stable."""
+        `safe_after` boots in a row that ended before they were marked stable, power cuts
+        not counted."""
         prev = read(self.fs)
         cause = hw_cause if hw_cause in CAUSES else "unknown"
         pending = prev.get("pending")
@@ -61,6 +68,8 @@ class BootLog:
             cause = pending
         if prev["boot"] == 0 or prev.get("stable", True):
             streak = 0  # first boot, a healthy previous boot, or a record from before this field
+        elif cause in NOT_OURS:
+            streak = prev.get("streak", 0)  # a solar board browning out at dusk, five times
         else:
             streak = prev.get("streak", 0) + 1
         self.rec = {

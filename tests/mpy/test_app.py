@@ -101,6 +101,27 @@ def test_short_boots_in_a_row_lead_to_safe_mode_and_a_stable_one_ends_the_run():
     assert (r["streak"], r["safe"]) == (0, False)
 
 
+def test_power_cuts_neither_count_towards_safe_mode_nor_end_a_crash_loop():
+    # A solar board browning out at dusk: five short boots in a row, each ended by the power.
+    b = _board("brownout")
+    for _ in range(6):
+        r = BootLog(b.fs).start("power-on", 3)
+    assert (r["streak"], r["safe"]) == (0, False), r
+    # Short boots the firmware may have caused count: a hang, a recorded crash, a panic.
+    seen = []
+    for cause in ("watchdog", "hard", "power-on", "deepsleep", "unknown"):
+        r = BootLog(b.fs).start(cause, 3)
+        seen.append((cause, r["streak"], r["safe"]))
+    # The power cut in the middle of the crash loop does not end it either.
+    assert seen == [("watchdog", 1, False), ("hard", 2, False), ("power-on", 2, False),
+                    ("deepsleep", 2, False), ("unknown", 3, True)], seen
+    log = BootLog(b.fs)
+    log.start("power-on", 3)
+    log.save(1, pending="crash")  # a crash recorded, then the power went: power-on wins
+    r = BootLog(b.fs).start("power-on", 3)
+    assert (r["cause"], r["streak"], r["safe"]) == ("power-on", 3, True), r
+
+
 def test_a_record_from_older_firmware_or_a_corrupt_one_does_not_stop_the_boot():
     b = _board("oldrec")
     with b.fs.open("/boot.json", "w") as f:
