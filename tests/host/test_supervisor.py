@@ -93,6 +93,30 @@ def test_a_crash_loop_ends_in_safe_mode_and_a_healthy_period_ends_it(
     assert h["safe_mode"] is False and h["reset_cause"] == "soft"
 
 
+def test_safe_mode_keeps_what_was_queued_on_flash(fleet, observer, tmp_path):
+    # Readings queued on flash during an outage, then a crash loop into safe mode, which
+    # runs no outbox: once it ends, every queued reading of boot 1 is delivered.
+    spec, ctl = _device(fleet, tmp_path, "sm2", telemetry_interval=0.2,
+                        safe_mode={"boots": 2, "short_boot_s": 30, "healthy_s": 3})
+    p = fleet.start(spec)
+    observer.wait(lambda m: _online(observer, "sm2", 1), 15, "online")
+    ctl.write_text("link-down")
+    p.wait_line(r"sm2 W network link lost", 10)
+    online_part = len(_seqs(observer, "sm2", 1))
+    time.sleep(2)  # ~10 readings while offline
+    ctl.write_text("link-down crash")
+    p.wait_line(r"sm2 E safe mode", 60)
+    ctl.write_text("")
+    observer.wait(lambda m: [s for s in _statuses(observer, "sm2")
+                             if s["state"] == "online" and not s.get("safe_mode")
+                             and s["boot"] > 1], 30, "normal boot after safe mode")
+    observer.wait(lambda m: len(_seqs(observer, "sm2", 1)) >= online_part + 5, 20,
+                  "boot 1's queue delivered")
+    time.sleep(1)
+    seqs = _seqs(observer, "sm2", 1)
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+
+
 def test_a_link_outage_queues_then_everything_recovers(fleet, observer, tmp_path):
     spec, ctl = _device(fleet, tmp_path, "ln1", telemetry_interval=0.2, health_interval=1)
     p = fleet.start(spec)
