@@ -258,7 +258,7 @@ class Device:
         if not self.bootlog.rec:
             return
         try:
-            self.bootlog.save(self.board.uptime_ms() // 1000, stable, pending)
+            self.bootlog.save(self.board.uptime_s(), stable, pending)
         except OSError as e:
             self.log("E", "boot record not saved: %r" % (e,))
 

@@ -101,7 +101,7 @@ class Health:
         doc = {
             "v": SCHEMA,
             "boot": d.boot,
-            "up": d.board.uptime_ms() // 1000,
+            "up": d.board.uptime_s(),
             "reset_cause": rec.get("cause"),
             "prev_up_s": rec.get("prev_up_s"),
             "safe_mode": d.safe,
