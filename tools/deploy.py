@@ -1,12 +1,27 @@
 """Deploy the compiled firmware and one device's identity onto a board with mpremote.
 
     python tools/deploy.py --port /dev/ttyUSB0 --device pump-0042 [--force] [--dry-run]
-                           [--build build] [--secrets secrets] [--board-state FILE]
+                           [--frozen | --romfs] [--build build] [--secrets secrets]
+                           [--board-state FILE]
 
 What goes onto the board's flash: build/firmware/**.mpy to /firmware, build/lib/**.mpy to
 /lib (on the board's import path), boot.py and main.py to /, and from provisioning
 (tools/provision.py, secrets/<device>/) config.json to /config.json plus the files its
 files.json names (TLS key and certificates). Then a reset.
+
+Where the bytecode lives instead of the filesystem:
+- --frozen: the board runs a MicroPython built with manifest.py frozen in; no .mpy copied.
+- --romfs: the .mpy tree goes into a ROMFS image (MicroPython 1.25+ built with ROMFS, see
+  README): build/romfs/{firmware,lib} becomes build/romfs.img, written with
+  `mpremote romfs deploy` to partition 0, mounted at /rom, so `import firmware` resolves from
+  /rom and `import mqtt` from /rom/lib (both on sys.path by default). The bytecode runs from
+  flash as if frozen. A board without ROMFS is refused; an image identical to the board's
+  is not written again.
+In both, a stale /firmware or /lib/<package> of an earlier .mpy deploy is removed
+(`mpremote fs rm -r`): the board's sys.path is ['', '.frozen', '/rom', '/rom/lib', '/lib']
+with '' the filesystem's root, so /firmware would shadow the frozen or /rom firmware; /lib
+comes last and shadows nothing, but its copies are this deploy's own, outdated, and take
+flash. Only the top-level names this build has are removed, nothing else in /lib.
 
 Safe by default:
 - The board is asked first (one mpremote `exec`) for the device id of its /config.json and
@@ -14,19 +29,25 @@ Safe by default:
   is refused unless --force: replacing an identity takes the other device's place on the
   broker (same client id) and its data.
 - Only files whose hash differs are copied, so a second deploy copies what changed.
+- The same exec reports the free heap (gc.mem_free() after gc.collect()): below what the
+  firmware needs (needed_heap_kb) a warning is printed, the deploy goes on.
 - Progress: one line per operation, "[k/n] ...".
 
 --dry-run prints the mpremote commands instead of running them (no board needed); with
---board-state FILE (JSON {"device_id": ..., "hashes": {remote path: hex}, "dirs": [...]})
-it plans against that state instead of asking a board. mpremote cannot drive the Unix
-port's REPL (it has no raw REPL), so tests check the exact plan this way.
-Exit codes: 0 done, 1 refused (identity) or a failed mpremote step, 2 bad arguments or
-missing build/provisioning files.
+--board-state FILE (JSON, what the board's exec reports: {"device_id": ..., "hashes":
+{remote path: hex}, "dirs": [...], "present": [stale paths], "mem_free": bytes,
+"rom_ioctl": bool, "romfs": partition bytes (0: none), "romfs_hash": hex of the partition's
+first len(image) bytes}; keys left out are unknown and not checked) it plans against that
+state instead of asking a board. mpremote cannot drive the Unix port's REPL (it has no raw
+REPL), so tests check the exact plan this way.
+Exit codes: 0 done, 1 refused (identity, no ROMFS) or a failed mpremote step, 2 bad
+arguments or missing build/provisioning files.
 """
 import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,9 +56,21 @@ sys.path.insert(0, ROOT)
 
 from tools.devices import venv_tool  # noqa: E402
 
-# Runs on the board: the current identity and the hashes of the files to be written.
+# Runs on the board (mpremote exec: raw REPL after a soft reset, so boot.py has run and
+# main.py has not): the free heap first, then the current identity, the hashes of the files
+# to be written, which stale paths exist, and the ROMFS partition (size, and the hash of as
+# many of its first bytes as the image to be written has). Formatted by state_script().
 STATE_SCRIPT = """
+import gc
+gc.collect()
+_free = gc.mem_free()
 import json, os, hashlib
+try:
+    import vfs
+except ImportError:
+    vfs = None
+def _hex(h):
+    return ''.join('%%02x' %% x for x in h.digest())
 def _h(p):
     try:
         f = open(p, 'rb')
@@ -50,19 +83,101 @@ def _h(p):
             break
         h.update(b)
     f.close()
-    return ''.join('%%02x' %% x for x in h.digest())
+    return _hex(h)
 def _isdir(p):
     try:
         return os.stat(p)[0] & 0x4000 != 0
     except OSError:
         return False
+def _exists(p):
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
+def _rom(n):
+    if not hasattr(vfs, 'rom_ioctl'):
+        return False, 0, None
+    try:
+        if vfs.rom_ioctl(1) < 1:
+            return True, 0, None
+        d = vfs.rom_ioctl(2, 0)
+        if isinstance(d, int):
+            return True, 0, None
+        size = d.ioctl(4, 0) * d.ioctl(5, 0) if hasattr(d, 'ioctl') else len(d)
+    except Exception:
+        return True, 0, None
+    if not 0 < n <= size:
+        return True, size, None
+    try:
+        h = hashlib.sha256()
+        h.update(memoryview(d)[:n])
+        return True, size, _hex(h)
+    except Exception:
+        return True, size, None
 try:
     _id = json.load(open('/config.json')).get('device_id')
 except Exception:
     _id = None
-print('STATE' + json.dumps({'device_id': _id, 'hashes': {p: _h(p) for p in %s},
-                           'dirs': [d for d in %s if _isdir(d)]}))
+_ri, _rs, _rh = _rom(%(rom_len)d)
+print('STATE' + json.dumps({'device_id': _id, 'hashes': {p: _h(p) for p in %(files)s},
+                           'dirs': [d for d in %(dirs)s if _isdir(d)],
+                           'present': [p for p in %(stale)s if _exists(p)],
+                           'mem_free': _free, 'rom_ioctl': _ri, 'romfs': _rs,
+                           'romfs_hash': _rh}))
 """
+
+
+def state_script(remote, dirs, stale=(), rom_len=0):
+    """The board-side script for these remote files, their directories, the stale paths to
+    look for and the length of the ROMFS image (0: none)."""
+    return STATE_SCRIPT % {"files": json.dumps(list(remote)), "dirs": json.dumps(list(dirs)),
+                           "stale": json.dumps(list(stale)), "rom_len": rom_len}
+
+
+# Heap (KiB) the firmware needs on a 32-bit board to boot and run, measured with the board
+# model (`make board-model`: the Unix port built 32-bit, bench/device_bench.py), which
+# writes them to bench/results.json; these constants are the fallback when it has not run.
+# Frozen or ROMFS, the bytecode stays in flash: ~60 KiB of heap to boot, ~48 KB held once
+# running. As .mpy files on the filesystem the bytecode is loaded into the heap: ~124 KiB.
+IN_FLASH_MIN_HEAP_KB = 64  # bench/results.json board_model_min_heap_kb
+MPY_MIN_HEAP_KB = 128  # bench/results.json board_model_mpy_min_heap_kb
+RESULTS = os.path.join(ROOT, "bench", "results.json")
+
+
+def needed_heap_kb(in_flash, results=RESULTS):
+    """(KiB, where the figure comes from) the firmware needs: in_flash for frozen/ROMFS."""
+    key = "board_model_min_heap_kb" if in_flash else "board_model_mpy_min_heap_kb"
+    try:
+        with open(results) as f:
+            value = json.load(f).get(key)
+        if isinstance(value, (int, float)) and value > 0:
+            return value, "%s %s" % (os.path.relpath(results, ROOT), key)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return (IN_FLASH_MIN_HEAP_KB if in_flash else MPY_MIN_HEAP_KB), "tools/deploy.py default"
+
+
+def heap_warning(state, mode):
+    """The warning line for a board whose free heap after boot is below the firmware's
+    need, or None (enough, or not known). mode: "mpy", "frozen" or "romfs"."""
+    free = state.get("mem_free")
+    if not isinstance(free, int):
+        return None
+    need, source = needed_heap_kb(mode != "mpy")
+    if free >= need * 1024:
+        return None
+    if mode == "mpy":
+        in_flash, _ = needed_heap_kb(True)
+        advice = ("freeze the firmware (manifest.py build, FROZEN=1) or deploy it as ROMFS "
+                  "(ROMFS=1): with its bytecode in flash it needs about %d KiB" % in_flash)
+    else:
+        advice = "this is with the bytecode in flash already: the board needs more free RAM"
+    return ("deploy: warning: the board has %d KiB of free heap after boot, the firmware (%s) "
+            "needs about %d KiB (%s): it may fail with MemoryError; %s. (Measured over the raw "
+            "REPL right after a soft reset, boot.py run and main.py not: roughly what the app "
+            "gets.)" % (free // 1024, {"mpy": ".mpy files", "frozen": "frozen",
+                                        "romfs": "as ROMFS"}[mode], need, source, advice))
 
 
 class Refused(Exception):
@@ -78,9 +193,8 @@ def sha256_file(path):
 
 def files_to_deploy(build, secrets, device, frozen=False):
     """[(local path, remote path)] in copy order; raises FileNotFoundError naming what is
-    missing (run `make mpy` / tools/provision.py first). frozen: the board runs a build with
-    manifest.py frozen in, so no .mpy is copied (files in / would come before `.frozen` on
-    sys.path and shadow the frozen modules)."""
+    missing (run `make mpy` / tools/provision.py first). frozen: the bytecode is not copied
+    to the filesystem (a build with manifest.py frozen in, or a ROMFS image)."""
     out = []
     for top in () if frozen else ("firmware", "lib"):
         base = os.path.join(build, top)
@@ -131,14 +245,89 @@ def parents(remote_paths):
     return dirs
 
 
-def plan(files, state, device, force=False):
-    """The operations that bring a board in `state` to `files`: [("mkdir", remote),
-    ("cp", local, remote), ..., ("reset",)]. Raises Refused for another device's board."""
+def stale_paths(build):
+    """What an earlier .mpy deploy of this build left on the filesystem: /firmware and
+    /lib/<name> for each top-level entry of build/lib. Removed by a frozen or ROMFS deploy."""
+    out = ["/firmware"]
+    lib = os.path.join(build, "lib")
+    if os.path.isdir(lib):
+        out += ["/lib/" + n for n in sorted(os.listdir(lib))
+                if n.endswith(".mpy") or os.path.isdir(os.path.join(lib, n))]
+    return out
+
+
+def romfs_image(build):
+    """Stage build/firmware and build/lib's .mpy files in build/romfs/ (firmware/ -> /rom/firmware,
+    lib/ -> /rom/lib) and build build/romfs.img from it with `mpremote romfs build` (no
+    board needed; --no-mpy: the .mpy are make mpy's, with its ARCH). Returns the image path."""
+    stage = os.path.join(build, "romfs")
+    if os.path.isdir(stage):
+        shutil.rmtree(stage)
+    for top in ("firmware", "lib"):
+        base = os.path.join(build, top)
+        if not os.path.isdir(base):
+            raise FileNotFoundError("%s: no compiled firmware (run make mpy)" % base)
+        for dirpath, _, filenames in os.walk(base):
+            for name in filenames:
+                if name.endswith(".mpy"):
+                    src = os.path.join(dirpath, name)
+                    dst = os.path.join(stage, os.path.relpath(src, build))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copyfile(src, dst)
+    image = os.path.join(build, "romfs.img")
+    if os.path.exists(image):
+        os.remove(image)
+    # The options go before the sub-command (mpremote's romfs parser).
+    r = subprocess.run([mpremote_path(), "romfs", "--no-mpy", "--output", image, "build", stage],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 or not os.path.isfile(image):
+        raise RuntimeError("could not build the ROMFS image: %s"
+                           % (r.stderr or r.stdout).strip()[-300:])
+    return image
+
+
+def romfs_refusal(state, image_size):
+    """Why the board in `state` cannot take the ROMFS image, or None (it can, or the state
+    does not say: a dry run without --board-state)."""
+    if "romfs" not in state:
+        return None
+    size = state["romfs"]
+    if size is True:  # a hand-written state: ROMFS present, size not given
+        return None
+    if not size:
+        if state.get("rom_ioctl") is False or size is False:
+            return ("the board's MicroPython has no ROMFS (no vfs.rom_ioctl): stock ESP32 and "
+                    "Pico W downloads are built without it. Flash a build with ROMFS (README, "
+                    "Flashing a board), or deploy without ROMFS=1 (FROZEN=1 for a frozen build)")
+        return ("the board's MicroPython supports ROMFS but has no ROMFS partition (ESP32: a "
+                "partition table with a 'romfs' data partition, e.g. partitions-4MiB-romfs.csv; "
+                "RP2: MICROPY_HW_ROMFS_BYTES); deploy without ROMFS=1")
+    if image_size > size:
+        return ("the ROMFS image is %d bytes, the board's ROMFS partition %d: it does not fit"
+                % (image_size, size))
+    return None
+
+
+def plan(files, state, device, force=False, stale=(), romfs=None):
+    """The operations that bring a board in `state` to `files`: [("romfs", image),
+    ("rm", remote), ("mkdir", remote), ("cp", local, remote), ..., ("reset",)]. stale: the
+    paths to remove where the state reports them present (a frozen or ROMFS deploy); romfs:
+    the image to write unless the board's partition already starts with it. Raises Refused
+    for another device's board, or for a ROMFS deploy to a board without room for it."""
     have = state.get("device_id")
     if have and have != device and not force:
         raise Refused("the board is device %r; deploying %r would replace its identity "
                       "(use --force / FORCE=1 if that is what you want)" % (have, device))
-    ops = [("mkdir", d) for d in parents(r for _, r in files) if d not in state.get("dirs", ())]
+    ops = []
+    if romfs:
+        why = romfs_refusal(state, os.path.getsize(romfs))
+        if why:
+            raise Refused(why)
+        # First: a deploy interrupted after it still runs, on the old /firmware until removed.
+        if state.get("romfs_hash") != sha256_file(romfs):
+            ops.append(("romfs", romfs))
+    ops += [("rm", p) for p in stale if p in state.get("present", ())]
+    ops += [("mkdir", d) for d in parents(r for _, r in files) if d not in state.get("dirs", ())]
     hashes = state.get("hashes", {})
     for local, remote in files:
         if hashes.get(remote) != sha256_file(local):
@@ -157,6 +346,10 @@ def mpremote_path():
 def command(port, op):
     """The mpremote argv of one operation."""
     base = [mpremote_path(), "connect", port]
+    if op[0] == "romfs":
+        return base + ["romfs", "deploy", op[1]]
+    if op[0] == "rm":
+        return base + ["fs", "rm", "-r", ":" + op[1]]
     if op[0] == "mkdir":
         return base + ["fs", "mkdir", ":" + op[1]]
     if op[0] == "cp":
@@ -167,9 +360,10 @@ def command(port, op):
     raise ValueError(op)
 
 
-def board_state(port, files):
+def board_state(port, files, stale=(), romfs=None):
     remote = [r for _, r in files]
-    script = STATE_SCRIPT % (json.dumps(remote), json.dumps(parents(remote)))
+    script = state_script(remote, parents(remote), stale,
+                          os.path.getsize(romfs) if romfs else 0)
     r = subprocess.run([mpremote_path(), "connect", port, "exec", script],
                        capture_output=True, text=True, timeout=120)
     for line in r.stdout.splitlines():
@@ -188,8 +382,12 @@ def main(argv=None):
     p.add_argument("--force", action="store_true",
                    help="replace another device's identity on this board")
     p.add_argument("--dry-run", action="store_true", help="print the mpremote commands only")
-    p.add_argument("--frozen", action="store_true",
-                   help="the board runs a firmware with manifest.py frozen in: copy no .mpy")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--frozen", action="store_true",
+                       help="the board runs a firmware with manifest.py frozen in: copy no .mpy")
+    where.add_argument("--romfs", action="store_true",
+                       help="write the .mpy as a ROMFS image (/rom) instead of files; the "
+                            "board's MicroPython must have ROMFS")
     p.add_argument("--board-state", help="with --dry-run: plan against this JSON state")
     p.add_argument("--build", default=os.path.join(ROOT, "build"), help="compiled tree")
     p.add_argument("--secrets", default=os.path.join(ROOT, "secrets"),
@@ -197,9 +395,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.board_state and not a.dry_run:
         p.error("--board-state needs --dry-run")
+    mode = "frozen" if a.frozen else "romfs" if a.romfs else "mpy"
     try:
-        files = files_to_deploy(a.build, a.secrets, a.device, a.frozen)
-    except (FileNotFoundError, ValueError) as e:
+        files = files_to_deploy(a.build, a.secrets, a.device, mode != "mpy")
+        stale = stale_paths(a.build) if mode != "mpy" else []
+        image = romfs_image(a.build) if a.romfs else None
+    except (FileNotFoundError, ValueError, RuntimeError, OSError,
+            subprocess.TimeoutExpired) as e:
         print("deploy: %s" % e, file=sys.stderr)
         return 2
     try:
@@ -209,19 +411,30 @@ def main(argv=None):
         elif a.dry_run:
             state = {}
         else:
-            state = board_state(a.port, files)
-        ops = plan(files, state, a.device, a.force)
+            state = board_state(a.port, files, stale, image)
+        ops = plan(files, state, a.device, a.force, stale, image)
     except Refused as e:
         print("deploy: refused: %s" % e, file=sys.stderr)
         return 1
     except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
         print("deploy: %s" % e, file=sys.stderr)
         return 1
+    label = {"mpy": ".mpy", "frozen": "frozen", "romfs": "ROMFS"}[mode]
+    warning = heap_warning(state, mode)
+    if warning:
+        print(warning, file=sys.stderr)
     copies = sum(1 for op in ops if op[0] == "cp")
-    print("deploy: %s to %s: %d of %d files changed" % (a.device, a.port, copies, len(files)))
+    line = "deploy: %s to %s: %d of %d files changed" % (a.device, a.port, copies, len(files))
+    if image:
+        line += ", ROMFS image %s (%d bytes)" % (
+            "changed" if ops[0][0] == "romfs" else "unchanged", os.path.getsize(image))
+    print(line)
     for k, op in enumerate(ops, 1):
         argv_ = command(a.port, op)
-        what = {"mkdir": lambda: "mkdir " + op[1],
+        what = {"romfs": lambda: "romfs %s -> /rom" % os.path.relpath(op[1], ROOT),
+                "rm": lambda: "rm -r %s (would shadow the %s firmware)" % (op[1], label)
+                if op[1] == "/firmware" else "rm -r %s (stale .mpy)" % op[1],
+                "mkdir": lambda: "mkdir " + op[1],
                 "cp": lambda: "%s -> :%s" % (os.path.relpath(op[1], ROOT), op[2]),
                 "reset": lambda: "reset"}[op[0]]()
         print("[%d/%d] %s" % (k, len(ops), what), flush=True)

