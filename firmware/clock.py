@@ -16,28 +16,47 @@ MAX_SLEEP_MS = const(86400000)
 
 class EmulatedTicks:
     """A board's tick arithmetic over the host's ticks: period 2^30, starting `before_wrap_ms`
-    before a wrap, shifted by `shift()` ms (a test hook that drives time forward)."""
+    before a wrap, shifted by `shift()` ms (a test hook that drives time forward).
+
+    Every intermediate stays within [-2^30, 2^30): on the 32-bit board-model build small
+    ints end there, and a big int per ticks_ms() call would be garbage the board does
+    not make."""
 
     def __init__(self, host_ms, before_wrap_ms, shift=None):
         self.host_ms = host_ms
-        self._base = PERIOD - before_wrap_ms - host_ms()
+        # now = host - back (mod 2^30): `before_wrap_ms` before the wrap at the start.
+        self._back = (host_ms() + before_wrap_ms) & _MASK
         self.shift = shift
 
     def now(self):
-        t = self.host_ms() + self._base
+        t = EmulatedTicks.diff(self.host_ms() & _MASK, self._back) & _MASK
         if self.shift is not None:
-            t += self.shift()
-        return t & _MASK
+            s = self.shift() & _MASK
+            t = t - (_MASK - s) - 1  # t + s - 2^30, in [-2^30, 2^30)
+            if t < 0:
+                t = t + _MASK + 1
+        return t
 
     @staticmethod
     def diff(a, b):
-        return ((a - b + _HALF) & _MASK) - _HALF
+        d = a - b
+        if d >= _HALF:
+            d = d - _MASK - 1
+        elif d < -_HALF:
+            d = d + _MASK + 1
+        return d
 
     @staticmethod
     def add(a, d):
         if d < -_HALF or d >= _HALF:
             raise OverflowError("ticks interval overflow")  # what a board raises
-        return (a + d) & _MASK
+        if d >= 0:
+            t = a - (_MASK - d) - 1
+        else:
+            t = a + d
+        if t < 0:
+            t = t + _MASK + 1
+        return t
 
 
 class Uptime:

@@ -93,3 +93,49 @@ def test_sleep_s_sleeps_a_week_in_steps_a_board_accepts():
     steps.clear()
     asyncio.run(sleep_s(0.25, fake_sleep_ms))
     assert steps == [250]
+
+
+def test_tick_arithmetic_matches_the_modular_definition():
+    # The arithmetic avoids big ints on a 32-bit port; it must still be the modular one.
+    from backoff import Rng
+
+    r = Rng(11)
+    mask = PERIOD - 1
+    edges = [0, 1, HALF - 1, HALF, HALF + 1, mask - 1, mask]
+    vals = edges + [int(r.random() * PERIOD) & mask for _ in range(300)]
+    for k in range(len(vals) - 1):
+        a, b = vals[k], vals[k + 1]
+        assert EmulatedTicks.diff(a, b) == ((a - b + HALF) & mask) - HALF, (a, b)
+        d = EmulatedTicks.diff(a, b)
+        assert EmulatedTicks.add(b, d) == a, (a, b)
+        assert 0 <= EmulatedTicks.add(a, -HALF) <= mask
+    host = Host(mask - 5)
+    shift = [0]
+    t = EmulatedTicks(host.ms, 3, lambda: shift[0])
+    for s in edges + [5 * PERIOD + 7]:
+        shift[0] = s
+        assert t.now() == (PERIOD - 3 + s) & mask, s
+
+
+def test_emulated_ticks_allocate_nothing():
+    # Called on every stamp; a big int per call on the 32-bit board-model build would be
+    # garbage a board never makes (only that build can catch it: 64-bit ints are small).
+    import gc
+
+    host = Host(PERIOD - 2)
+    shift = [3 * (1 << 28)]
+    t = EmulatedTicks(host.ms, 60000, lambda: shift[0])
+    a = t.now()
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.mem_alloc()
+        for _ in range(100):
+            b = t.now()
+            EmulatedTicks.diff(b, a)
+            EmulatedTicks.add(b, HALF - 1)
+            EmulatedTicks.add(b, -HALF)
+        used = gc.mem_alloc() - before
+    finally:
+        gc.enable()
+    assert used < 100, used
