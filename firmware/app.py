@@ -132,6 +132,7 @@ class Device:
             user=b["user"],
             password=b["password"],
             ssl=self.ssl,
+            tls_room=self.board.tls_room,
             server_hostname=tls.get("server_hostname"),
             window=b["window"],
             max_frame=b["max_frame"],

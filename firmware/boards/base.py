@@ -26,6 +26,9 @@ def largest_free_block():
 class BaseBoard:
     name = "base"
     ntp = False  # True: the clock starts unset and SNTP sets it (set_time)
+    # Bytes of the GC heap kept free for mbedTLS's records while disconnected (client.py):
+    # only where mbedTLS allocates from the GC heap.
+    tls_room = 0
 
     def entropy(self):
         b = os.urandom(4)

@@ -6,6 +6,7 @@ from firmware.boards.mcu import McuBoard
 
 class Board(McuBoard):
     name = "esp32"
+    # tls_room stays 0: ESP-IDF's mbedTLS allocates from the system heap, not the GC heap.
 
     def read_sensors(self, rnd):
         # raw_temperature() is the classic ESP32's die sensor, in Fahrenheit.

@@ -9,6 +9,8 @@ class Board(McuBoard):
     name = "rp2"
     power_save = False
     max_wdt_ms = 8388  # the RP2040 watchdog's longest timeout
+    # mbedTLS allocates from the GC heap here: a 16 KiB receive and a 4 KiB send record.
+    tls_room = 21504
 
     def __init__(self):
         super().__init__()

@@ -200,6 +200,9 @@ class LoopTicker:
 
 class Board(BaseBoard):
     name = "unix"
+    # The 32-bit board-model build (tools/board_model) puts mbedTLS in the GC heap, as RP2
+    # does; the 64-bit wheel's mbedTLS uses the C heap.
+    tls_room = 21504 if sys.maxsize < 0x80000000 else 0
 
     def __init__(self, flash_path, flash_size=DEFAULT_FLASH, label=None):
         self.flash_path = flash_path

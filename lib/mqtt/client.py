@@ -2,6 +2,7 @@
 # keeps the link alive and reconnects with jittered backoff. Wire format lives in codec,
 # in-flight state in session; this module only does the asyncio I/O around them.
 import asyncio
+import gc
 import select
 import socket
 import time
@@ -51,6 +52,7 @@ class MQTTClient:
         user=None,
         password=None,
         ssl=None,
+        tls_room=0,
         server_hostname=None,
         window=16,
         max_frame=4096,
@@ -76,6 +78,14 @@ class MQTTClient:
         self.user = user
         self.password = password
         self.ssl = ssl
+        # Where mbedTLS allocates from the GC heap (RP2, the 32-bit board model), its 16 KiB
+        # receive record must find one free block at every connect: after the first
+        # connection, the outage's small allocations land in the hole it left, and the
+        # next handshake fails with ENOMEM in a heap with plenty free. So a block of
+        # `tls_room` bytes holds that hole while disconnected and is let go just before
+        # the handshake.
+        self.tls_room = tls_room if ssl else 0
+        self._room = None
         self.server_hostname = server_hostname or host
         self.max_frame = max_frame
         self.timeout = timeout
@@ -101,6 +111,7 @@ class MQTTClient:
             "connects": 0,
             "connect_failures": 0,
             "tls_failures": 0,
+            "tls_room_misses": 0,
             "resolves": 0,
             "refusals": 0,
             "flaps": 0,
@@ -116,6 +127,7 @@ class MQTTClient:
             "tx": 0,
             "last_refusal": 0,
         }
+        self._hold_room()
         # What went wrong since the last successful connect; handed to the app (and reset)
         # when the next one succeeds, so refusals are reported once there is a link.
         self.outage = None
@@ -358,6 +370,7 @@ class MQTTClient:
         await asyncio.wait_for(_writable(s), self.timeout)
         if self.ssl:
             self._step = "tls"
+            self._free_room()
             s = self.ssl.wrap_socket(
                 s, server_hostname=self.server_hostname, do_handshake_on_connect=False
             )
@@ -466,6 +479,22 @@ class MQTTClient:
                 s.close()
         except Exception:
             pass
+        w = s = None
+        self._hold_room()
+
+    def _hold_room(self):
+        """Take the TLS records' room back (see __init__), right after a close freed them."""
+        if self.tls_room and self._room is None:
+            gc.collect()
+            try:
+                self._room = bytearray(self.tls_room)
+            except MemoryError:
+                self.stats["tls_room_misses"] += 1  # fragmented already: try at the next close
+
+    def _free_room(self):
+        if self._room is not None:
+            self._room = None
+            gc.collect()
 
     # ---- reading ---------------------------------------------------------------------
 
