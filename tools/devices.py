@@ -18,17 +18,20 @@ A process of one board is judged as that board would be: its loop is its own.
 
 And it plays the power supply: with `restart=True` a process that dies (a crash, or a
 `power_cut()`, which is a SIGKILL) is powered up again after a short random off time, its
-boards told `power-on`.
+boards told `power-on` after a power cut and `hard` after a crash (what an ESP32 says after
+a panic), so that safe mode tells the two apart as a board would.
 """
 import json
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -56,7 +59,54 @@ def venv_tool(name):
 
 
 def micropython_path():
-    return venv_tool("micropython")
+    """The MicroPython that runs devices and MicroPython tests: $MICROPYTHON when set (any
+    build, e.g. `make board-model`'s 32-bit one), else the venv's Unix port."""
+    env = os.environ.get("MICROPYTHON")
+    return os.path.abspath(env) if env else venv_tool("micropython")
+
+
+_INFO_PROBE = """
+import sys, json
+def has(m):
+    try:
+        __import__(m)
+        return True
+    except ImportError:
+        return False
+print(json.dumps({"version": sys.version, "maxsize": sys.maxsize,
+                  "frozen": has("firmware"), "tls": has("tls")}))
+"""
+_info = {}  # (path, mtime) -> binary_info's answer
+
+
+def binary_info(path=None):
+    """What a MicroPython binary is (default micropython_path()): {"path", "version" (its
+    sys.version), "bits" (32 or 64), "frozen" (the firmware is frozen in), "tls"}. Asked
+    once per binary, from an empty directory, so only a frozen firmware can be found."""
+    path = os.path.abspath(path or micropython_path())
+    key = (path, os.stat(path).st_mtime)
+    if key not in _info:
+        with tempfile.TemporaryDirectory() as empty:
+            r = subprocess.run([path, "-c", _INFO_PROBE], cwd=empty, capture_output=True,
+                               text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError("%s -c failed (rc %s): %s" % (path, r.returncode, r.stderr))
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        _info[key] = {"path": path, "version": doc["version"],
+                      "bits": 32 if doc["maxsize"] < 2 ** 32 else 64,
+                      "frozen": doc["frozen"], "tls": doc["tls"]}
+    return dict(_info[key])
+
+
+def frozen_main(workdir):
+    """main.py for a build with the firmware frozen in: a copy, with boot.py, in a directory
+    of its own under workdir. Run from the checkout, the firmware/ and lib/ beside main.py
+    would come before the frozen modules on sys.path and silently replace them."""
+    run = os.path.join(workdir, "frozen-run")
+    os.makedirs(run, exist_ok=True)
+    for f in ("main.py", "boot.py"):
+        shutil.copy(os.path.join(ROOT, f), run)
+    return os.path.join(run, "main.py")
 
 
 def device_config(device_id, broker_host, broker_port, **over):
@@ -110,13 +160,25 @@ class Spec:
 class DeviceProcess:
     def __init__(self, specs, workdir, heapsize=None, flash_size=None, echo=None, env=None,
                  main=None, watchdog=True, on_watchdog=None, restart=False, off_s=OFF_S,
-                 host_hang_s=HOST_HANG_S, rnd=None):
+                 host_hang_s=HOST_HANG_S, rnd=None, micropython=None, ticks_before_wrap=None):
         self.specs = specs
         self.workdir = workdir
+        # Seconds before the boards' emulated 2^30 ms ticks wrap (None: the board's 60 s).
+        self.ticks_before_wrap = ticks_before_wrap
         self.heapsize = heapsize
         self.flash_size = flash_size
         self.echo = echo  # callable(line) for live output, or None
         self.env = env
+        # Any MicroPython binary (default micropython_path()); one with the firmware frozen
+        # in runs main.py from a directory without firmware/ and lib/ (frozen_main).
+        self.micropython = micropython or micropython_path()
+        if binary_info(self.micropython)["frozen"]:
+            if main is None:
+                main = frozen_main(workdir)
+            elif any(os.path.isdir(os.path.join(os.path.dirname(main), d))
+                     for d in ("firmware", "lib")):
+                raise ValueError("%s has the firmware frozen in: the firmware/ or lib/ beside "
+                                 "%s would replace it" % (self.micropython, main))
         self.main = main or os.path.join(ROOT, "main.py")  # or a build/ main.py
         self.lines = []
         self.cond = threading.Condition()
@@ -142,9 +204,10 @@ class DeviceProcess:
         self._reader = None  # the thread reading the current process's output
         self._closed = False
         self._interrupted = False
+        self._up_cause = "power-on"  # what the boards are told at the next power-up
 
     def argv(self):
-        args = [micropython_path()]
+        args = [self.micropython]
         heap = self.heapsize
         if not heap and len(self.specs) * HEAP_PER_BOARD_K > 2048:
             # Each board has a heap of its own; many in one process share the port's
@@ -157,6 +220,8 @@ class DeviceProcess:
             args += ["--flash-size", str(self.flash_size)]
         if self._wdt:
             args += ["--wdt", "127.0.0.1:%d" % self._wdt.getsockname()[1]]
+        if self.ticks_before_wrap is not None:
+            args += ["--ticks-before-wrap", "%g" % self.ticks_before_wrap]
         for i, s in enumerate(self.specs):
             args += ["--flash", s.image]
             if s.image in self.causes:
@@ -211,9 +276,13 @@ class DeviceProcess:
                 return
             if proc is self._cut:
                 self._cut = None
+                self._up_cause = "power-on"
             else:
                 self.exits.append(rc)
                 self._note("runner: process exited (rc %s)" % rc)
+                # What a board reports after a crash it did not survive (ESP32: a panic is
+                # a HARD_RESET); it counts towards safe mode, a power cut does not.
+                self._up_cause = "hard"
             if not self.restart:
                 return
             self._restarting = True
@@ -227,7 +296,7 @@ class DeviceProcess:
             self._restarting = False
             if self._closed:
                 return
-            self.causes = {s.image: "power-on" for s in self.specs}
+            self.causes = {s.image: self._up_cause for s in self.specs}
             self.restarts += 1
             self._note("runner: power back after a restart")
             self._spawn()

@@ -2,10 +2,11 @@
 
     python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]
                         [--observe HOST:PORT] [--user U --password P] [--set KEY=VALUE]...
-                        [--workdir DIR] [--heapsize SIZE] [--build]
+                        [--workdir DIR] [--heapsize SIZE] [--build] [--micropython PATH]
                         [--outage-every S [--outage-for S] [--outages N]]
                         [--power-cut-every S]
                         [--no-restart] [--health-interval S] [--first-window S]
+                        [--ticks-before-wrap S]
                         [--stable-s S] [--processes N] [--prefix P] [--quiet]
 
 Starts a private mosquitto on a free port unless --broker is given, packs the devices into a
@@ -46,7 +47,10 @@ times at most). Outages and power cuts start once every device has said it is on
 most 60 s after the start).
 --health-interval S sets the devices' health_interval; the heap figures come from the
 heap_alloc of their devices/{id}/health messages. --build runs the compiled firmware
-(firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --first-window S sets the
+(firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --micropython PATH (default
+$MICROPYTHON) runs the devices on another MicroPython binary, e.g. `make board-model`'s; one
+with the firmware frozen in runs a copy of main.py from a directory without firmware/ and lib/
+(tools/devices.frozen_main), and refuses --build. --first-window S sets the
 devices' broker.reconnect.first_window (the spread of a fleet's first reconnect), --stable-s S
 their broker.reconnect.stable_s (how long a connection must last before the delays start
 over: outages more often than the 30 s default keep the delays growing). --user and
@@ -70,8 +74,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from firmware.bootconfig import ConfigError, validate  # noqa: E402
 from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import (ROOT, device_config, error_counts, start_fleet,  # noqa: E402
-                           stop_fleet, venv_tool)
+from tools.devices import (ROOT, binary_info, device_config, error_counts,  # noqa: E402
+                           micropython_path, start_fleet, stop_fleet, venv_tool)
 from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import FaultProxy  # noqa: E402
@@ -181,6 +185,9 @@ def parse_args(argv=None):
                    help="every S s kill a random device process with SIGKILL (a power cut)")
     p.add_argument("--no-restart", action="store_true",
                    help="leave a device process that died dead (default: power it up again)")
+    p.add_argument("--ticks-before-wrap", type=float, metavar="S", default=60.0,
+                   help="the boards' ticks (a board's 2^30 ms period) start S s before their "
+                        "wrap, so a run crosses one (default 60)")
     p.add_argument("--health-interval", type=float, metavar="S",
                    help="health_interval of the devices (health messages give the heap figures)")
     p.add_argument("--first-window", type=float, metavar="S",
@@ -189,6 +196,9 @@ def parse_args(argv=None):
                    help="broker.reconnect.stable_s of the devices (default: the firmware's, 30 s)")
     p.add_argument("--build", action="store_true",
                    help="compile firmware/ and lib/ into build/ (as make mpy) and run build/main.py")
+    p.add_argument("--micropython", metavar="PATH", default=os.environ.get("MICROPYTHON"),
+                   help="MicroPython binary of the devices (default $MICROPYTHON, else the "
+                        "venv's); one with the firmware frozen in runs main.py alone")
     a = p.parse_args(argv)
     if a.devices < 1:
         p.error("--devices must be at least 1")
@@ -256,6 +266,10 @@ def build_mpy(root=ROOT):
             shutil.copy(os.path.join(root, f), new)
         build = os.path.join(root, "build")
         if os.path.exists(build):
+            # What `make board-model` put there (build/board-model*/) is not ours: kept.
+            for name in os.listdir(build):
+                if name.startswith("board-model"):
+                    os.rename(os.path.join(build, name), os.path.join(new, name))
             os.makedirs(os.path.join(scratch, "old"))
             os.rename(build, os.path.join(scratch, "old", "build"))
         os.rename(new, build)
@@ -453,6 +467,10 @@ def main(argv=None):
     say = (lambda s: None) if a.quiet else emit
     main_py = None
     if a.build:
+        if binary_info(a.micropython)["frozen"]:
+            emit("sim: --build runs build/'s .mpy, which would replace the firmware frozen "
+                 "into %s" % (a.micropython or micropython_path()), sys.stderr)
+            return 2
         main_py, n_mpy = build_mpy()
         say("sim: build/: %d .mpy files, running %s" % (n_mpy, main_py))
     broker = None
@@ -520,7 +538,8 @@ def main(argv=None):
     t_start[0] = time.monotonic()
     up.begin(t_start[0], a.duration)
     fleet = start_fleet(configs, workdir, processes=a.processes, heapsize=a.heapsize,
-                        echo=echo, main=main_py, restart=not a.no_restart)
+                        echo=echo, main=main_py, restart=not a.no_restart,
+                        micropython=a.micropython, ticks_before_wrap=a.ticks_before_wrap)
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
