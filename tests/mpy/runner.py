@@ -6,8 +6,9 @@ import sys
 
 path = sys.argv[1]
 root = sys.path[0].rsplit("/", 2)[0]
-sys.path.append(root)
-sys.path.append(root + "/lib")
+# Ahead of ".frozen": on a build with the firmware frozen in (make board-model) the tests
+# still run the source in this checkout, not the copy frozen when it was built.
+sys.path[1:1] = [root, root + "/lib"]
 sys.path.append(root + "/tests/mpy")
 name = path.rsplit("/", 1)[-1][:-3]
 mod = __import__(name)
