@@ -19,7 +19,12 @@ soak_*: `tools/sim.py --build --heapsize 184k --devices 1 --interval 1 --duratio
 --outage-every 60 --outage-for 10 --health-interval 5 --quiet` (QUICK=1: 90 s, an outage
 every 20 s for 5 s, health every 2 s; SOAK_HEAP=128k for another heap); its last JSON line gives memory_errors and the heap
 figures from the device's health messages (heap_alloc after gc.collect()).
+
+--micropython PATH (or $MICROPYTHON) measures another MicroPython binary; one with the
+firmware frozen in (make board-model) runs it instead of build/ (and the soak without
+--build). micropython_binary and micropython_build say which binary the figures are of.
 """
+import argparse
 import json
 import os
 import statistics
@@ -32,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import DeviceProcess, Spec, device_config  # noqa: E402
+from tools.devices import (DeviceProcess, Spec, binary_info, device_config,  # noqa: E402
+                           micropython_path)
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import UP, FaultProxy  # noqa: E402
 from tools.sim import build_mpy  # noqa: E402
@@ -170,10 +176,12 @@ def boot_min_heap_kb(tmp, main_py):
     return {"boot_min_heap_kb": None}
 
 
-def soak(tmp, quick):
+def soak(tmp, quick, build=True):
     args = SOAK_QUICK if quick else SOAK_FULL
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--build", "--heapsize", HEAP,
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--heapsize", HEAP,
            "--devices", "1", "--interval", "1", "--quiet", "--workdir", os.path.join(tmp, "soak")]
+    if build:
+        cmd.insert(2, "--build")
     cmd += args
     say("soak: %s" % " ".join(cmd[2:]))
     r = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -200,15 +208,39 @@ def soak(tmp, quick):
     }
 
 
+def build_figures(path):
+    """Which binary the figures are of: micropython_binary (its path) and micropython_build
+    (its sys.version, 32 or 64 bit, whether the firmware is frozen in, TLS)."""
+    info = binary_info(path)
+    rel = os.path.relpath(info["path"], ROOT)
+    return {"micropython_binary": info["path"] if rel.startswith("..") else rel,
+            "micropython_build": "%s; %d-bit%s%s" % (
+                info["version"], info["bits"], ", firmware frozen" if info["frozen"] else "",
+                ", TLS" if info["tls"] else ", no TLS")}
+
+
 def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--micropython", metavar="PATH", default=os.environ.get("MICROPYTHON"),
+                   help="MicroPython binary of the devices (default $MICROPYTHON, else the "
+                        "venv's); one with the firmware frozen in runs it instead of build/")
+    a = p.parse_args()
+    if a.micropython:
+        # Read by every DeviceProcess here and by the soak's tools/sim.py.
+        os.environ["MICROPYTHON"] = os.path.abspath(a.micropython)
     quick = os.environ.get("QUICK") == "1"
-    main_py, n = build_mpy()
-    say("build/: %d .mpy files" % n)
-    figures = {}
+    figures = build_figures(micropython_path())
+    frozen = binary_info()["frozen"]
+    if frozen:
+        main_py = None  # DeviceProcess runs a copy of main.py beside no firmware/
+        say("%s: firmware frozen in, build/ not used" % figures["micropython_binary"])
+    else:
+        main_py, n = build_mpy()
+        say("build/: %d .mpy files" % n)
     with tempfile.TemporaryDirectory() as tmp:
         figures.update(boot_to_first_publish(tmp, main_py))
         figures.update(boot_min_heap_kb(tmp, main_py))
-        figures.update(soak(tmp, quick))
+        figures.update(soak(tmp, quick, build=not frozen))
     print(json.dumps(figures), flush=True)
 
 

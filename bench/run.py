@@ -4,7 +4,9 @@ benchmarks). Figures, not pass/fail: targets are printed beside them.
 
 mqtt_bench.py and outbox_bench.py run inside MicroPython; device_bench.py (CPython) times a
 device's boot to its first publish and runs the memory soak through tools/sim.py (10 min;
-QUICK=1: 90 s)."""
+QUICK=1: 90 s). board_model_bench.py adds the board_model_* figures when `make board-model`
+has built the 32-bit binary (or BOARD_MODEL=PATH names one); without it they are skipped,
+and it says why."""
 import json
 import os
 import subprocess
@@ -28,6 +30,9 @@ TARGETS = {
     "boot_to_first_publish_ms": "< 500",
     "soak_memory_errors": "0",
     "boot_min_heap_kb": "<= 128: missed",
+    "board_model_heap_held_bytes": "<= 40960",
+    "board_model_tls_heap_held_bytes": "<= 65536",
+    "board_model_tls_soak_memory_errors": "0 (96 KiB heap)",
 }
 
 
@@ -56,6 +61,33 @@ def run_device_bench(quick):
     return json.loads(lines[-1])
 
 
+def board_model_binaries():
+    """(frozen, plain) binaries of `make board-model`: BOARD_MODEL=PATH or
+    build/board-model/micropython, and build/board-model-plain/micropython beside it; or
+    None and why not."""
+    path = os.environ.get("BOARD_MODEL") or os.path.join(ROOT, "build", "board-model",
+                                                         "micropython")
+    if not os.path.exists(path):
+        return None, ("no %s (make board-model MPY_DIR=/path/to/micropython builds it; "
+                      "BOARD_MODEL=PATH names another)" % os.path.relpath(path, ROOT))
+    plain = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
+                         "board-model-plain", "micropython")
+    return (path, plain), None
+
+
+def run_board_model_bench(quick, binaries):
+    """bench/board_model_bench.py: progress to the terminal, figures on its last line."""
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "board_model_bench.py"), *binaries],
+        stdout=subprocess.PIPE, text=True, timeout=3600,
+        env=dict(os.environ, QUICK="1" if quick else ""),
+    )
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        raise SystemExit("board_model_bench.py failed:\n%s" % r.stdout)
+    return json.loads(lines[-1])
+
+
 def main():
     quick = os.environ.get("QUICK") == "1"
     n = 2000 if quick else 10000
@@ -64,6 +96,11 @@ def main():
             figures = run_bench("mqtt_bench.py", broker, n)
             figures.update(run_bench("outbox_bench.py", broker, n // 2))
     figures.update(run_device_bench(quick))
+    binaries, why = board_model_binaries()
+    if binaries:
+        figures.update(run_board_model_bench(quick, binaries))
+    else:
+        print("board model figures skipped: %s" % why, flush=True)
     results = {}
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:
