@@ -65,11 +65,11 @@ def board_model_binaries():
     """(frozen, plain) binaries of `make board-model`: BOARD_MODEL=PATH or
     build/board-model/micropython, and build/board-model-plain/micropython beside it; or
     None and why not."""
-    path = os.environ.get("BOARD_MODEL") or os.path.join(ROOT, "build", "board-model",
-                                                         "micropython")
-    if not os.path.exists(path):
+    path = os.environ.get("BOARD_MODEL") or os.path.join("build", "board-model", "micropython")
+    if not os.path.exists(os.path.join(ROOT, path)):
         return None, ("no %s (make board-model MPY_DIR=/path/to/micropython builds it; "
-                      "BOARD_MODEL=PATH names another)" % os.path.relpath(path, ROOT))
+                      "BOARD_MODEL=PATH names another)" % path)
+    path = os.path.join(ROOT, path)  # unless it was absolute
     plain = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
                          "board-model-plain", "micropython")
     return (path, plain), None
