@@ -291,6 +291,13 @@ def print_breakdown(name, b):
     say("  %7d  held in all" % b["held"])
 
 
+def soak_figures(prefix, s):
+    """The keys a soak gives, without or with TLS (prefix board_model_ / board_model_tls_)."""
+    return {prefix + "heap_held_bytes": s["held"],
+            prefix + "max_free_block_bytes": s["free_block"],
+            prefix + "soak_memory_errors": s["memory_errors"]}
+
+
 def main():
     quick = os.environ.get("QUICK") == "1"
     binary = os.path.abspath(sys.argv[1])
@@ -324,21 +331,15 @@ def main():
                 "frozen", binary, False, confirm_s)
             s = bench.soak(binary, False, 60 if quick else 300, 20 if quick else 60,
                            5 if quick else 10, 2 if quick else 5)
-            figures.update({
-                "board_model_heap_held_bytes": s["held"],
-                "board_model_max_free_block_bytes": s["free_block"],
-                "board_model_soak_memory_errors": s["memory_errors"],
-            })
+            figures.update(soak_figures("board_model_", s))
             say("soak in %dk, no TLS: %s" % (SOAK_HEAP_KB, s))
             if info["tls"]:
                 figures["board_model_tls_min_heap_kb"] = bench.min_heap_kb(
                     "frozen, mutual TLS", binary, True, confirm_s)
                 s = bench.soak(binary, True, 90 if quick else 600, 20 if quick else 60,
                                5 if quick else 10, 2 if quick else 5)
+                figures.update(soak_figures("board_model_tls_", s))
                 figures.update({
-                    "board_model_tls_heap_held_bytes": s["held"],
-                    "board_model_tls_max_free_block_bytes": s["free_block"],
-                    "board_model_tls_soak_memory_errors": s["memory_errors"],
                     "board_model_tls_soak_heap_slope_bytes_per_hour": s["slope"],
                     "board_model_tls_soak_duration_s": 90.0 if quick else 600.0,
                     "board_model_tls_soak_outages": s["outages"],

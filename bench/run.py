@@ -47,18 +47,23 @@ def run_bench(script, broker, n):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run_device_bench(quick):
-    """bench/device_bench.py (CPython: boot to first publish, the memory soak through
-    tools/sim.py); its progress goes straight to the terminal, its figures are the last line."""
+def run_script(name, quick, args=(), timeout=1500):
+    """bench/NAME (CPython): its progress goes straight to the terminal, its figures are the
+    last line of its output."""
     r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "device_bench.py")],
-        stdout=subprocess.PIPE, text=True, timeout=1500,
+        [sys.executable, os.path.join(ROOT, "bench", name), *args],
+        stdout=subprocess.PIPE, text=True, timeout=timeout,
         env=dict(os.environ, QUICK="1" if quick else ""),
     )
     lines = r.stdout.strip().splitlines()
     if r.returncode != 0 or not lines:
-        raise SystemExit("device_bench.py failed:\n%s" % r.stdout)
+        raise SystemExit("%s failed:\n%s" % (name, r.stdout))
     return json.loads(lines[-1])
+
+
+def run_device_bench(quick):
+    """bench/device_bench.py: boot to first publish, the memory soak through tools/sim.py."""
+    return run_script("device_bench.py", quick)
 
 
 def board_model_binaries():
@@ -76,16 +81,8 @@ def board_model_binaries():
 
 
 def run_board_model_bench(quick, binaries):
-    """bench/board_model_bench.py: progress to the terminal, figures on its last line."""
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "board_model_bench.py"), *binaries],
-        stdout=subprocess.PIPE, text=True, timeout=3600,
-        env=dict(os.environ, QUICK="1" if quick else ""),
-    )
-    lines = r.stdout.strip().splitlines()
-    if r.returncode != 0 or not lines:
-        raise SystemExit("board_model_bench.py failed:\n%s" % r.stdout)
-    return json.loads(lines[-1])
+    """bench/board_model_bench.py: the board-model figures (README "Board-model build")."""
+    return run_script("board_model_bench.py", quick, binaries, timeout=3600)
 
 
 def main():
