@@ -31,10 +31,15 @@ class EmulatedTicks:
     def now(self):
         t = EmulatedTicks.diff(self.host_ms() & _MASK, self._back) & _MASK
         if self.shift is not None:
-            s = self.shift() & _MASK
-            t = t - (_MASK - s) - 1  # t + s - 2^30, in [-2^30, 2^30)
-            if t < 0:
-                t = t + _MASK + 1
+            t = EmulatedTicks._plus(t, self.shift() & _MASK)
+        return t
+
+    @staticmethod
+    def _plus(a, b):
+        """(a + b) mod 2^30 for a, b in [0, 2^30), never leaving the small ints."""
+        t = a - (_MASK - b) - 1  # a + b - 2^30, in [-2^30, 2^30)
+        if t < 0:
+            t = t + _MASK + 1
         return t
 
     @staticmethod
@@ -51,9 +56,8 @@ class EmulatedTicks:
         if d < -_HALF or d >= _HALF:
             raise OverflowError("ticks interval overflow")  # what a board raises
         if d >= 0:
-            t = a - (_MASK - d) - 1
-        else:
-            t = a + d
+            return EmulatedTicks._plus(a, d)
+        t = a + d
         if t < 0:
             t = t + _MASK + 1
         return t

@@ -238,7 +238,7 @@ class Board(BaseBoard):
 
     def set_ticks_before_wrap(self, ms):
         """Ticks as a board's (period 2^30), starting `ms` before a wrap."""
-        self._ticks = t = EmulatedTicks(time.ticks_ms, ms, self._ticks_shift)
+        t = EmulatedTicks(time.ticks_ms, ms, self._ticks_shift)
         self.ticks_ms = t.now
         self.ticks_diff = t.diff
         self.ticks_add = t.add

@@ -94,7 +94,7 @@ class MQTTClient:
         self.ticks_diff = ticks_diff
         # fn() -> seconds that never wrap (the board's uptime): how long a connection lasted
         # can be weeks, past what ticks_diff spans on a board (6.2 days).
-        self.uptime_s = uptime_s or (lambda: time.time())
+        self.uptime_s = uptime_s or time.time
         self.log = log
         self.on_message = on_message  # async or plain fn(topic: bytes, payload: memoryview, retain)
         self.on_connect = on_connect  # fn(session_present) after subscribe/resend on each connect
@@ -479,7 +479,7 @@ class MQTTClient:
                 s.close()
         except Exception:
             pass
-        w = s = None
+        w = s = None  # the closed TLS socket must be garbage for the collect in _hold_room
         self._hold_room()
 
     def _hold_room(self):
