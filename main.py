@@ -1,4 +1,7 @@
-# Device entry point: build a Device per board and run them on one asyncio loop.
+# Device entry point and loader, never updated over the air (with boot.py, otaboot.py and,
+# on the Unix port, unixflash.py): it picks the application slot from the boot-control
+# record, puts it ahead on sys.path, and starts the application (firmware/run.py), from the
+# slot or else from the factory image.
 import gc
 import sys
 
@@ -15,46 +18,12 @@ if sys.platform == "linux":
     # On the Unix port the repo root is the "flash": lib/ must be importable as on a board.
     sys.path.append(sys.path[0] + "/lib")
 
-import asyncio
-import micropython
+import otaboot
 
-from firmware.app import Device, run_devices, stop_devices
-from firmware.boards import boards
+_opened = otaboot.load()
+del otaboot
+sys.modules.pop("otaboot", None)  # the application imports it again when it needs it
 
+from firmware.run import main
 
-def _unlock_heap():
-    """A Ctrl-C that lands while the heap is locked can leave it locked (seen once in a
-    50-device storm: the stop then failed with "heap is locked" and the queue was not
-    saved). Release the leftover lock levels, each only while allocation still fails, so a
-    heap that is not locked is never unlocked below zero."""
-    for _ in range(8):
-        try:
-            bytearray(16)
-            return
-        except MemoryError as e:
-            if not (e.args and "locked" in e.args[0]):
-                return  # out of memory, not locked: nothing to release
-            micropython.heap_unlock()
-
-
-def main():
-    devices = [Device(b) for b in boards()]
-    # The first device's buffers take the reserved room; more devices in one process run
-    # on the Unix port's large heap.
-    devices[0].heap_reserve = _early
-    try:
-        asyncio.run(run_devices(devices))
-    except KeyboardInterrupt:
-        # Ctrl-C / SIGINT on Unix: a fresh loop for the graceful stop.
-        _unlock_heap()
-        asyncio.new_event_loop()
-        asyncio.run(stop_devices(devices, loop_restarted=True))
-    except Exception as e:
-        # Outside every supervised task: recorded as a crash, then the board resets (on
-        # Unix the process ends with the traceback).
-        for d in devices:
-            d.crashed(e)
-        raise
-
-
-main()
+main(_early, _opened)

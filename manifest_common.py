@@ -9,7 +9,9 @@ package("outbox", base_path="lib")
 FIRMWARE = (
     "__init__.py", "app.py", "bootconfig.py", "bootlog.py", "clock.py", "commands.py",
     "configcache.py", "configsync.py", "health.py", "ntp.py", "settings.py", "supervisor.py",
-    "telemetry.py", "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
+    "run.py", "telemetry.py", "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
     "boards/__init__.py", "boards/base.py", "boards/mcu.py", "boards/esp32.py", "boards/rp2.py",
 )
 package("firmware", files=FIRMWARE, base_path=".")
+# The loader's boot control (main.py imports it before any slot is on sys.path).
+module("otaboot.py", base_path=".")

@@ -10,4 +10,5 @@
 include("$(MPY_DIR)/extmod/asyncio")
 include("manifest_common.py")
 package("firmware", files=("boards/unix.py", "boards/unixargs.py"), base_path=".")
+module("unixflash.py", base_path=".")
 module("ssl.py", base_path="tools/board_model")

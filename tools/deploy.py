@@ -5,7 +5,7 @@
                            [--board-state FILE]
 
 What goes onto the board's flash: build/firmware/**.mpy to /firmware, build/lib/**.mpy to
-/lib (on the board's import path), boot.py and main.py to /, and from provisioning
+/lib (on the board's import path), the loader (boot.py, main.py, otaboot.mpy) to /, and from provisioning
 (tools/provision.py, secrets/<device>/) config.json to /config.json plus the files its
 files.json names (TLS key and certificates). Then a reset.
 
@@ -206,7 +206,7 @@ def files_to_deploy(build, secrets, device, frozen=False):
                 if name.endswith(".mpy"):
                     local = os.path.join(dirpath, name)
                     out.append((local, "/" + os.path.relpath(local, build).replace(os.sep, "/")))
-    for name in ("boot.py", "main.py"):
+    for name in ("otaboot.mpy", "boot.py", "main.py"):  # the loader: otaboot before main
         local = os.path.join(build, name)
         if not os.path.isfile(local):
             raise FileNotFoundError("%s missing (run make mpy)" % local)

@@ -16,14 +16,15 @@ def _mcu_board():
     return None
 
 
-def boards():
-    """The board objects this process drives: one on a microcontroller, one or more on Unix."""
+def boards(opened=None):
+    """The board objects this process drives: one on a microcontroller, one or more on Unix
+    (`opened`: the flash the loader opened, otaboot.load())."""
     cls = _mcu_board()
     if cls is None:
         from firmware import forget
         from firmware.boards import unixargs
 
-        out = unixargs.boards_from_argv(sys.argv[1:])
+        out = unixargs.boards_from_argv(sys.argv[1:], opened)
         forget("firmware.boards.unixargs")  # boot-only code
         return out
     return [cls()]

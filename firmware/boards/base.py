@@ -29,6 +29,9 @@ class BaseBoard:
     # Bytes of the GC heap kept free for mbedTLS's records while disconnected (client.py):
     # only where mbedTLS allocates from the GC heap.
     tls_room = 0
+    # Where the flash is mounted, for importing an application slot from it (otaboot.py);
+    # None: this board cannot be updated over the air.
+    ota_root = None
 
     def entropy(self):
         b = os.urandom(4)

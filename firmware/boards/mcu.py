@@ -7,35 +7,11 @@ import machine
 import network
 
 from firmware.boards.base import BaseBoard
+from otaboot import RootFs
 
 # Seconds from 1970 to 2000, the epoch of ports built without a 1970 epoch.
 _EPOCH_OFFSET = 0 if time.gmtime(0)[0] == 1970 else 946684800
 _VALID_AFTER = 1700000000  # an RTC earlier than late 2023 has not been set
-
-
-class RootFs:
-    """The mounted root filesystem with the same methods as a VfsLfs2 object."""
-
-    def open(self, path, mode="r"):
-        return open(path, mode)
-
-    def remove(self, path):
-        os.remove(path)
-
-    def rename(self, old, new):
-        os.rename(old, new)
-
-    def stat(self, path):
-        return os.stat(path)
-
-    def ilistdir(self, path="/"):
-        return os.ilistdir(path)
-
-    def mkdir(self, path):
-        os.mkdir(path)
-
-    def statvfs(self, path):
-        return os.statvfs(path)
 
 
 # machine.reset_cause() values by name; a port lacks the ones it cannot tell apart.
@@ -81,6 +57,7 @@ class McuBoard(BaseBoard):
 
     def __init__(self):
         self.fs = RootFs()
+        self.ota_root = ""  # the flash is the root: a slot imports from /ota/a
         self.label = "".join("%02x" % b for b in machine.unique_id())
         self.link = WlanLink(self.power_save)
         self.wdt = None

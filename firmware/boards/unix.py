@@ -9,82 +9,14 @@ import socket
 import sys
 import time
 
-import vfs
 from micropython import const
 
 from firmware.boards.base import BaseBoard
 from firmware.clock import EmulatedTicks
-
-_BLOCK = const(4096)
-DEFAULT_FLASH = const(1048576)
+from unixflash import DEFAULT_FLASH, MOUNT, FileBlockDevice, open_flash  # noqa: F401
 # A board's ticks wrap every 12.4 days; the emulated ones start this close to a wrap, so
 # every run longer than a minute crosses one.
 TICKS_BEFORE_WRAP_MS = const(60000)
-
-
-class FileBlockDevice:
-    """Block device over a host file, counting writes and erases so tests and benchmarks
-    get exact flash-wear figures."""
-
-    def __init__(self, path, size=DEFAULT_FLASH, block_size=_BLOCK):
-        self.block_size = block_size
-        self.blocks = size // block_size
-        self.writes = 0
-        self.erases = 0
-        self.bytes_written = 0
-        # Power-cut injection for tests: once `writes` reaches this, every later write and
-        # erase is dropped, so the image stays as it was at the cut.
-        self.cut_after = None
-        try:
-            self.f = open(path, "r+b")
-            self.f.seek(0, 2)
-            have = self.f.tell()
-            if have:
-                self.blocks = have // block_size
-            self.new = not have
-        except OSError:
-            self.f = open(path, "w+b")
-            self.new = True
-        if self.new:
-            ff = b"\xff" * 256  # erased flash; small, so a fresh image needs no 4 KB block
-            for _ in range(self.blocks * block_size // 256):
-                self.f.write(ff)
-            self.f.flush()
-
-    def readblocks(self, block, buf, off=0):
-        self.f.seek(block * self.block_size + off)
-        self.f.readinto(buf)
-
-    def writeblocks(self, block, buf, off=None):
-        if self.cut_after is not None and self.writes >= self.cut_after:
-            return
-        self.f.seek(block * self.block_size + (off or 0))
-        self.f.write(buf)
-        self.f.flush()
-        self.writes += 1
-        self.bytes_written += len(buf)
-
-    def ioctl(self, op, arg):
-        if op == 4:
-            return self.blocks
-        if op == 5:
-            return self.block_size
-        if op == 6:
-            if self.cut_after is None or self.writes < self.cut_after:
-                self.erases += 1
-            return 0
-        return None
-
-
-def open_flash(path, size=DEFAULT_FLASH):
-    """Mount-free littlefs2 object over the image (formatted on first use)."""
-    bdev = FileBlockDevice(path, size)
-    try:
-        fs = vfs.VfsLfs2(bdev)
-    except OSError:
-        vfs.VfsLfs2.mkfs(bdev)
-        fs = vfs.VfsLfs2(bdev)
-    return bdev, fs
 
 
 class Control:
@@ -204,9 +136,13 @@ class Board(BaseBoard):
     # does; the 64-bit wheel's mbedTLS uses the C heap.
     tls_room = 21504 if sys.maxsize < 0x80000000 else 0
 
-    def __init__(self, flash_path, flash_size=DEFAULT_FLASH, label=None):
+    def __init__(self, flash_path, flash_size=DEFAULT_FLASH, label=None, opened=None):
         self.flash_path = flash_path
-        self.bdev, self.fs = open_flash(flash_path, flash_size)
+        self.bdev, self.fs = open_flash(flash_path, flash_size, opened)
+        # Where the loader mounted this flash (a lone board): its slots can be imported, so
+        # it can be updated over the air.
+        if opened and flash_path in opened:
+            self.ota_root = MOUNT
         self.label = label or flash_path
         self.cause = "power-on"  # the runner says otherwise after a watchdog kill
         self.control = Control(None)

@@ -17,11 +17,12 @@ def _usage(msg):
     sys.exit(2)
 
 
-def boards_from_argv(argv):
+def boards_from_argv(argv, opened=None):
     """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
     flash before it boots (what `mpremote cp` does for a real board); --reset-cause and
     --control also apply to the last --flash; --wdt is the runner's watchdog for all;
-    --ticks-before-wrap S starts every board's ticks S seconds before their 2^30 wrap."""
+    --ticks-before-wrap S starts every board's ticks S seconds before their 2^30 wrap.
+    `opened`: the images the loader opened already (unixflash.mount_single)."""
     size = DEFAULT_FLASH
     wdt = None
     before_wrap = None
@@ -43,7 +44,7 @@ def boards_from_argv(argv):
             if not 0 <= before_wrap < 0x40000000:
                 _usage("--ticks-before-wrap: 0 to 1073741 s")
         elif a == "--flash":
-            out.append(Board(v, size))
+            out.append(Board(v, size, opened=opened))
         elif not out:
             _usage(a + " before any --flash")
         elif a == "--reset-cause":

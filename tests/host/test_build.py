@@ -13,7 +13,7 @@ DEVICE_FILES = sorted(
     os.path.relpath(p, ROOT)
     for p in glob.glob(os.path.join(ROOT, "firmware", "**", "*.py"), recursive=True)
     + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)
-    + [os.path.join(ROOT, "boot.py"), os.path.join(ROOT, "main.py")]
+    + [os.path.join(ROOT, f) for f in ("boot.py", "main.py", "otaboot.py", "unixflash.py")]
 )
 
 

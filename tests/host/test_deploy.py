@@ -20,6 +20,7 @@ def make_tree(tmp_path, device="pump-0001"):
     (build / "firmware" / "app.mpy").write_bytes(b"app v1")
     (build / "firmware" / "boards" / "esp32.mpy").write_bytes(b"board")
     (build / "lib" / "mqtt" / "client.mpy").write_bytes(b"client")
+    (build / "otaboot.mpy").write_bytes(b"loader")
     (build / "boot.py").write_text("# boot\n")
     (build / "main.py").write_text("# main\n")
     secrets = tmp_path / "secrets"
@@ -55,13 +56,14 @@ def test_first_deploy_writes_everything_config_last_then_resets(tmp_path):
         c + ["fs", "cp", "-f", str(build / "firmware" / "boards" / "esp32.mpy"),
              ":/firmware/boards/esp32.mpy"],
         c + ["fs", "cp", "-f", str(build / "lib" / "mqtt" / "client.mpy"), ":/lib/mqtt/client.mpy"],
+        c + ["fs", "cp", "-f", str(build / "otaboot.mpy"), ":/otaboot.mpy"],
         c + ["fs", "cp", "-f", str(build / "boot.py"), ":/boot.py"],
         c + ["fs", "cp", "-f", str(build / "main.py"), ":/main.py"],
         c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "cert.der"), ":/certs/pump-0001.der"],
         c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"), ":/config.json"],
         c + ["reset"],
     ]
-    assert "[1/13] mkdir /firmware" in r.stdout and "7 of 7 files changed" in r.stdout
+    assert "[1/14] mkdir /firmware" in r.stdout and "8 of 8 files changed" in r.stdout
 
 
 def state_after(files, device):
@@ -82,7 +84,7 @@ def test_second_deploy_copies_only_what_changed(tmp_path):
         ["connect", PORT, "fs", "cp", "-f", str(build / "firmware" / "app.mpy"), ":/firmware/app.mpy"],
         ["connect", PORT, "reset"],
     ]
-    assert "1 of 7 files changed" in r.stdout
+    assert "1 of 8 files changed" in r.stdout
 
 
 def test_another_devices_board_is_refused_unless_forced(tmp_path):
@@ -152,7 +154,7 @@ def test_a_frozen_firmware_gets_no_bytecode_copied(tmp_path):
     build, secrets = make_tree(tmp_path)
     r, cmds = run(build, secrets, "--frozen")
     assert r.returncode == 0
-    assert [c[-1] for c in cmds] == [":/certs", ":/boot.py", ":/main.py", ":/certs/pump-0001.der",
+    assert [c[-1] for c in cmds] == [":/certs", ":/otaboot.mpy", ":/boot.py", ":/main.py", ":/certs/pump-0001.der",
                                      ":/config.json", "reset"]
 
 
@@ -171,6 +173,7 @@ def test_romfs_writes_the_bytecode_as_an_image_and_only_the_rest_as_files(tmp_pa
     assert cmds == [
         c + ["romfs", "deploy", str(image)],
         c + ["fs", "mkdir", ":/certs"],
+        c + ["fs", "cp", "-f", str(build / "otaboot.mpy"), ":/otaboot.mpy"],
         c + ["fs", "cp", "-f", str(build / "boot.py"), ":/boot.py"],
         c + ["fs", "cp", "-f", str(build / "main.py"), ":/main.py"],
         c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "cert.der"), ":/certs/pump-0001.der"],

@@ -26,7 +26,7 @@ def test_every_url_exists_and_every_device_file_is_packaged():
         os.path.relpath(p, ROOT)
         for p in glob.glob(os.path.join(ROOT, "firmware", "**", "*.py"), recursive=True)
         + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)
-    } | {"main.py", "boot.py"}
+    } | {"main.py", "boot.py", "otaboot.py"}
     assert device_files <= covered, device_files - covered
 
 
@@ -68,11 +68,11 @@ def frozen_files(manifest="manifest.py"):
 def _device_files():
     return {os.path.relpath(p, ROOT)
             for p in glob.glob(os.path.join(ROOT, "firmware", "**", "*.py"), recursive=True)
-            + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)}
+            + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)} | {"otaboot.py"}
 
 
 UNIX_BOARD = {os.path.join("firmware", "boards", "unix.py"),
-              os.path.join("firmware", "boards", "unixargs.py")}
+              os.path.join("firmware", "boards", "unixargs.py"), "unixflash.py"}
 
 
 def test_manifest_names_existing_files_and_freezes_every_board_module():
