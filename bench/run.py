@@ -2,11 +2,11 @@
 table, and merge the figures into bench/results.json (one flat object shared by all
 benchmarks). Figures, not pass/fail: targets are printed beside them.
 
-mqtt_bench.py and outbox_bench.py run inside MicroPython; device_bench.py (CPython) times a
-device's boot to its first publish and runs the memory soak through tools/sim.py (10 min;
-QUICK=1: 90 s). board_model_bench.py adds the board_model_* figures when `make board-model`
-has built the 32-bit binary (or BOARD_MODEL=PATH names one); without it they are skipped,
-and it says why."""
+mqtt_bench.py, outbox_bench.py and ota_verify.py run inside MicroPython; device_bench.py
+(CPython) times a device's boot to its first publish and runs the memory soak through
+tools/sim.py (10 min; QUICK=1: 90 s). board_model_bench.py adds the board_model_* figures
+when `make board-model` has built the 32-bit binary (or BOARD_MODEL=PATH names one); without
+it they are skipped, and it says why."""
 import json
 import os
 import subprocess
@@ -33,6 +33,7 @@ TARGETS = {
     "board_model_heap_held_bytes": "<= 40960",
     "board_model_tls_heap_held_bytes": "<= 65536",
     "board_model_tls_soak_memory_errors": "0 (96 KiB heap)",
+    "ota_verify_ms": "< 1000",
 }
 
 
@@ -44,6 +45,15 @@ def run_bench(script, broker, n):
     )
     if r.returncode != 0:
         raise SystemExit("%s failed:\n%s%s" % (script, r.stdout, r.stderr))
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_ota_verify(quick):
+    """bench/ota_verify.py (MicroPython, no broker): median ms of one P-256 signature check."""
+    r = subprocess.run([micropython_path(), os.path.join(ROOT, "bench", "ota_verify.py"),
+                        "21" if quick else "101"], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise SystemExit("ota_verify.py failed:\n%s%s" % (r.stdout, r.stderr))
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -92,6 +102,7 @@ def main():
         with Mosquitto(tmp, persistence=False) as broker:
             figures = run_bench("mqtt_bench.py", broker, n)
             figures.update(run_bench("outbox_bench.py", broker, n // 2))
+    figures.update(run_ota_verify(quick))
     figures.update(run_device_bench(quick))
     binaries, why = board_model_binaries()
     if binaries:
