@@ -5,11 +5,12 @@
 package("backoff", base_path="lib")
 package("mqtt", base_path="lib")
 package("outbox", base_path="lib")
+package("p256", base_path="lib")
 
 FIRMWARE = (
     "__init__.py", "app.py", "bootconfig.py", "bootlog.py", "clock.py", "commands.py",
-    "configcache.py", "configsync.py", "health.py", "ntp.py", "settings.py", "supervisor.py",
-    "run.py", "telemetry.py", "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
+    "configcache.py", "configsync.py", "health.py", "ntp.py", "ota.py", "otahttp.py", "run.py",
+    "settings.py", "supervisor.py", "telemetry.py", "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
     "boards/__init__.py", "boards/base.py", "boards/mcu.py", "boards/esp32.py", "boards/rp2.py",
 )
 package("firmware", files=FIRMWARE, base_path=".")

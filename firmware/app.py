@@ -21,6 +21,7 @@ from firmware.wifi import LinkSupervisor
 CONFIG_RETRY_S = 5
 BOOT_WDT_MS = 8000  # until the config says otherwise
 _LEVELS = "DIWE"  # debug, info, warn, error: log lines carry the letter
+_BIRTH = "birth"  # the birth message's token: its PUBACK is noted, not the outbox's
 
 
 class Device:
@@ -43,6 +44,8 @@ class Device:
         self.timesync = None
         self.sync = None
         self.health = None
+        self.ota = None  # firmware/ota.py's Updater, on a board that can be updated
+        self._birth_acked = False
         self.logring = LogRing()
         self._min_level = 1  # index in _LEVELS: info
         self._reported_once = False
@@ -187,6 +190,13 @@ class Device:
         )
         self.health = Health(self, lambda: self.sync.twin.effective()["health_interval"],
                              self.rnd)
+        if self.board.ota_root is not None:
+            from firmware.ota import Updater  # a board that cannot be updated does not pay
+
+            self.ota = Updater(self.board.fs, cfg["ota"], self.ssl, self.rnd, self.log,
+                               self._publish_ota, self._ota_reset, self._ota_checks,
+                               self._uptime)
+            self.ota.start()
         self._apply([s[0] for s in settings.SETTINGS if s[5]], eff)
 
     def _apply(self, changed, eff):
@@ -198,6 +208,12 @@ class Device:
             bo.cap = eff["reconnect.cap"]
             bo.first_window = eff["reconnect.first_window"]
         self._min_level = "diwe".find(eff["log_level"][0])
+        if "ota" in changed:
+            if self.ota:
+                self.ota.request(eff["ota"])
+            elif eff["ota"]:
+                self.log("W", "update requested, but this board cannot be updated (its "
+                              "flash is not mounted: several boards share the process)")
         return [k for k in changed if not settings.find(k)[5]]
 
     async def _on_message(self, topic, payload, retain):
@@ -304,10 +320,12 @@ class Device:
         return {"lines": lines}
 
     def _on_connect(self, session_present):
-        # Birth message: retained, so a late subscriber sees the device online at once.
+        # Birth message: retained, so a late subscriber sees the device online at once. Its
+        # PUBACK is one of the signs a new version waits for before it confirms itself.
         self._fire(
             self.client.publish(
-                self.topics.status, self._status("online", self.client.outage), 1, True, wait=False
+                self.topics.status, self._status("online", self.client.outage), 1, True,
+                wait=False, token=_BIRTH
             ), "birth message"
         )
         if not self._reported_once:
@@ -334,8 +352,34 @@ class Device:
         return self.outbox.stats["dropped"]
 
     def _on_ack(self, msg):
-        if msg.token is not None:
+        if msg.token == _BIRTH:
+            self._birth_acked = True
+        elif msg.token is not None:
             self.outbox.ack(msg.token)
+
+    # ---- over-the-air updates: what firmware/ota.py needs of the device ----------------
+
+    async def _publish_ota(self, text):
+        await self.client.publish(self.topics.ota, text, 1, True, wait=False)
+
+    async def _ota_reset(self, why):
+        # Its own task: the reset cancels every supervised task, the caller among them.
+        self._reboot_task = asyncio.create_task(self._reset(why, "soft"))
+        await asyncio.sleep(60)
+
+    def _ota_checks(self):
+        """(what a new version has not shown yet, why it must give up at once or None)."""
+        unmet = []
+        if not self.client.is_connected():
+            unmet.append("broker connection")
+        if not self._birth_acked:
+            unmet.append("birth message acknowledged")
+        if not self.outbox.stats["acked"]:
+            unmet.append("telemetry acknowledged")
+        if not self.sync.reported_once():
+            unmet.append("config applied")
+        n = self.sup.stats["restarts"]
+        return unmet, ("tasks died %d times: %r" % (n, self.sup.restarts()) if n >= 3 else None)
 
     async def _drain(self):
         """Hand queued records to the MQTT session, oldest first, pipelined through its
@@ -369,6 +413,7 @@ class Device:
             await self._restart.wait()
             self._rebooting = False
             self._reported_once = False
+            self._birth_acked = False
             self._restart.clear()
 
     async def _run_boot(self):
@@ -422,6 +467,9 @@ class Device:
         sup.spawn("refresh", lambda: self.sync.refresh_loop(
             lambda: self.sync.twin.effective()["refresh_interval"]), critical=False)
         sup.spawn("boot-health", self._boot_health, critical=False)
+        if self.ota and (self.ota.trial or not self.safe):
+            # In safe mode only a version on trial is judged (it cannot confirm: it rolls back).
+            sup.spawn("ota", self.ota.run, critical=False)
         if self.board.ntp:
             from firmware.ntp import TimeSync  # only boards without a set clock pay for it
 

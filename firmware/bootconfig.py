@@ -118,6 +118,7 @@ def validate(doc):
     if not isinstance(servers, list) or not all(isinstance(x, str) and x for x in servers):
         raise ConfigError("ntp.servers must be a list of host names")
     cfg["ntp"]["servers"] = servers
+    cfg["ota"] = _ota(doc.get("ota", {}))
     # "baseline" mimics the common blocking client, for storm comparisons only (README).
     cfg["profile"] = _str(doc, "profile", "standard")
     if cfg["profile"] not in ("standard", "baseline"):
@@ -143,6 +144,26 @@ def _outbox(o):
         raise ConfigError("outbox.policy must be offline or always")
     if out["overflow"] not in ("oldest", "newest"):
         raise ConfigError("outbox.overflow must be oldest or newest")
+    return out
+
+
+# Over-the-air updates (README "Updates"): the seconds a new version gets to confirm itself,
+# the free flash left after a download, and the public keys (uncompressed P-256 points, hex)
+# whose signatures it trusts: up to two, so a key can be rotated. No key: no updates.
+OTA = {"confirm_s": (300, 5, 86400), "flash_reserve": (65536, 0, 16777216)}
+
+
+def _ota(o):
+    out = _section(o, "ota", OTA, ("keys",))
+    keys = o.get("keys", [])
+    if not isinstance(keys, list) or len(keys) > 2:
+        raise ConfigError("ota.keys must be a list of at most two public keys")
+    for k in keys:
+        if not isinstance(k, str) or len(k) != 130 or not k.startswith("04") or [
+                c for c in k if c not in "0123456789abcdef"]:
+            raise ConfigError("ota.keys: each an uncompressed P-256 point, 130 lowercase hex "
+                              "digits starting 04 (tools/bundle.py keygen)")
+    out["keys"] = keys
     return out
 
 

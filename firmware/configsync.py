@@ -84,6 +84,10 @@ class ConfigSync:
             return
         self._sent = text
 
+    def reported_once(self):
+        """config/reported went out in this boot: the config is loaded and applied."""
+        return self._sent is not None
+
     async def refresh(self):
         """Re-subscribe to the config topics: the broker re-sends the retained layers."""
         if await self.client.resubscribe(list(self.layer_of)):

@@ -5,6 +5,9 @@
 NUM = "num"
 INT = "int"
 CHOICE = "choice"
+# A JSON object taken whole: a layer's object replaces a lower layer's, never merged key by
+# key (an update request from a group must not mix with one from the device's own layer).
+OBJ = "obj"
 
 # (dotted name, kind, default, low or choices, high, live)
 SETTINGS = (
@@ -18,7 +21,41 @@ SETTINGS = (
     ("outbox.policy", CHOICE, "offline", ("offline", "always"), None, False),
     ("outbox.ram_bytes", INT, 8192, 1024, 262144, False),
     ("outbox.flash_bytes", INT, 262144, 0, 16777216, False),
+    # An over-the-air update request (README "Updates"); checked by check_ota.
+    ("ota", OBJ, None, None, None, True),
 )
+
+_HEX = "0123456789abcdef"
+
+
+def check_ota(v):
+    """{"version", "url", "manifest_sha256", "window_s", optional "downgrade", "reboot"}:
+    the request as the device will act on it, or ValueError."""
+    if not isinstance(v, dict):
+        raise ValueError("ota must be an object")
+    for k in v:
+        if k not in ("version", "url", "manifest_sha256", "window_s", "downgrade", "reboot"):
+            raise ValueError("ota.%s is not a field of an update request" % k)
+    ver = v.get("version")
+    if isinstance(ver, bool) or not isinstance(ver, int) or not 1 <= ver < 1 << 30:
+        raise ValueError("ota.version must be an integer from 1")
+    url = v.get("url")
+    if not isinstance(url, str) or len(url) > 200 or not (
+            url.startswith("http://") or url.startswith("https://")):
+        raise ValueError("ota.url must be an http:// or https:// URL of at most 200 characters")
+    sha = v.get("manifest_sha256")
+    if not isinstance(sha, str) or len(sha) != 64 or [c for c in sha if c not in _HEX]:
+        raise ValueError("ota.manifest_sha256 must be 64 lowercase hex digits")
+    w = v.get("window_s", 3600)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 604800:
+        raise ValueError("ota.window_s must be in 0..604800")
+    if not isinstance(v.get("downgrade", False), bool):
+        raise ValueError("ota.downgrade must be true or false")
+    if v.get("reboot", "window") not in ("window", "now"):
+        raise ValueError("ota.reboot must be window|now")
+    return {"version": ver, "url": url, "manifest_sha256": sha, "window_s": w,
+            "downgrade": v.get("downgrade", False), "reboot": v.get("reboot", "window")}
+
 
 
 def find(name):
@@ -36,6 +73,8 @@ def check(name, value):
     """The value, normalised, or ValueError saying why it is not acceptable."""
     s = find(name)
     kind, lo, hi = s[1], s[3], s[4]
+    if kind == OBJ:
+        return None if value is None else check_ota(value)
     if kind == CHOICE:
         if value not in lo:
             raise ValueError("%s must be one of %s" % (name, "|".join(lo)))

@@ -12,6 +12,7 @@ class Topics:
         self.cmd_filter = base + "cmd/+"
         self.desired = base + "config/desired"
         self.reported = base + "config/reported"
+        self.ota = base + "ota"
         self.prefix = prefix
 
     def group_desired(self, group):

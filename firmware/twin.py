@@ -98,7 +98,7 @@ def _flatten(d, prefix, out, unknown):
         if not prefix and k == "version":
             continue
         name = prefix + k
-        if isinstance(v, dict):
+        if isinstance(v, dict) and not settings.find(name):
             _flatten(v, name + ".", out, unknown)
         elif settings.find(name):
             out[name] = v

@@ -46,6 +46,9 @@ HOST_HANG_S = 60.0
 TICK_LATE_S = 1.0
 # Off time of a process between its death and the power coming back (s, random in range).
 OFF_S = (0.5, 2.0)
+# Exit code of a lone board's reset (firmware/boards/unix.py RESET_EXIT): started again at
+# once, told `soft`, whether or not the runner restarts crashed processes.
+RESET_EXIT = 75
 
 
 def venv_tool(name):
@@ -277,6 +280,15 @@ class DeviceProcess:
             if proc is self._cut:
                 self._cut = None
                 self._up_cause = "power-on"
+            elif rc == RESET_EXIT:
+                # The board reset itself (a reboot, an update): its loader runs again.
+                self._note("runner: board reset")
+                self._up_cause = "soft"
+                self._restarting = True
+                t = threading.Timer(0.05, self._power_up)
+                t.daemon = True
+                t.start()
+                return
             else:
                 self.exits.append(rc)
                 self._note("runner: process exited (rc %s)" % rc)

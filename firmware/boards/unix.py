@@ -17,6 +17,8 @@ from unixflash import DEFAULT_FLASH, MOUNT, FileBlockDevice, open_flash  # noqa:
 # A board's ticks wrap every 12.4 days; the emulated ones start this close to a wrap, so
 # every run longer than a minute crosses one.
 TICKS_BEFORE_WRAP_MS = const(60000)
+# A lone board's reset ends its process with this code (tools/devices.py starts it again).
+RESET_EXIT = const(75)
 
 
 class Control:
@@ -232,6 +234,11 @@ class Board(BaseBoard):
         self._wdt_send("feed " + self.label)
 
     def reset(self):
-        """No hardware to reset: Device.run boots the device again in this process."""
+        """No hardware to reset. A lone board whose flash the loader mounted ends its
+        process (exit code RESET_EXIT): the runner starts it again, so the loader runs again
+        and may pick another slot, as after a board's reset. Otherwise Device.run boots the
+        device again in this process."""
+        if self.ota_root is not None:
+            raise SystemExit(RESET_EXIT)
         self.cause = "soft"
         self.start_uptime()

@@ -68,7 +68,7 @@ def frozen_files(manifest="manifest.py"):
 def _device_files():
     return {os.path.relpath(p, ROOT)
             for p in glob.glob(os.path.join(ROOT, "firmware", "**", "*.py"), recursive=True)
-            + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)} | {"otaboot.py"}
+            + glob.glob(os.path.join(ROOT, "lib", "**", "*.py"), recursive=True)} | {"otaboot.py", "unixflash.py"}
 
 
 UNIX_BOARD = {os.path.join("firmware", "boards", "unix.py"),

@@ -1,0 +1,426 @@
+# Over-the-air updates (README "Updates"): acts on the `ota` request of the config layers.
+# Downloads the signed bundle into the inactive slot while the application keeps running,
+# checks it again from flash, switches at a random moment of the request's window, and on
+# the first boot of a new version watches it prove itself (confirm) or gives up on it (roll
+# back). The state goes out retained on devices/{id}/ota; the slot record is otaboot's.
+import asyncio
+import hashlib
+import json
+import sys
+from binascii import hexlify, unhexlify
+
+import otaboot
+from backoff import full_jitter
+from firmware import otahttp
+from firmware.version import BUNDLE_VERSION, CACHE_FORMAT, FW_VERSION, QUEUE_FORMAT
+
+MANIFEST_MAX = 16384
+CHUNK = 1024
+# .mpy architectures by the index in sys.implementation._mpy >> 10 (py/persistentcode.h).
+_ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp",
+           "armv7emdp", "xtensa", "xtensawin", "rv32imc", "rv64imc")
+
+
+class Refused(ValueError):
+    """What no retry can cure: reported, and this manifest is not tried again."""
+
+
+def _hex(b):
+    return hexlify(b).decode()
+
+
+def abi():
+    """(mpy version, sub-version, architecture or None) this MicroPython loads."""
+    v = getattr(sys.implementation, "_mpy", 0)
+    a = v >> 10
+    return v & 0xFF, (v >> 8) & 3, _ARCHES[a] if a < len(_ARCHES) else "?"
+
+
+def check_manifest(m, req, running=BUNDLE_VERSION):
+    """The manifest is one this version may switch to, or Refused saying why."""
+    if not isinstance(m, dict) or m.get("format") != 1 or not isinstance(m.get("files"), list):
+        raise Refused("not a bundle manifest of format 1")
+    ver = m.get("version")
+    if ver != req["version"]:
+        raise Refused("the manifest is version %r, the request %d" % (ver, req["version"]))
+    if ver == running or ver < running and not req.get("downgrade"):
+        raise Refused("version %d is not newer than the running %d" % (ver, running))
+    major, sub, arch = abi()
+    if m.get("mpy") != [major, sub]:
+        raise Refused("bytecode mpy %r, this MicroPython loads [%d, %d]" % (m.get("mpy"), major, sub))
+    if m.get("arch") not in (None, arch):
+        raise Refused("native code for %s, this board is %s" % (m.get("arch"), arch))
+    needs = m.get("needs") or {}
+    for what, have in (("queue", QUEUE_FORMAT), ("cache", CACHE_FORMAT)):
+        if needs.get(what, 1) > have:
+            raise Refused("needs %s format %d, this version keeps %d: it could not roll back"
+                          % (what, needs[what], have))
+    total = 0
+    for f in m["files"]:
+        if (not isinstance(f, list) or len(f) != 3 or not isinstance(f[0], str)
+                or ".." in f[0] or f[0].startswith("/") or not isinstance(f[1], int)):
+            raise Refused("a bad file entry in the manifest")
+        total += f[1]
+    if total != m.get("total"):
+        raise Refused("the manifest's total is not the sum of its files")
+
+
+def check_signature(mtext, sigtext, keys):
+    """The manifest is signed by one of the trusted keys (hex points), or Refused."""
+    from p256 import verify  # only a device that checks an update pays for it
+
+    try:
+        sig = json.loads(sigtext)
+        kid, raw = sig["key"], unhexlify(sig["sig"])
+    except (ValueError, KeyError, TypeError):
+        raise Refused("manifest.sig is not a signature document")
+    for k in keys:
+        pub = unhexlify(k)
+        if _hex(hashlib.sha256(pub).digest()[:8]) == kid:
+            if verify(pub, hashlib.sha256(mtext).digest(), raw):
+                return kid
+            raise Refused("the signature by key %s does not verify" % kid)
+    raise Refused("signed by key %s, which this device does not trust" % kid)
+
+
+class Updater:
+    def __init__(self, fs, cfg, ssl, rnd, log, publish, reset, checks, uptime_s):
+        self.fs = fs
+        self.keys = cfg["keys"]
+        self.confirm_s = cfg["confirm_s"]
+        self.reserve = cfg["flash_reserve"]
+        self.ssl = ssl
+        self.rnd = rnd
+        self.log = log
+        self.publish = publish  # async fn(text): the state, retained
+        self.reset = reset  # async fn(why): graceful stop, then the reset
+        self.checks = checks  # fn() -> (unmet conditions, fatal reason or None)
+        self.uptime_s = uptime_s
+        self.want = None
+        self._changed = asyncio.Event()
+        self.buf = bytearray(CHUNK)
+        self.state = {"state": "idle"}
+        self.stats = {"downloaded": 0, "retries": 0, "refused": 0}
+        self.trial = False
+
+    # ---- what the device tells it -------------------------------------------------------
+
+    def start(self):
+        """At boot: a new version on trial, or the outcome of the last update to report."""
+        rec = otaboot.read(self.fs)
+        if rec.get("state") == "testing":
+            self.trial = True
+            self._set("testing", rec.get("version"), name=rec.get("name"))
+        elif rec.get("result"):
+            r = rec["result"]
+            self._set(r["state"], r.get("version"), reason=r.get("reason"), name=r.get("name"),
+                      refused=r.get("refused"))
+
+    def request(self, req):
+        """The effective `ota` request changed (None: there is none)."""
+        self.want = req
+        self._changed.set()
+
+    def _set(self, state, version=None, **kw):
+        d = {"state": state, "version": version, "running": BUNDLE_VERSION, "fw": FW_VERSION}
+        for k, v in kw.items():
+            if v is not None:
+                d[k] = v
+        self.state = d
+
+    async def _report(self):
+        try:
+            await self.publish(json.dumps(self.state))
+        except Exception as e:  # noqa: BLE001 - a report lost is not an update lost
+            self.log("W", "ota state not sent: %r" % (e,))
+
+    # ---- the task -------------------------------------------------------------------------
+
+    async def run(self):
+        if self.trial:
+            await self._trial()
+        await self._report()
+        while True:
+            req = self.want
+            self._changed.clear()
+            if req is None or not self._wanted(req):
+                await self._changed.wait()
+                continue
+            window = req["window_s"]
+            delay = self.rnd.uniform(0, window)
+            self.log("I", "update to version %d: download in %d s" % (req["version"], delay))
+            if await self._wait_change(delay):
+                continue
+            try:
+                m = await self._download(req)
+            except Refused as e:
+                await self._refuse(req, str(e))
+                continue
+            if self.want is not req:
+                continue  # a newer request came during the download
+            self._set("staged", req["version"], name=m.get("name"))
+            await self._report()
+            delay = 0 if req["reboot"] == "now" else self.rnd.uniform(0, window)
+            self.log("I", "version %d staged: switching in %d s" % (req["version"], delay))
+            if await self._wait_change(delay):
+                continue
+            otaboot.switch(self.fs, self.slot, req["version"], m.get("name"),
+                           req["manifest_sha256"])
+            await self.reset("update to version %d" % req["version"])
+            return
+
+    def _wanted(self, req):
+        """Whether to act on `req`; sets and reports the state when not."""
+        rec = otaboot.read(self.fs)
+        if req["manifest_sha256"] in (rec.get("bad") or ()):
+            return False  # refused or rolled back already: its state stands
+        if req["version"] == BUNDLE_VERSION:
+            if self.state["state"] != "confirmed":
+                self._set("confirmed", BUNDLE_VERSION)
+            return False
+        return True
+
+    async def _wait_change(self, s):
+        """Sleep s seconds (up to a week: in steps a board's clock can time); True if the
+        request changed meanwhile."""
+        while True:
+            step = min(s, 86400)
+            try:
+                await asyncio.wait_for(self._changed.wait(), step)
+                return True
+            except asyncio.TimeoutError:
+                s -= step
+                if s <= 0:
+                    return False
+
+    async def _refuse(self, req, why):
+        self.stats["refused"] += 1
+        self.log("E", "update to version %d refused: %s" % (req["version"], why))
+        self._set("failed", req["version"], reason=why, refused=True)
+        try:
+            otaboot.note(self.fs, {"state": "failed", "version": req["version"],
+                                   "reason": why, "refused": True}, req["manifest_sha256"])
+        except OSError as e:
+            self.log("E", "ota record not written: %r" % (e,))
+        await self._report()
+
+    async def _trial(self):
+        """The first boot of a new version: confirm it once it has shown every sign of
+        health, or roll back when it has not within confirm_s, or a task keeps dying."""
+        while True:
+            unmet, fatal = self.checks()
+            if fatal is None and not unmet:
+                rec = otaboot.confirm(self.fs)
+                self.trial = False
+                self.log("I", "version %s confirmed" % rec.get("version"))
+                self._set("confirmed", rec.get("version"), name=rec.get("name"))
+                return
+            up = self.uptime_s()
+            if fatal is None and up >= self.confirm_s:
+                fatal = "not confirmed within %d s: no %s" % (self.confirm_s, ", ".join(unmet))
+            if fatal:
+                rec = otaboot.read(self.fs)
+                self.log("E", "version %s rolled back: %s" % (rec.get("version"), fatal))
+                otaboot.roll_back(self.fs, fatal)
+                self._set("rolled_back", rec.get("version"), reason=fatal, name=rec.get("name"))
+                await self._report()
+                await self.reset("rolling back: " + fatal)
+                return
+            await asyncio.sleep(1)
+
+    # ---- the download ---------------------------------------------------------------------
+
+    async def _small(self, url):
+        out = bytearray()
+
+        def keep(mv):
+            if len(out) + len(mv) > MANIFEST_MAX:
+                raise Refused("%s is larger than %d bytes" % (url, MANIFEST_MAX))
+            out.extend(mv)
+
+        await self._retrying(lambda: otahttp.get(url, 0, keep, self.buf, self.ssl), out)
+        return bytes(out)
+
+    async def _retrying(self, attempt, restart=None):
+        n = 0
+        while True:
+            try:
+                return await attempt()
+            except otahttp.Transient as e:
+                d = full_jitter(n, 1, 60, self.rnd)
+                n += 1
+                self.stats["retries"] += 1
+                self.log("W", "ota download: %s; again in %.1f s" % (e, d))
+                if restart is not None:
+                    restart[:] = b""
+                await asyncio.sleep(d)
+            except ValueError as e:
+                if isinstance(e, Refused):
+                    raise
+                raise Refused(str(e))
+
+    async def _download(self, req):
+        base = req["url"] if req["url"].endswith("/") else req["url"] + "/"
+        if not self.keys:
+            raise Refused("no trusted keys provisioned (ota.keys)")
+        self._set("downloading", req["version"], progress=0)
+        await self._report()
+        mtext = await self._small(base + "manifest.json")
+        if _hex(hashlib.sha256(mtext).digest()) != req["manifest_sha256"]:
+            raise Refused("manifest.json does not have the requested sha256")
+        sig = await self._small(base + "manifest.sig")
+        check_signature(mtext, sig, self.keys)
+        try:
+            m = json.loads(mtext)
+        except ValueError:
+            raise Refused("manifest.json is not JSON")
+        check_manifest(m, req)
+        rec = otaboot.read(self.fs)
+        self.slot = "b" if rec.get("active") == "a" else "a"
+        d = otaboot.slot_dir(self.slot)
+        have = self._prepare(d, mtext)
+        need = m["total"] - have + len(mtext) + 512 * len(m["files"]) + self.reserve
+        st = self.fs.statvfs("/")
+        free = st[0] * st[4]
+        if need > free:
+            raise Refused("the bundle needs %d bytes of flash, %d are free" % (need, free))
+        if not have:
+            self._write(d + "/manifest.json", mtext)
+            self._write(d + "/manifest.sig", sig)
+        done = have
+        step = m["total"] // 5 or 1
+        for path, size, sha in m["files"]:
+            await self._file(base + "files/" + path, d + "/" + path, size, sha)
+            done += size
+            if done // step != (done - size) // step:
+                self._set("downloading", req["version"], progress=min(100, done * 100 // (m["total"] or 1)))
+                await self._report()
+        # Everything again from flash, as the loader will run it.
+        mtext2 = self._read(d + "/manifest.json")
+        check_signature(mtext2, self._read(d + "/manifest.sig"), self.keys)
+        check_manifest(json.loads(mtext2), req)
+        for path, size, sha in m["files"]:
+            if self._hash(d + "/" + path) != (size, sha):
+                self._remove(d + "/" + path)
+                raise Refused("%s changed on flash after its download" % path)
+        self._write(d + "/ok", b"1")
+        return m
+
+    def _prepare(self, d, mtext):
+        """The slot ready for this bundle: kept when it holds this manifest already (a
+        download resumed after a reboot), else emptied. Returns the bytes it has."""
+        self._remove(d + "/ok")  # nothing in it is bootable until checked again
+        try:
+            if self._read(d + "/manifest.json") == mtext:
+                return 0  # files resume one by one; counted as they complete
+        except OSError:
+            pass
+        self._rmtree(d)
+        self._mkdirs(d)
+        return 0
+
+    async def _file(self, url, path, size, sha):
+        """One file into the slot: resumed from what the flash has, hashed as it streams."""
+        have, h = self._partial(path, size)
+        if h is None:
+            raise Refused("%s: could not be read back" % path)
+
+        def sink(mv):
+            f.write(mv)
+            h.update(mv)
+            self.stats["downloaded"] += len(mv)
+
+        n = 0
+        while have < size:
+            self._mkdirs(path.rpartition("/")[0])
+            f = self.fs.open(path, "ab")
+            try:
+                total = await otahttp.get(url, have, sink, self.buf, self.ssl, limit=size - have)
+            except otahttp.Transient as e:
+                f.close()
+                have, h = self._partial(path, size)
+                d = full_jitter(n, 1, 60, self.rnd)
+                n += 1
+                self.stats["retries"] += 1
+                self.log("W", "ota download: %s; resuming at %d in %.1f s" % (e, have, d))
+                await asyncio.sleep(d)
+                continue
+            except ValueError as e:
+                f.close()
+                raise Refused(str(e))
+            f.close()
+            if total != size:
+                self._remove(path)
+                raise Refused("%s is %d bytes on the server, the manifest says %d"
+                              % (path, total, size))
+            have = size
+        if _hex(h.digest()) != sha:
+            self._remove(path)
+            raise Refused("%s does not have the sha256 of the manifest" % path)
+
+    def _partial(self, path, size):
+        """(bytes of `path` on flash, a sha256 over them); a file longer than `size` is
+        started again."""
+        h = hashlib.sha256()
+        try:
+            n = self.fs.stat(path)[6]
+        except OSError:
+            return 0, h
+        if n > size:
+            self._remove(path)
+            return 0, h
+        with self.fs.open(path, "rb") as f:
+            while True:
+                k = f.readinto(self.buf)
+                if not k:
+                    break
+                h.update(memoryview(self.buf)[:k])
+        return n, h
+
+    def _hash(self, path):
+        try:
+            n, h = self._partial(path, 1 << 30)
+        except OSError:
+            return None
+        return n, _hex(h.digest())
+
+    # ---- flash ------------------------------------------------------------------------------
+
+    def _read(self, path):
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
+    def _write(self, path, data):
+        with self.fs.open(path, "wb") as f:
+            f.write(data)
+
+    def _remove(self, path):
+        try:
+            self.fs.remove(path)
+        except OSError:
+            pass
+
+    def _mkdirs(self, d):
+        p = ""
+        for part in d.strip("/").split("/"):
+            p += "/" + part
+            try:
+                self.fs.mkdir(p)
+            except OSError:
+                pass  # exists
+
+    def _rmtree(self, d):
+        try:
+            entries = list(self.fs.ilistdir(d))
+        except OSError:
+            return
+        for e in entries:
+            p = d + "/" + e[0]
+            if e[1] == 0x4000:
+                self._rmtree(p)
+            else:
+                self._remove(p)
+        try:
+            self.fs.rmdir(d)
+        except OSError:
+            pass
