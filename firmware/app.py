@@ -328,6 +328,8 @@ class Device:
                 wait=False, token=_BIRTH
             ), "birth message"
         )
+        if self.ota:
+            self._fire(self.ota.report(), "ota state")
         if not self._reported_once:
             # Once per boot; after that config/reported goes out only when it changes.
             self._reported_once = True
@@ -360,7 +362,10 @@ class Device:
     # ---- over-the-air updates: what firmware/ota.py needs of the device ----------------
 
     async def _publish_ota(self, text):
-        await self.client.publish(self.topics.ota, text, 1, True, wait=False)
+        # Never waits for a connection (a version on trial that cannot connect must still
+        # roll back): the state goes out again at every connect (_on_connect).
+        if self.client.is_connected():
+            await self.client.publish(self.topics.ota, text, 1, True, wait=False)
 
     async def _ota_reset(self, why):
         # Its own task: the reset cancels every supervised task, the caller among them.

