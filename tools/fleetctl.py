@@ -3,10 +3,17 @@
 Talks to the broker with paho-mqtt, using only the topic contract of README "Topic contract":
 watch what devices publish (tail), run a device command and wait for its answer (cmd),
 change a desired config layer after checking it against the firmware's declared settings
-(set), and list devices from their retained status and recent health (status).
+(set), list devices from their retained status and recent health (status), and roll out an
+over-the-air update (ota push) and follow it (ota status).
 
     python tools/fleetctl.py [--broker HOST:PORT] [--user U] [--prefix P] [--timeout S] \
-        {tail,cmd,set,status} ...
+        {tail,cmd,set,status,ota} ...
+
+A rollout, canary group first (OTA_HELP below, `fleetctl.py ota --help`):
+
+    fleetctl.py ota push --group canary --bundle out/b2 --url http://files:8080/b2/ --pub rel.pub
+    fleetctl.py ota status --group canary        # until every canary is confirmed
+    fleetctl.py ota push --group all --bundle out/b2 --url http://files:8080/b2/ --pub rel.pub
 
 Exit codes are listed in EPILOG (shown by --help) and are meant for scripts.
 """
@@ -51,6 +58,27 @@ examples:
   fleetctl.py cmd pump-0042 logs --body '{"n": 5}'
   fleetctl.py set --group model-x telemetry_interval=30 reconnect.cap=300
   fleetctl.py status 'pump-*' --wait 3
+  fleetctl.py ota push --group canary --bundle out/b2 --url http://files:8080/b2/
+  fleetctl.py ota status --group canary
+"""
+
+OTA_HELP = """\
+an update rollout, step by step:
+  1. build and sign the bundle, and serve its directory over HTTP:
+       tools/bundle.py build --out out/b2 --version 2 --name 2.0.0
+       tools/bundle.py sign --bundle out/b2 --key secrets/ota/release.pem
+  2. ask a small canary group first (devices with `canary` among their bootstrap groups):
+       fleetctl.py ota push --group canary --bundle out/b2 --url http://files:8080/b2/ \\
+           --pub secrets/ota/release.pub
+  3. watch it until every canary is confirmed (devices download at a random moment within
+     --window, switch, and confirm themselves or roll back):
+       fleetctl.py ota status --group canary
+     failed (refused before any switch: signature, hash, ABI, older version, size) and
+     rolled_back devices are listed with their reasons: stop there and find out why.
+  4. then the whole fleet (devices already running version 2 just report confirmed):
+       fleetctl.py ota push --group all --bundle out/b2 --url http://files:8080/b2/ \\
+           --pub secrets/ota/release.pub
+       fleetctl.py ota status
 """
 
 KINDS = ("telemetry", "status", "health")
@@ -353,12 +381,13 @@ def cmd_cmd(args):
 
 def flatten(doc, prefix="", out=None):
     """{dotted name: value} of a desired document without its version (nested objects are
-    dotted names, as the firmware's twin reads them)."""
+    dotted names, as the firmware's twin reads them; an object that is itself a setting,
+    like ota, stays whole)."""
     out = {} if out is None else out
     for k, v in doc.items():
         if not prefix and k == "version":
             continue
-        if isinstance(v, dict):
+        if isinstance(v, dict) and settings.find(prefix + k) is None:
             flatten(v, prefix + k + ".", out)
         else:
             out[prefix + k] = v
@@ -431,13 +460,17 @@ def current_version(payload, where):
     return v, flatten(doc)
 
 
-def cmd_set(args):
+def desired_topic(args):
+    """The desired layer --device ID or --group G names."""
     if args.device:
         check_name("device id", args.device)
-        topic = "%sdevices/%s/config/desired" % (args.prefix, args.device)
-    else:
-        check_name("group", args.group)
-        topic = "%sfleet/%s/config/desired" % (args.prefix, args.group)
+        return "%sdevices/%s/config/desired" % (args.prefix, args.device)
+    check_name("group", args.group)
+    return "%sfleet/%s/config/desired" % (args.prefix, args.group)
+
+
+def cmd_set(args):
+    topic = desired_topic(args)
     if bool(args.file) == bool(args.assignments):
         raise Fail(INVALID, "give either KEY=VALUE... or --file")
     if args.file:
@@ -456,7 +489,16 @@ def cmd_set(args):
         change = parse_assignments(args.assignments)
     # Checked before any connection: a refused change publishes nothing.
     validate({k: v for k, v in change.items() if v is not None}, "desired settings")
+    publish_layer(args, topic, change, bool(args.file or args.replace),
+                  "\nremove a key of the current layer with KEY=, or start afresh with --replace")
+    return OK
 
+
+def publish_layer(args, topic, change, replace, hint):
+    """Publish `change` ({dotted name: value}, None removing the name) merged into the
+    current retained layer on `topic` (or into an empty one with `replace`), retained, with
+    the next version; prints the topic and the document. Returns the document published
+    (with args.dry_run: that would have been). `hint` follows a refusal of the merged layer."""
     with Session(args) as s:
         filters = [topic]
         reported = None
@@ -472,18 +514,17 @@ def cmd_set(args):
             applied = rep["versions"].get("device")
             if isinstance(applied, int) and not isinstance(applied, bool) and applied > version:
                 version = applied
-        if args.file or args.replace:
+        if replace:
             flat = {}
         elif flat is None:
-            raise Fail(INVALID, "cannot merge into the unreadable document on %s; use --replace"
-                       % topic)
+            raise Fail(INVALID, "cannot merge into the unreadable document on %s; use "
+                       "fleetctl set --replace" % topic)
         for k, v in change.items():
             if v is None:
                 flat.pop(k, None)
             else:
                 flat[k] = v
-        validate(flat, "the merged layer (current document on %s plus the change)" % topic,
-                 "\nremove a key of the current layer with KEY=, or start afresh with --replace")
+        validate(flat, "the merged layer (current document on %s plus the change)" % topic, hint)
         doc = {"version": version + 1}
         doc.update(nest(flat))
         text = json.dumps(doc)
@@ -493,10 +534,10 @@ def cmd_set(args):
             raise Fail(INVALID, "the document would be refused by devices: %s" % e)
         if args.dry_run:
             print("%s %s (dry run, not published)" % (topic, text), flush=True)
-            return OK
+            return doc
         s.publish(topic, text, retain=True)
     print("%s %s" % (topic, text), flush=True)
-    return OK
+    return doc
 
 
 # ---- status ----------------------------------------------------------------------------------
@@ -583,6 +624,142 @@ def _cell(v):
     return "-" if v is None else str(v)
 
 
+# ---- ota -------------------------------------------------------------------------------------
+
+OTA_PENDING = ("downloading", "staged", "testing")
+OTA_BAD = ("failed", "rolled_back")
+
+
+def check_bundle(path, pubs):
+    """(manifest document, manifest SHA-256) of the bundle directory `path`, or Fail: its
+    files must match its manifest and it must be signed; with `pubs` (public keys: hex or
+    .pub files) the signature is verified too, else manifest.sig only has to exist. The
+    checks are tools/bundle.py's own, so what is published is what `bundle.py verify`
+    passes and a device would accept."""
+    # Imported here: only `ota push` needs the bundle tools (and their cryptography).
+    from tools import bundle
+    try:
+        if pubs:
+            bundle.verify(path, pubs)
+        elif not os.path.isfile(os.path.join(path, "manifest.sig")):
+            raise ValueError("no manifest.sig: sign it first (tools/bundle.py sign)")
+        _, doc = bundle._read_manifest(path)
+        problems = bundle._check_files(path, doc)
+        if problems:
+            raise ValueError("; ".join(problems))
+        digest = bundle.manifest_sha256(path)
+    except (ValueError, OSError) as e:
+        raise Fail(INVALID, "bundle %s refused, nothing published: %s" % (path, e))
+    return doc, digest
+
+
+def cmd_ota_push(args):
+    topic = desired_topic(args)
+    path = os.path.abspath(args.bundle)
+    doc, digest = check_bundle(path, args.pub)
+    url = args.url if args.url.endswith("/") else args.url + "/"
+    req = {"version": doc.get("version"), "url": url, "manifest_sha256": digest,
+           "window_s": args.window}
+    if args.downgrade:
+        req["downgrade"] = True
+    if args.reboot:
+        req["reboot"] = args.reboot
+    # The firmware's own check of a request, before any connection (bad URL, version...).
+    validate({"ota": req}, "update request")
+    # The request replaces the layer's previous one whole; its other settings are kept.
+    layer = publish_layer(args, topic, {"ota": req}, False,
+                          "\nfix the layer's other settings with fleetctl set first")
+    extra = (", downgrade" if args.downgrade else "") + (", reboot now" if args.reboot else "")
+    print("%s: layer %s version %d asks for bundle version %d (%s), manifest_sha256 %s, "
+          "url %s, window %d s%s" % (
+              "dry run" if args.dry_run else "published", args.device or args.group,
+              layer["version"], req["version"], doc.get("name"), digest, url, args.window,
+              extra), flush=True)
+    return OK
+
+
+def _layer_member(rep, group):
+    """Whether a device whose config/reported document is `rep` has applied a layer of
+    `group` (group "all": every device)."""
+    if group == "all":
+        return True
+    return isinstance(rep, dict) and isinstance(rep.get("versions"), dict) \
+        and group in rep["versions"]
+
+
+def cmd_ota_status(args):
+    if args.group is not None:
+        check_name("group", args.group)
+    kinds = ("ota", "status", "config/reported")
+    base = "%sdevices/" % args.prefix
+    devs = {}  # id -> {kind: document}
+    with Session(args) as s:
+        got = s.retained([base + "+/" + k for k in kinds], args.read_wait)
+    for topic, payload in got.items():
+        dev, _, kind = topic[len(base):].partition("/")
+        if topic.startswith(base) and kind in kinds:
+            devs.setdefault(dev, {})[kind] = _json(payload)
+    states, running, bad, pending = {}, {}, {k: [] for k in OTA_BAD}, []
+    n = 0
+    for dev in sorted(devs):
+        d = devs[dev]
+        if args.group is not None and not _layer_member(d.get("config/reported"), args.group):
+            continue
+        n += 1
+        ota = d.get("ota") if isinstance(d.get("ota"), dict) else {}
+        st = d.get("status") if isinstance(d.get("status"), dict) else {}
+        # "unknown": no (readable) ota document: a firmware without updates, or not yet sent.
+        state = str(ota.get("state") or "unknown")
+        version = ota.get("version")
+        key = "null" if version is None else str(version)
+        states.setdefault(state, {})
+        states[state][key] = states[state].get(key, 0) + 1
+        if ota.get("running") is not None:
+            r = str(ota["running"])
+            running[r] = running.get(r, 0) + 1
+        row = {"device": dev, "version": version, "online": st.get("state")}
+        if state in OTA_BAD:
+            row["reason"] = ota.get("reason")
+            row["refused"] = bool(ota.get("refused"))
+            bad[state].append(row)
+        elif state in OTA_PENDING:
+            row["state"] = state
+            if ota.get("progress") is not None:
+                row["progress"] = ota["progress"]
+            pending.append(row)
+    if args.json:
+        print(json.dumps({"devices": n, "states": states, "running": running,
+                          "failed": bad["failed"], "rolled_back": bad["rolled_back"],
+                          "pending": pending}), flush=True)
+        return OK
+    where = "" if args.group is None else " in group %s" % args.group
+    print("%d device%s%s" % (n, "" if n == 1 else "s", where))
+    if states:
+        print("  %-12s %-8s %s" % ("STATE", "VERSION", "DEVICES"))
+    for state in sorted(states):
+        for key in sorted(states[state], key=lambda k: (len(k), k)):
+            print("  %-12s %-8s %d" % (state, "-" if key == "null" else key,
+                                       states[state][key]))
+    if running:
+        print("running: " + ", ".join("bundle %s: %d" % (k, running[k])
+                                      for k in sorted(running, key=lambda k: (len(k), k))))
+    for state in OTA_BAD:
+        if bad[state]:
+            print("%s:" % state.replace("_", " "))
+            for r in bad[state]:
+                print("  %s version %s%s: %s" % (r["device"], _cell(r["version"]),
+                                                 " (refused)" if r["refused"] else "",
+                                                 r["reason"] or "-"))
+    if pending:
+        print("in progress:")
+        for r in pending:
+            print("  %s %s version %s%s%s" % (
+                r["device"], r["state"], _cell(r["version"]),
+                " %s%%" % r["progress"] if "progress" in r else "",
+                " (%s)" % r["online"] if r["online"] and r["online"] != "online" else ""))
+    return OK
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 
@@ -597,8 +774,9 @@ def parser():
     p = argparse.ArgumentParser(
         prog="fleetctl.py", formatter_class=fmt, epilog=EPILOG,
         description=_text("Operate a fleet over MQTT: watch devices (tail), run commands "
-                          "(cmd), change the desired config (set), list devices (status). "
-                          "COMMAND --help tells more."))
+                          "(cmd), change the desired config (set), list devices (status), "
+                          "roll out updates (ota push, ota status). COMMAND --help tells "
+                          "more."))
     p.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
                    help="broker address (default %(default)s)")
     p.add_argument("--user", help="MQTT user name")
@@ -699,14 +877,86 @@ def parser():
     st.add_argument("--report", action="store_true",
                     help="ask each online device for health now (the report command)")
     st.add_argument("--json", action="store_true", help="one JSON object per device")
+
+    o = sub.add_parser(
+        "ota", formatter_class=fmt, help="roll out an over-the-air update and follow it",
+        description=_text(
+            "push asks a group (or one device) for a bundle through its desired config layer; "
+            "status counts what the devices report on their retained devices/ID/ota."),
+        epilog=OTA_HELP)
+    osub = o.add_subparsers(dest="ota_command", required=True, metavar="ACTION")
+    op = osub.add_parser(
+        "push", formatter_class=fmt, help="ask a group or a device for a bundle",
+        description=_text(
+            "Check the bundle directory (tools/bundle.py build and sign): every file's size "
+            "and SHA-256 against manifest.json, and manifest.sig: with --pub its signature "
+            "is verified by one of the given keys, without it the file only has to exist. A "
+            "bundle that fails is refused with exit 2 and nothing is published.",
+            "Then publish the update request as the `ota` key of the desired layer of --group "
+            "or --device, as `set` does: the layer's next version, its other settings kept, "
+            "a previous request replaced whole: {\"version\": the bundle's version, \"url\": "
+            "--url, \"manifest_sha256\": SHA-256 of manifest.json, \"window_s\": --window} "
+            "(plus \"downgrade\": true, \"reboot\": \"now\" when asked). Devices refuse a "
+            "bundle older than the one they run unless --downgrade.",
+            "Prints the layer as published, then one line: layer version, bundle version and "
+            "name, manifest SHA-256."),
+        epilog=OTA_HELP + "\nexit codes: 0 published, 2 bundle or request refused (nothing "
+                          "published), 4 broker problem")
+    who = op.add_mutually_exclusive_group(required=True)
+    who.add_argument("--group", metavar="G", help="a group of the devices' bootstrap config "
+                                                  "(canary first), or 'all' for every device")
+    who.add_argument("--device", metavar="ID", help="one device's own layer")
+    op.add_argument("--bundle", required=True, metavar="DIR",
+                    help="the bundle directory (manifest.json, manifest.sig, files/)")
+    op.add_argument("--url", required=True, metavar="URL",
+                    help="http(s) URL at which that directory is served, e.g. "
+                         "http://files:8080/b2/ (a trailing / is added if missing)")
+    op.add_argument("--pub", action="append", metavar="HEX_OR_FILE",
+                    help="public key (130 hex or a .pub file) the bundle must be signed by; "
+                         "repeatable")
+    op.add_argument("--window", type=int, default=3600, metavar="S",
+                    help="devices download at a random moment within S seconds, and switch "
+                         "within S seconds more (default %(default)s)")
+    op.add_argument("--reboot", choices=("now",),
+                    help="now: switch as soon as the bundle is staged")
+    op.add_argument("--downgrade", action="store_true",
+                    help="allow a bundle older than the one a device runs")
+    op.add_argument("--dry-run", action="store_true", help="print the layer, publish nothing")
+    op.add_argument("--read-wait", type=float, default=2.0, metavar="S",
+                    help="at most this long to read the current retained layer (default "
+                         "%(default)s)")
+    os_ = osub.add_parser(
+        "status", formatter_class=fmt, help="count the devices' update states",
+        description=_text(
+            "Read the retained devices/+/ota, status and config/reported and print the number "
+            "of devices per (state, update version) (state unknown: no ota document), which "
+            "bundle versions they run, then the failed and rolled_back devices with their "
+            "reasons, then those still downloading, staged or testing.",
+            "--group G keeps the devices that have applied a layer of group G (as their "
+            "config/reported versions say); --group all keeps every device.",
+            "--json prints one object: {\"devices\": N, \"states\": {STATE: {VERSION: "
+            "COUNT}}, \"running\": {VERSION: COUNT}, \"failed\": [{\"device\", "
+            "\"version\", \"reason\", ...}], \"rolled_back\": [...], \"pending\": "
+            "[{\"device\", \"state\", \"version\", ...}]} (VERSION \"null\": none)."),
+        epilog="exit codes: 0 (also when no device matched), 2 bad arguments, 4 broker problem")
+    os_.add_argument("--group", metavar="G", help="only the devices of group G ('all': every one)")
+    os_.add_argument("--json", action="store_true", help="one JSON object")
+    os_.add_argument("--read-wait", type=float, default=2.0, metavar="S",
+                     help="at most this long to read the retained documents (default "
+                          "%(default)s; normally it takes a round trip)")
     return p
+
+
+def cmd_ota(args):
+    return {"push": cmd_ota_push, "status": cmd_ota_status}[args.ota_command](args)
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
     if args.prefix and not args.prefix.endswith("/"):
         args.prefix += "/"  # as the firmware reads its bootstrap config's prefix
-    run = {"tail": cmd_tail, "cmd": cmd_cmd, "set": cmd_set, "status": cmd_status}[args.command]
+    run = {"tail": cmd_tail, "cmd": cmd_cmd, "set": cmd_set, "status": cmd_status,
+           "ota": cmd_ota}[args.command]
     try:
         if set("+#\0") & set(args.prefix):
             raise Fail(INVALID, "--prefix must not contain MQTT wildcards")
