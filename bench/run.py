@@ -4,7 +4,9 @@ benchmarks). Figures, not pass/fail: targets are printed beside them.
 
 mqtt_bench.py, outbox_bench.py and ota_verify.py run inside MicroPython; device_bench.py
 (CPython) times a device's boot to its first publish and runs the memory soak through
-tools/sim.py (10 min; QUICK=1: 90 s). board_model_bench.py adds the board_model_* figures
+tools/sim.py (10 min; QUICK=1: 90 s); ota_bench.py (CPython) times a whole OTA download of
+the firmware over loopback and bisects the heap it adds, on the board model's plain build
+too when there is one. board_model_bench.py adds the board_model_* figures
 when `make board-model` has built the 32-bit binary (or BOARD_MODEL=PATH names one); without
 it they are skipped, and it says why."""
 import json
@@ -34,6 +36,8 @@ TARGETS = {
     "board_model_tls_heap_held_bytes": "<= 65536",
     "board_model_tls_soak_memory_errors": "0 (96 KiB heap)",
     "ota_verify_ms": "< 1000",
+    "ota_download_heap_bytes": "<= 12288",
+    "board_model_ota_download_heap_bytes": "<= 12288",
 }
 
 
@@ -76,6 +80,12 @@ def run_device_bench(quick):
     return run_script("device_bench.py", quick)
 
 
+def run_ota_bench(quick, binaries):
+    """bench/ota_bench.py: an OTA download's time, flash writes and added heap; the heap on
+    the board model's plain build too (binaries[1]) when it exists."""
+    return run_script("ota_bench.py", quick, [binaries[1] if binaries else "none"])
+
+
 def board_model_binaries():
     """(frozen, plain) binaries of `make board-model`: BOARD_MODEL=PATH or
     build/board-model/micropython, and build/board-model-plain/micropython beside it; or
@@ -105,6 +115,7 @@ def main():
     figures.update(run_ota_verify(quick))
     figures.update(run_device_bench(quick))
     binaries, why = board_model_binaries()
+    figures.update(run_ota_bench(quick, binaries))
     if binaries:
         figures.update(run_board_model_bench(quick, binaries))
     else:
