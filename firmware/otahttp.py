@@ -86,7 +86,11 @@ async def get(url, start, sink, buf, ssl=None, timeout=10, limit=None):
             if skip >= n:
                 skip -= n
                 continue
-            sink(mv[skip:n])
+            try:
+                sink(mv[skip:n])
+            except OSError as e:
+                # The flash, not the link: a retry would write to it again, forever.
+                raise ValueError("writing the download failed: %r" % (e,))
             skip = 0
         return total
     except (OSError, EOFError) as e:

@@ -84,8 +84,21 @@ def _round(lo, hi):
         lambda x: lo <= x <= hi)
 
 
+# An update request as settings.check_ota gives it back (every field present).
+OTA_VALID = st.fixed_dictionaries({
+    "version": st.integers(1, 1 << 20),
+    "url": st.sampled_from(["http://h/b/", "https://files.example/v2/", "http://10.0.0.1:8080/x"]),
+    "manifest_sha256": st.text("0123456789abcdef", min_size=64, max_size=64),
+    "window_s": st.integers(0, 604800),
+    "downgrade": st.booleans(),
+    "reboot": st.sampled_from(["window", "now"]),
+})
+
+
 def valid_value(s):
     name, kind, default, lo, hi, live = s
+    if kind == settings.OBJ:
+        return st.one_of(st.none(), OTA_VALID)
     if kind == settings.CHOICE:
         return st.sampled_from(lo)
     if kind == settings.INT:
@@ -105,6 +118,14 @@ HUGE_NUMBERS = st.sampled_from([Raw(b"1e999"), Raw(b"-1e999"), Raw(b"1" + b"0" *
 
 def invalid_value(s):
     name, kind, default, lo, hi, live = s
+    if kind == settings.OBJ:
+        return st.one_of(
+            WRONG_TYPES.filter(lambda x: x is not None),
+            OTA_VALID.map(lambda d: dict(d, version=0)),
+            OTA_VALID.map(lambda d: dict(d, url="ftp://h/b/")),
+            OTA_VALID.map(lambda d: dict(d, manifest_sha256="A" * 64)),
+            OTA_VALID.map(lambda d: dict(d, window_s=-1)),
+            OTA_VALID.map(lambda d: dict(d, extra=1)))
     if kind == settings.CHOICE:
         return st.one_of(st.text(PRINTABLE, max_size=12).filter(lambda x: x not in lo),
                          st.sampled_from([x.upper() for x in lo]), WRONG_TYPES.filter(
