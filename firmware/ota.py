@@ -187,9 +187,7 @@ class Updater:
             # is a request to act on.
             why = "version %d is not newer than the running %d" % (v, BUNDLE_VERSION)
             if self.state.get("reason") != why:
-                self.stats["refused"] += 1
-                self.log("E", "update to version %d refused: %s" % (v, why))
-                self._set("failed", v, reason=why, refused=True)
+                self._refused(v, why)
             return False
         return True
 
@@ -206,10 +204,14 @@ class Updater:
                 if s <= 0:
                     return False
 
-    async def _refuse(self, req, why):
+    def _refused(self, version, why):
         self.stats["refused"] += 1
-        self.log("E", "update to version %d refused: %s" % (req["version"], why))
-        self._set("failed", req["version"], reason=why, refused=True)
+        self.log("E", "update to version %d refused: %s" % (version, why))
+        self._set("failed", version, reason=why, refused=True)
+
+    async def _refuse(self, req, why):
+        """A refusal kept on flash: this manifest is not tried again."""
+        self._refused(req["version"], why)
         try:
             otaboot.note(self.fs, {"state": "failed", "version": req["version"],
                                    "reason": why, "refused": True}, req["manifest_sha256"])
@@ -290,24 +292,25 @@ class Updater:
         rec = otaboot.read(self.fs)
         self.slot = "b" if rec.get("active") == "a" else "a"
         d = otaboot.slot_dir(self.slot)
-        have = self._prepare(d, mtext)
-        need = m["total"] - have + len(mtext) + 512 * len(m["files"]) + self.reserve
+        resumed = self._prepare(d, mtext)
+        need = m["total"] + len(mtext) + 512 * len(m["files"]) + self.reserve
         st = self.fs.statvfs("/")
         free = st[0] * st[4]
         if need > free:
             raise Refused("the bundle needs %d bytes of flash, %d are free" % (need, free))
-        if not have:
+        if not resumed:
             self._write(d + "/manifest.json", mtext)
             self._write(d + "/manifest.sig", sig)
         len_m = len(mtext)
         mtext = sig = None  # on flash now: not held through the download
-        done = have
+        done = 0
         step = m["total"] // 5 or 1
         for path, size, sha in m["files"]:
             await self._file(base + "files/" + path, d + "/" + path, size, sha)
             done += size
             if done // step != (done - size) // step:
-                self._set("downloading", req["version"], progress=min(100, done * 100 // (m["total"] or 1)))
+                pct = min(100, done * 100 // (m["total"] or 1))
+                self._set("downloading", req["version"], progress=pct)
                 await self.report()
         # Everything again from flash, as the loader will run it. The manifest by its hash:
         # the one the signature was checked over (parsing it again would hold it twice).
@@ -323,55 +326,48 @@ class Updater:
 
     def _prepare(self, d, mtext):
         """The slot ready for this bundle: kept when it holds this manifest already (a
-        download resumed after a reboot), else emptied. Returns the bytes it has."""
+        download resumed after a reboot: its files resume one by one), else emptied.
+        Returns whether it was kept."""
         self._remove(d + "/ok")  # nothing in it is bootable until checked again
         try:
             if self._read(d + "/manifest.json") == mtext:
-                return 0  # files resume one by one; counted as they complete
+                return True
         except OSError:
             pass
         self._rmtree(d)
         self._mkdirs(d)
-        return 0
+        return False
 
     async def _file(self, url, path, size, sha):
-        """One file into the slot: resumed from what the flash has, hashed as it streams."""
+        """One file into the slot, hashed as it streams; retried like every download, each
+        attempt resuming from what the flash has."""
+        self._mkdirs(path.rpartition("/")[0])
+        h = await self._retrying(lambda: self._fetch(url, path, size))
+        if _hex(h.digest()) != sha:
+            self._remove(path)
+            raise Refused("%s does not have the sha256 of the manifest" % path)
+
+    async def _fetch(self, url, path, size):
+        """One attempt at the rest of a file: the sha256 over all of it on flash."""
         have, h = self._partial(path, size)
-        if h is None:
-            raise Refused("%s: could not be read back" % path)
+        if have == size:
+            return h
 
         def sink(mv):
             f.write(mv)
             h.update(mv)
             self.stats["downloaded"] += len(mv)
 
-        n = 0
-        while have < size:
-            self._mkdirs(path.rpartition("/")[0])
-            f = self.fs.open(path, "ab")
-            try:
-                total = await otahttp.get(url, have, sink, self.buf, self.ssl, limit=size - have)
-            except otahttp.Transient as e:
-                f.close()
-                have, h = self._partial(path, size)
-                d = full_jitter(n, 1, 60, self.rnd)
-                n += 1
-                self.stats["retries"] += 1
-                self.log("W", "ota download: %s; resuming at %d in %.1f s" % (e, have, d))
-                await asyncio.sleep(d)
-                continue
-            except ValueError as e:
-                f.close()
-                raise Refused(str(e))
+        f = self.fs.open(path, "ab")
+        try:
+            total = await otahttp.get(url, have, sink, self.buf, self.ssl, limit=size - have)
+        finally:
             f.close()
-            if total != size:
-                self._remove(path)
-                raise Refused("%s is %d bytes on the server, the manifest says %d"
-                              % (path, total, size))
-            have = size
-        if _hex(h.digest()) != sha:
+        if total != size:
             self._remove(path)
-            raise Refused("%s does not have the sha256 of the manifest" % path)
+            raise Refused("%s is %d bytes on the server, the manifest says %d"
+                          % (path, total, size))
+        return h
 
     def _partial(self, path, size):
         """(bytes of `path` on flash, a sha256 over them); a file longer than `size` is
