@@ -289,7 +289,7 @@ def keygen(name, dir=None):
 # ---- sign / verify ---------------------------------------------------------------------
 
 
-def _read_manifest(bundle_dir):
+def read_manifest(bundle_dir):
     path = os.path.join(bundle_dir, "manifest.json")
     try:
         with open(path, "rb") as f:
@@ -307,7 +307,7 @@ def _read_manifest(bundle_dir):
     return data, doc
 
 
-def _check_files(bundle_dir, doc):
+def check_files(bundle_dir, doc):
     """Every problem of the bundle's files against its manifest, as a list of messages."""
     problems = []
     files = doc.get("files")
@@ -352,8 +352,8 @@ def _check_files(bundle_dir, doc):
 
 def sign(bundle_dir, key_path):
     """Sign BUNDLE_DIR/manifest.json into manifest.sig; returns the manifest's SHA-256."""
-    data, doc = _read_manifest(bundle_dir)
-    problems = _check_files(bundle_dir, doc)
+    data, doc = read_manifest(bundle_dir)
+    problems = check_files(bundle_dir, doc)
     if problems:  # never vouch for a bundle that would fail on every device
         raise ValueError("not signing %s: %s" % (bundle_dir, "; ".join(problems)))
     key = _load_private(key_path)
@@ -399,8 +399,8 @@ def verify(bundle_dir, pubs):
     except InvalidSignature:
         raise ValueError("bad signature by key %s: manifest.json was changed after signing"
                          % kid) from None
-    _, doc = _read_manifest(bundle_dir)
-    problems = _check_files(bundle_dir, doc)
+    _, doc = read_manifest(bundle_dir)
+    problems = check_files(bundle_dir, doc)
     if problems:
         raise ValueError("; ".join(problems))
     return None
@@ -443,7 +443,7 @@ def main(argv=None):
             print("key %s in %s\npublic key %s" % (kid, os.path.join(a.dir, a.name + ".pem"), pub))
         else:
             verify(a.bundle, a.pub)
-            _, doc = _read_manifest(a.bundle)
+            _, doc = read_manifest(a.bundle)
             print("ok %s: version %d %s, %d files, %d bytes, manifest sha256 %s"
                   % (a.bundle, doc["version"], doc["name"], len(doc["files"]), doc["total"],
                      manifest_sha256(a.bundle)))

@@ -643,8 +643,8 @@ def check_bundle(path, pubs):
             bundle.verify(path, pubs)
         elif not os.path.isfile(os.path.join(path, "manifest.sig")):
             raise ValueError("no manifest.sig: sign it first (tools/bundle.py sign)")
-        _, doc = bundle._read_manifest(path)
-        problems = bundle._check_files(path, doc)
+        _, doc = bundle.read_manifest(path)
+        problems = bundle.check_files(path, doc)
         if problems:
             raise ValueError("; ".join(problems))
         digest = bundle.manifest_sha256(path)
@@ -769,6 +769,14 @@ def _text(*paragraphs):
     return "\n\n".join(textwrap.fill(x, 88) for x in paragraphs)
 
 
+def _publish_options(p):
+    """What `set` and `ota push` share: both read the current retained layer first."""
+    p.add_argument("--dry-run", action="store_true", help="print the layer, publish nothing")
+    p.add_argument("--read-wait", type=float, default=2.0, metavar="S",
+                   help="at most this long to read the current retained layer (default "
+                        "%(default)s; normally it takes a round trip)")
+
+
 def parser():
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
@@ -855,10 +863,7 @@ def parser():
     s.add_argument("--file", metavar="PATH", help="desired document as JSON ('-': stdin)")
     s.add_argument("--replace", action="store_true",
                    help="KEY=VALUE: do not keep the other keys of the current layer")
-    s.add_argument("--dry-run", action="store_true", help="print the document, publish nothing")
-    s.add_argument("--read-wait", type=float, default=2.0, metavar="S",
-                   help="at most this long to read the current retained layer (default "
-                        "%(default)s; normally it takes a round trip)")
+    _publish_options(s)
 
     st = sub.add_parser(
         "status", formatter_class=fmt, help="table of devices: state, boot, last seen, queue",
@@ -921,10 +926,7 @@ def parser():
                     help="now: switch as soon as the bundle is staged")
     op.add_argument("--downgrade", action="store_true",
                     help="allow a bundle older than the one a device runs")
-    op.add_argument("--dry-run", action="store_true", help="print the layer, publish nothing")
-    op.add_argument("--read-wait", type=float, default=2.0, metavar="S",
-                    help="at most this long to read the current retained layer (default "
-                         "%(default)s)")
+    _publish_options(op)
     os_ = osub.add_parser(
         "status", formatter_class=fmt, help="count the devices' update states",
         description=_text(
