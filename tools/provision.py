@@ -5,7 +5,7 @@ certificate signed by the fleet CA, written to a directory git ignores (README "
         [--password-env VAR | --password-file F | --generate-password]
         [--wifi SSID[:PASSWORD_ENV]]... [--group G]... [--prefix P]
         [--tls --ca-cert CA.pem --ca-key CA.key [--ca-pass-env VAR] [--server-hostname H]
-         [--days N]] [--out DIR] [--force]
+         [--days N]] [--ota-key HEX_OR_PUBFILE]... [--out DIR] [--force]
 
 Writes DIR/DEVICE_ID/ (DIR defaults to secrets/ in this repo, as tools/deploy.py's
 --secrets does): config.json (for /config.json), files.json (device path -> local file for the
@@ -72,6 +72,9 @@ def parse_args(argv):
     p.add_argument("--days", type=int, default=3650,
                    help="client certificate validity (default 3650: devices may not be "
                    "re-provisioned often)")
+    p.add_argument("--ota-key", action="append", default=[], metavar="HEX_OR_PUBFILE",
+                   help="public key (tools/bundle.py keygen's .pub, or its hex) whose signed "
+                        "update bundles the device trusts; up to two (key rotation)")
     p.add_argument("--out", metavar="DIR", default=os.path.join(ROOT, "secrets"),
                    help="writes DIR/DEVICE_ID/ (default: secrets/ in this repo)")
     p.add_argument("--force", action="store_true", help="replace an existing device directory")
@@ -187,7 +190,22 @@ def build(args):
         doc["wifi"] = nets
     if args.group:
         doc["groups"] = list(args.group)
+    if args.ota_key:
+        doc["ota"] = {"keys": _ota_keys(args.ota_key)}
     return doc, notes, files
+
+
+def _ota_keys(specs):
+    """The update keys as the device reads them (130 hex digits), each checked to be a point
+    of the curve, which the device's own validator does not do."""
+    if len(specs) > 2:
+        raise Usage("--ota-key: at most two (the current key and the next one)")
+    from tools.bundle import load_pub  # cryptography: only when there are keys to check
+
+    try:
+        return [load_pub(k)[0] for k in specs]
+    except ValueError as e:
+        raise Usage("--ota-key: %s" % e)
 
 
 def check(doc):

@@ -258,3 +258,25 @@ def test_in_the_repo_only_a_git_ignored_directory_is_used(repo_secrets):
     r = run(repo_secrets, "--broker", "h", "--out", os.path.join(ROOT, "tools"))
     assert r.returncode == 1 and "not ignored by git" in r.stderr, r.stderr
     assert not os.path.exists(os.path.join(ROOT, "tools", repo_secrets))
+
+
+def test_update_keys_are_written_checked_and_at_most_two(tmp_path):
+    from tools import bundle
+
+    first, _ = bundle.keygen("first", str(tmp_path / "keys"))
+    second, _ = bundle.keygen("second", str(tmp_path / "keys"))
+    out = tmp_path / "secrets"
+    # One by its hex, one by its .pub file, as keygen wrote them.
+    r = run("pump-0007", "--broker", "h", "--ota-key", first,
+            "--ota-key", str(tmp_path / "keys" / "second.pub"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    cfg = validate(json.loads((out / "pump-0007" / "config.json").read_text()))
+    assert cfg["ota"]["keys"] == [first, second]
+    # A third key, a point off the curve, a missing file: refused, nothing written.
+    off_curve = "04" + "11" * 64
+    for keys, says in (([first, second, first], "at most two"), ([off_curve], "P-256"),
+                       ([str(tmp_path / "nope.pub")], "neither")):
+        args = [a for k in keys for a in ("--ota-key", k)]
+        r = run("pump-0008", "--broker", "h", *args, "--out", str(out))
+        assert r.returncode == 2 and says in r.stderr, r.stderr
+        assert not (out / "pump-0008").exists()
