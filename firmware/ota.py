@@ -65,8 +65,9 @@ def check_manifest(m, req, running=BUNDLE_VERSION):
         raise Refused("the manifest's total is not the sum of its files")
 
 
-def check_signature(mtext, sigtext, keys):
-    """The manifest is signed by one of the trusted keys (hex points), or Refused."""
+def check_signature(digest, sigtext, keys):
+    """The manifest whose SHA-256 is `digest` is signed by one of the trusted keys (hex
+    points), or Refused."""
     from p256 import verify  # only a device that checks an update pays for it
 
     forget("p256")  # 3 KB of bytecode, needed again only for the next update
@@ -79,7 +80,7 @@ def check_signature(mtext, sigtext, keys):
     for k in keys:
         pub = unhexlify(k)
         if _hex(hashlib.sha256(pub).digest()[:8]) == kid:
-            if verify(pub, hashlib.sha256(mtext).digest(), raw):
+            if verify(pub, digest, raw):
                 return kid
             raise Refused("the signature by key %s does not verify" % kid)
     raise Refused("signed by key %s, which this device does not trust" % kid)
@@ -279,30 +280,33 @@ class Updater:
             raise Refused("no trusted keys provisioned (ota.keys)")
         self._set("downloading", req["version"], progress=0)
         await self.report()
-        mtext = await self._small(base + "manifest.json")
-        if _hex(hashlib.sha256(mtext).digest()) != req["manifest_sha256"]:
-            raise Refused("manifest.json does not have the requested sha256")
-        sig = await self._small(base + "manifest.sig")
-        check_signature(mtext, sig, self.keys)
-        try:
-            m = json.loads(mtext)
-        except ValueError:
-            raise Refused("manifest.json is not JSON")
-        check_manifest(m, req)
         rec = otaboot.read(self.fs)
         self.slot = "b" if rec.get("active") == "a" else "a"
         d = otaboot.slot_dir(self.slot)
-        resumed = self._prepare(d, mtext)
-        need = m["total"] + len(mtext) + 512 * len(m["files"]) + self.reserve
+        mpath = d + "/manifest.json"
+        self._prepare(d, req["manifest_sha256"])
+        # The manifest goes to flash as it arrives and is parsed from there: the text is
+        # never held in RAM beside its parsed form (a download's peak heap).
+        h = await self._retrying(lambda: self._fetch(base + "manifest.json", mpath, None))
+        digest = h.digest()  # once: a MicroPython hash is final after it
+        if _hex(digest) != req["manifest_sha256"]:
+            self._remove(mpath)
+            raise Refused("manifest.json does not have the requested sha256")
+        sig = await self._small(base + "manifest.sig")
+        check_signature(digest, sig, self.keys)
+        self._write(d + "/manifest.sig", sig)
+        sig = None
+        try:
+            with self.fs.open(mpath, "rb") as f:
+                m = json.load(f)
+        except ValueError:
+            raise Refused("manifest.json is not JSON")
+        check_manifest(m, req)
+        need = m["total"] + 512 * len(m["files"]) + self.reserve
         st = self.fs.statvfs("/")
         free = st[0] * st[4]
         if need > free:
             raise Refused("the bundle needs %d bytes of flash, %d are free" % (need, free))
-        if not resumed:
-            self._write(d + "/manifest.json", mtext)
-            self._write(d + "/manifest.sig", sig)
-        len_m = len(mtext)
-        mtext = sig = None  # on flash now: not held through the download
         done = 0
         step = m["total"] // 5 or 1
         for path, size, sha in m["files"]:
@@ -312,10 +316,11 @@ class Updater:
                 pct = min(100, done * 100 // (m["total"] or 1))
                 self._set("downloading", req["version"], progress=pct)
                 await self.report()
-        # Everything again from flash, as the loader will run it. The manifest by its hash:
-        # the one the signature was checked over (parsing it again would hold it twice).
-        if self._hash(d + "/manifest.json") != (len_m, req["manifest_sha256"]):
-            self._remove(d + "/manifest.json")
+        # Everything again from flash, as the loader will run it; the manifest by its hash,
+        # the one the signature was checked over.
+        got = self._hash(mpath)
+        if got is None or got[1] != req["manifest_sha256"]:
+            self._remove(mpath)
             raise Refused("manifest.json changed on flash after its download")
         for path, size, sha in m["files"]:
             if self._hash(d + "/" + path) != (size, sha):
@@ -324,19 +329,14 @@ class Updater:
         self._write(d + "/ok", b"1")
         return m
 
-    def _prepare(self, d, mtext):
-        """The slot ready for this bundle: kept when it holds this manifest already (a
-        download resumed after a reboot: its files resume one by one), else emptied.
-        Returns whether it was kept."""
+    def _prepare(self, d, sha):
+        """The slot ready for this bundle: kept when it holds its manifest already (a
+        download resumed after a reboot: its files resume one by one), else emptied."""
         self._remove(d + "/ok")  # nothing in it is bootable until checked again
-        try:
-            if self._read(d + "/manifest.json") == mtext:
-                return True
-        except OSError:
-            pass
-        self._rmtree(d)
-        self._mkdirs(d)
-        return False
+        got = self._hash(d + "/manifest.json")
+        if got is None or got[1] != sha:
+            self._rmtree(d)
+            self._mkdirs(d)
 
     async def _file(self, url, path, size, sha):
         """One file into the slot, hashed as it streams; retried like every download, each
@@ -348,10 +348,12 @@ class Updater:
             raise Refused("%s does not have the sha256 of the manifest" % path)
 
     async def _fetch(self, url, path, size):
-        """One attempt at the rest of a file: the sha256 over all of it on flash."""
+        """One attempt at the rest of a file (`size` None: not known, at most MANIFEST_MAX):
+        the sha256 over all of it on flash."""
         have, h = self._partial(path, size)
         if have == size:
             return h
+        limit = (MANIFEST_MAX if size is None else size) - have
 
         def sink(mv):
             f.write(mv)
@@ -360,24 +362,24 @@ class Updater:
 
         f = self.fs.open(path, "ab")
         try:
-            total = await otahttp.get(url, have, sink, self.buf, self.ssl, limit=size - have)
+            total = await otahttp.get(url, have, sink, self.buf, self.ssl, limit=limit)
         finally:
             f.close()
-        if total != size:
+        if size is not None and total != size:
             self._remove(path)
             raise Refused("%s is %d bytes on the server, the manifest says %d"
                           % (path, total, size))
         return h
 
     def _partial(self, path, size):
-        """(bytes of `path` on flash, a sha256 over them); a file longer than `size` is
-        started again."""
+        """(bytes of `path` on flash, a sha256 over them); a file longer than `size` (when
+        known) is started again."""
         h = hashlib.sha256()
         try:
             n = self.fs.stat(path)[6]
         except OSError:
             return 0, h
-        if n > size:
+        if size is not None and n > size:
             self._remove(path)
             return 0, h
         with self.fs.open(path, "rb") as f:
@@ -390,7 +392,7 @@ class Updater:
 
     def _hash(self, path):
         try:
-            n, h = self._partial(path, 1 << 30)
+            n, h = self._partial(path, None)
         except OSError:
             return None
         return n, _hex(h.digest())
