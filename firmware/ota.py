@@ -268,6 +268,8 @@ class Updater:
                 n += 1
                 self.stats["retries"] += 1
                 self.log("W", "ota download: %s; again in %.1f s" % (e, d))
+                self.state["reason"] = "retrying: %s" % e
+                await self.report()
                 await asyncio.sleep(d)
             except ValueError as e:
                 if isinstance(e, Refused):

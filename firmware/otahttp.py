@@ -44,7 +44,11 @@ async def get(url, start, sink, buf, ssl=None, timeout=10, limit=None):
         if start:
             req += "Range: bytes=%d-\r\n" % start
         r.write((req + "\r\n").encode())
-        await asyncio.wait_for(r.drain(), timeout)
+        try:
+            await asyncio.wait_for(r.drain(), timeout)  # with TLS, the handshake runs here
+        except ValueError as e:
+            # A certificate that does not verify: retried, as the broker's is, never taken.
+            raise Transient("TLS with %s: %s" % (host, str(e).strip()))
         status = await _line(r, timeout)
         parts = status.split()
         code = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0

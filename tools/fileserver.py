@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -181,8 +182,9 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class FileServer:
-    def __init__(self, root, host="127.0.0.1", port=0):
+    def __init__(self, root, host="127.0.0.1", port=0, tls=None):
         self.root = os.path.realpath(root)
+        self.tls = tls  # (certificate file, key file): serve HTTPS
         self.host = host
         self.port = port
         self.requests = []
@@ -198,10 +200,14 @@ class FileServer:
 
     @property
     def url(self):
-        return "http://%s:%d/" % (self.host, self.port)
+        return "%s://%s:%d/" % ("https" if self.tls else "http", self.host, self.port)
 
     def start(self):
         self._httpd = _Server((self.host, self.port), self)
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)

@@ -160,3 +160,53 @@ def test_tls_room_is_held_while_disconnected_and_freed_for_each_handshake(
     assert "CONNECTED 1 True" in out and "CONNECTED 2 True" in out, out
     assert "CLOSED 1 21504" in out and "CLOSED 2 21504" in out, out
     assert "MISSES 0" in out, out
+
+
+def test_an_update_downloads_over_https_verified_like_the_broker(
+        fleet, tmp_path, certs, tls_broker):
+    """The bundle's server is checked against the broker's CA (broker.tls): a server of the
+    fleet's CA serves the update; one whose certificate another CA signed never does."""
+    import json
+
+    from tools import bundle
+    from tools.fileserver import FileServer
+
+    pub, _ = bundle.keygen("k", str(tmp_path / "keys"))
+    out = str(tmp_path / "srv" / "v2")
+    bundle.build(out, 2, name="2.0.0")
+    sha = bundle.sign(out, str(tmp_path / "keys" / "k.pem"))
+    _leaf(certs, "rogue-files", "rogue-ca", san="DNS:localhost,IP:127.0.0.1")
+    good = FileServer(str(tmp_path / "srv"), tls=(str(certs / "server.pem"),
+                                                  str(certs / "server.key"))).start()
+    rogue = FileServer(str(tmp_path / "srv"), tls=(str(certs / "rogue-files.pem"),
+                                                   str(certs / "rogue-files.key"))).start()
+    obs = Observer(tls_broker.host, tls_broker.port)
+    try:
+        procs = {}
+        for dev, srv in (("h1", good), ("h2", rogue)):
+            cfg = fleet.config(dev, telemetry_interval=0.3, ota={"keys": [pub]},
+                               broker={"port": tls_broker.tls_port, "timeout": 3,
+                                       "tls": {"ca": "/ca.der", "server_hostname": "localhost"},
+                                       "reconnect": {"first_window": 0.5}})
+            procs[dev] = fleet.start(Spec(str(tmp_path / (dev + ".img")), config=cfg,
+                                          files={"/ca.der": str(certs / "ca.der")}))
+            req = {"version": 2, "url": srv.url + "v2/", "manifest_sha256": sha,
+                   "window_s": 0, "reboot": "now"}
+            obs.publish("devices/%s/config/desired" % dev,
+                        json.dumps({"version": 1, "ota": req}), retain=True)
+        obs.wait(lambda m: [s for s in obs.json("devices/h1/ota")
+                            if s["state"] == "confirmed" and s["version"] == 2], 60,
+                 "h1 on 2.0.0 over https")
+        assert [b for b in obs.json("devices/h1/status") if b.get("fw") == "2.0.0"]
+        # The rogue server: the handshake fails, the download is retried (the reason in the
+        # device's state), nothing switched.
+        obs.wait(lambda m: [s for s in obs.json("devices/h2/ota") if s["state"] == "downloading"
+                            and "TLS with 127.0.0.1" in s.get("reason", "")], 30,
+                 "h2 retrying with the reason")
+        procs["h2"].wait_line(r"h2 W ota download: TLS with 127.0.0.1", 5)
+        assert not [r for r in rogue.requests if r.get("status")]
+        assert "board reset" not in procs["h2"].output()
+    finally:
+        obs.close()
+        good.stop()
+        rogue.stop()
