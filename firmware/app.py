@@ -45,6 +45,7 @@ class Device:
         self.sync = None
         self.health = None
         self.ota = None  # firmware/ota.py's Updater, on a board that can be updated
+        self.failover = None  # firmware/failover.py's, with more than one broker
         self._birth_acked = False
         self.logring = LogRing()
         self._min_level = 1  # index in _LEVELS: info
@@ -70,11 +71,7 @@ class Device:
         while True:
             try:
                 cfg = bootconfig.load(self.board.fs)
-                tls = cfg["broker"].get("tls")
-                if tls:
-                    from firmware import tlsctx  # ssl costs heap; only devices using TLS pay
-
-                    self.ssl = tlsctx.context(self.board.fs, tls)
+                self._tls_contexts(cfg["broker"]["endpoints"])
                 # 8 KB of bytecode (64-bit port) that the rest of the boot has no use for.
                 forget("firmware.bootconfig")
                 forget("firmware.tlsctx")
@@ -85,6 +82,25 @@ class Device:
                     self.log("E", "bootstrap config: %s; retrying every %d s" % (e, self.config_retry_s))
             await asyncio.sleep(self.config_retry_s)
 
+    def _tls_contexts(self, endpoints):
+        """An SSL context per distinct TLS setting of the brokers (usually one for all)."""
+        made = []
+        for e in endpoints:
+            tls = e.get("tls")
+            if not tls:
+                continue
+            for t, ctx in made:
+                if t == tls:
+                    break
+            else:
+                from firmware import tlsctx  # ssl costs heap; only devices using TLS pay
+
+                ctx = tlsctx.context(self.board.fs, tls)
+                made.append((tls, ctx))
+            e["ssl"] = ctx
+            if self.ssl is None:
+                self.ssl = ctx  # the first broker's: what an update's server is checked by
+
     def _status(self, state, outage=None):
         d = {"v": SCHEMA, "state": state, "boot": self.boot, "fw": FW_VERSION,
              "cause": self.bootrec.get("cause"), "prev_up_s": self.bootrec.get("prev_up_s")}
@@ -92,6 +108,10 @@ class Device:
             d["safe_mode"] = True
         if self.cfg and self.cfg["profile"] == "baseline":
             d["profile"] = "baseline"
+        c = self.client
+        if c and len(c.endpoints) > 1:
+            d["broker"] = c.endpoint_name()
+            d["endpoint"] = c.ep
         if outage:
             # Refusals and flaps since the previous connection, reported now that we can.
             d["outage"] = outage
@@ -109,7 +129,6 @@ class Device:
         b = cfg["broker"]
         r = b["reconnect"]
         o = cfg["outbox"]
-        tls = b.get("tls") or {}
         # Baseline (comparison runs only): fixed 2 s retries and a clean session, so every
         # connect resubscribes and thereby asks for the retained config again.
         base_p = cfg["profile"] == "baseline"
@@ -125,6 +144,10 @@ class Device:
                     flap_limit=1000),
             self.log, self._uptime, beat=lambda ms: self._beat("link", ms),
         )
+        eps = [{"host": e["host"], "port": e["port"], "user": e["user"],
+                 "password": e["password"], "ssl": e.get("ssl"),
+                 "server_hostname": (e.get("tls") or {}).get("server_hostname")}
+               for e in b["endpoints"]]
         self.client = MQTTClient(
             cfg["device_id"],
             b["host"],
@@ -132,11 +155,9 @@ class Device:
             keepalive=b["keepalive"],
             clean=base_p,
             will=(self.topics.status, json.dumps({"v": SCHEMA, "state": "offline"}), 1, True),
-            user=b["user"],
-            password=b["password"],
-            ssl=self.ssl,
+            endpoints=eps,
             tls_room=self.board.tls_room,
-            server_hostname=tls.get("server_hostname"),
+            resolve=self.board.resolve,
             window=b["window"],
             max_frame=b["max_frame"],
             timeout=b["timeout"],
@@ -152,6 +173,14 @@ class Device:
             beat=lambda ms: self._beat("mqtt", ms),
         )
         self.link.on_down = self.client.link_lost
+        if len(eps) > 1:
+            from firmware.failover import Failover  # a device with one broker does not pay
+
+            self.failover = Failover(
+                cfg["failover"], self.rnd, self._uptime, self.log, base_p,
+                lambda: (self.topics.status, self._status("offline"), True))
+            self.failover.client = self.client
+            self.client.failover = self.failover
         self.client.subscribe(self.topics.cmd_filter, 1)
         # The bootstrap config's values sit below every desired layer.
         base = {
@@ -455,8 +484,9 @@ class Device:
     def _log_boot(self, cfg):
         rec = self.bootrec
         sm = cfg["safe_mode"]
-        self.log("I", "boot %d, firmware %s, broker %s:%d, reset cause %s, previous uptime %s s"
-                 % (self.boot, FW_VERSION, cfg["broker"]["host"], cfg["broker"]["port"],
+        self.log("I", "boot %d, firmware %s, broker %s, reset cause %s, previous uptime %s s"
+                 % (self.boot, FW_VERSION, ", ".join(
+                     [self.client.endpoint_name(i) for i in range(len(self.client.endpoints))]),
                     rec["cause"], rec.get("prev_up_s")))
         if cfg["profile"] == "baseline":
             self.log("W", "baseline profile: for comparison runs only, not for production")
@@ -472,6 +502,8 @@ class Device:
         sup.spawn("refresh", lambda: self.sync.refresh_loop(
             lambda: self.sync.twin.effective()["refresh_interval"]), critical=False)
         sup.spawn("boot-health", self._boot_health, critical=False)
+        if self.failover:
+            sup.spawn("failover", self.failover.run, critical=False)
         if self.ota and (self.ota.trial or not self.safe):
             # In safe mode only a version on trial is judged (it cannot confirm: it rolls back).
             sup.spawn("ota", self.ota.run, critical=False)

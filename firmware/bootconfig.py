@@ -56,40 +56,34 @@ def validate(doc):
         prefix += "/"
     cfg["prefix"] = prefix
     b = doc.get("broker")
-    if not isinstance(b, dict):
-        raise ConfigError("broker must be an object with host and port")
+    # One endpoint, or a list in priority order (README "Broker failover").
+    eps = b if isinstance(b, list) else [b]
+    if not 0 < len(eps) <= MAX_ENDPOINTS or [e for e in eps if not isinstance(e, dict)]:
+        raise ConfigError("broker must be an object with host and port, or a list of 1..%d "
+                          "such objects in priority order" % MAX_ENDPOINTS)
+    b = eps[0]
     broker = {
-        "host": _str(b, "host"),
-        "port": _num(b, "port", 1883, 1, 65535),
         "keepalive": _num(b, "keepalive", 60, 2, 65535),
-        "user": _str(b, "user"),
-        "password": _str(b, "password"),
+        # Every network step (TCP connect, TLS handshake, CONNACK) gets this many seconds.
+        "timeout": _num(b, "timeout", 10, 1, 120, float),
+        "window": _num(b, "window", 16, 1, 256),
+        "max_frame": _num(b, "max_frame", 4096, 256, 65536),
+        "reconnect": _reconnect(b.get("reconnect", {})),
     }
-    if not broker["host"]:
-        raise ConfigError("broker.host is required")
-    # Every network step (TCP connect, TLS handshake, CONNACK) gets this many seconds.
-    broker["timeout"] = _num(b, "timeout", 10, 1, 120, float)
-    broker["window"] = _num(b, "window", 16, 1, 256)
-    broker["max_frame"] = _num(b, "max_frame", 4096, 256, 65536)
-    broker["reconnect"] = _reconnect(b.get("reconnect", {}))
-    tls = b.get("tls")
-    if tls is not None:
-        if not isinstance(tls, dict):
-            raise ConfigError("broker.tls must be an object")
-        t = {
-            "ca": _str(tls, "ca"),
-            "cert": _str(tls, "cert"),
-            "key": _str(tls, "key"),
-            "server_hostname": _str(tls, "server_hostname"),
-        }
-        # Verification is not optional: without a CA there is nothing to verify against,
-        # and a silent unverified connection is what TLS is there to prevent.
-        if not t["ca"]:
-            raise ConfigError("broker.tls.ca (CA certificate file) is required")
-        if bool(t["cert"]) != bool(t["key"]):
-            raise ConfigError("broker.tls.cert and broker.tls.key go together")
-        broker["tls"] = t
+    endpoints = []
+    for i, e in enumerate(eps):
+        name = "broker" if len(eps) == 1 else "broker[%d]" % i
+        if i:
+            for k in SESSION_KEYS:
+                if k in e:
+                    raise ConfigError("%s.%s: session settings go in the first endpoint "
+                                      "only" % (name, k))
+        endpoints.append(_endpoint(name, e, endpoints[0] if endpoints else None))
+    # The first endpoint's keys stay where single-broker code reads them.
+    broker.update(endpoints[0])
+    broker["endpoints"] = endpoints
     cfg["broker"] = broker
+    cfg["failover"] = _section(doc.get("failover", {}), "failover", FAILOVER)
     wifi = doc.get("wifi", [])
     if not isinstance(wifi, list):
         raise ConfigError("wifi must be a list of {ssid, password}")
@@ -124,6 +118,43 @@ def validate(doc):
     if cfg["profile"] not in ("standard", "baseline"):
         raise ConfigError("profile must be standard or baseline")
     return cfg
+
+
+def _endpoint(name, e, first):
+    """One broker endpoint: host, port, credentials, TLS. A later endpoint takes what it
+    leaves out from the first (credentials and TLS are usually shared)."""
+    first = first or {}
+    ep = {
+        "host": _str(e, "host"),
+        "port": _num(e, "port", first.get("port", 1883), 1, 65535),
+        "user": _str(e, "user", first.get("user")),
+        "password": _str(e, "password", first.get("password")),
+    }
+    if not ep["host"]:
+        raise ConfigError("%s.host is required" % name)
+    if "tls" not in e:
+        if first.get("tls"):
+            ep["tls"] = first["tls"]
+        return ep
+    tls = e["tls"]
+    if tls is None:
+        return ep  # this one without TLS, although the first has it
+    if not isinstance(tls, dict):
+        raise ConfigError("%s.tls must be an object" % name)
+    t = {
+        "ca": _str(tls, "ca"),
+        "cert": _str(tls, "cert"),
+        "key": _str(tls, "key"),
+        "server_hostname": _str(tls, "server_hostname"),
+    }
+    # Verification is not optional: without a CA there is nothing to verify against,
+    # and a silent unverified connection is what TLS is there to prevent.
+    if not t["ca"]:
+        raise ConfigError("%s.tls.ca (CA certificate file) is required" % name)
+    if bool(t["cert"]) != bool(t["key"]):
+        raise ConfigError("%s.tls.cert and %s.tls.key go together" % (name, name))
+    ep["tls"] = t
+    return ep
 
 
 def _outbox(o):
@@ -165,6 +196,23 @@ def _ota(o):
                               "digits starting 04 (tools/bundle.py keygen)")
     out["keys"] = keys
     return out
+
+
+# Broker failover (README "Broker failover"): move to the next endpoint after
+# `after_attempts` failed attempts in a row or `after_s` s of failing ones, whichever comes
+# first; on a secondary, check every `probe_s` (jittered) whether the primary answers, and
+# once it does, return at a random moment within `failback_window_s`. With the default
+# backoff a broker down for 5 minutes sees at most 9 attempts from a device: neither
+# default is reached, so a restart never moves the fleet.
+FAILOVER = {
+    "after_attempts": (12, 1, 1000),
+    "after_s": (600.0, 1, 86400),
+    "probe_s": (300.0, 1, 86400),
+    "failback_window_s": (600.0, 0, 86400),
+}
+MAX_ENDPOINTS = 4
+# Settings of the session, not of an endpoint: the first endpoint's hold for all.
+SESSION_KEYS = ("keepalive", "timeout", "window", "max_frame", "reconnect")
 
 
 # name: (default, low, high). Seconds except flap_limit (a count).

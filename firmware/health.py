@@ -116,7 +116,7 @@ class Health:
                                        "refusals", "last_refusal", "flaps",
                                        "protocol_errors", "keepalive_timeouts", "resends",
                                        "pings", "sub_refusals",
-                                       "oversized")},
+                                       "oversized", "failovers", "failbacks")},
             "outbox": {"queued": len(d.outbox), "dropped": d.outbox.stats["dropped"],
                        "flash_errors": d.outbox.stats["flash_errors"],
                        "drops": d.outbox.drops[-4:]},
@@ -124,6 +124,9 @@ class Health:
             "commands": {"handled": d.commands.handled, "rejected": d.commands.rejected,
                          "duplicates": d.commands.duplicates},
         }
+        if len(d.client.endpoints) > 1:
+            doc["mqtt"]["endpoint"] = d.client.ep
+            doc["mqtt"]["broker"] = d.client.endpoint_name()
         if d.timesync:
             doc["ntp"] = d.timesync.stats
         rssi = d.board.link.rssi()

@@ -33,6 +33,13 @@ class BaseBoard:
     # None: this board cannot be updated over the air.
     ota_root = None
 
+    def resolve(self, host, port):
+        """getaddrinfo entries (TCP) of host: every address of a name, for the MQTT client
+        to try in turn."""
+        import socket
+
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
     def entropy(self):
         b = os.urandom(4)
         return b[0] | (b[1] << 8) | (b[2] << 16) | (b[3] << 24)

@@ -156,6 +156,19 @@ class Board(BaseBoard):
         self.shared = None  # SharedHeap when the process drives more than one board
         self.ticker = None  # LoopTicker, likewise
 
+    def resolve(self, host, port):
+        # Test hook: a control word dns:NAME=IP,IP answers for NAME as a DNS server with
+        # several records would (the host's resolver cannot be told so per test).
+        pre = "dns:%s=" % host
+        self.control.has("")
+        for w in self.control.words:
+            if w.startswith(pre):
+                out = []
+                for ip in w[len(pre):].split(","):
+                    out.extend(socket.getaddrinfo(ip, port, 0, socket.SOCK_STREAM))
+                return out
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+
     def collect(self):
         if self.shared:
             self.shared.collect()

@@ -13,6 +13,9 @@ from mqtt.session import Message, Session
 from backoff import Backoff, Rng
 
 
+_MAX_ADDRS = 4  # addresses of one name tried per attempt
+
+
 class MQTTError(Exception):
     pass
 
@@ -68,16 +71,31 @@ class MQTTClient:
         on_ack=None,
         link=None,
         beat=None,
+        endpoints=None,
+        failover=None,
+        resolve=None,
     ):
         self.client_id = client_id
-        self.host = host
-        self.port = port
         self.keepalive = keepalive
         self.clean = clean
         self.will = will
-        self.user = user
-        self.password = password
-        self.ssl = ssl
+        # Brokers in priority order, each {host, port, user, password, ssl,
+        # server_hostname}; the arguments of the same names make a single one.
+        self.endpoints = endpoints or [
+            {"host": host, "port": port, "user": user, "password": password, "ssl": ssl,
+             "server_hostname": server_hostname}]
+        # Which endpoint to use and when to move (firmware/failover.py): .failed() after each
+        # failed attempt -> index to move to or None, .connected(), .link_waited().
+        self.failover = failover
+        # fn(host, port) -> getaddrinfo entries; a board may answer for the host's resolver.
+        self.resolve = resolve or _resolve
+        self.ep = 0
+        self._use(0)
+        self._next_ep = None  # a planned move (fail-back), made at the next connect
+        self._last_ep = None  # endpoint of the last connection
+        self._lost_at = None  # uptime when the last connection ended
+        self._moved = 0  # how the endpoint last changed: 1 failover, 2 fail-back
+        ssl = ssl or [e for e in self.endpoints if e.get("ssl")]
         # Where mbedTLS allocates from the GC heap (RP2, the 32-bit board model), its 16 KiB
         # receive record must find one free block at every connect: after the first
         # connection, the outage's small allocations land in the hole it left, and the
@@ -86,7 +104,6 @@ class MQTTClient:
         # the handshake.
         self.tls_room = tls_room if ssl else 0
         self._room = None
-        self.server_hostname = server_hostname or host
         self.max_frame = max_frame
         self.timeout = timeout
         self.backoff = backoff or Backoff(Rng(time.ticks_ms()))
@@ -126,6 +143,8 @@ class MQTTClient:
             "rx": 0,
             "tx": 0,
             "last_refusal": 0,
+            "failovers": 0,
+            "failbacks": 0,
         }
         self._hold_room()
         # What went wrong since the last successful connect; handed to the app (and reset)
@@ -133,7 +152,7 @@ class MQTTClient:
         self.outage = None
         # failed attempts, refusals, last refusal code, flaps, protocol errors
         self._trouble = [0, 0, 0, 0, 0]
-        self._addr = None  # cached getaddrinfo entry: DNS is asked again only after failures
+        self._addrs = None  # cached getaddrinfo entries: DNS is asked again only after failures
         self._sock = None
         self._step = ""
         self._writer = None
@@ -181,6 +200,40 @@ class MQTTClient:
         if self._sock is not None:
             self.log("W", "network link lost: closing the connection")
             self._kill()
+
+    def endpoint_name(self, i=None):
+        e = self.endpoints[self.ep if i is None else i]
+        return "%s:%d" % (e["host"], e["port"])
+
+    def _use(self, i):
+        e = self.endpoints[i]
+        self.ep = i
+        self.host = e["host"]
+        self.port = e["port"]
+        self.user = e.get("user")
+        self.password = e.get("password")
+        self.ssl = e.get("ssl")
+        self.server_hostname = e.get("server_hostname") or e["host"]
+        self._addrs = None
+
+    async def move_to(self, i, final=None):
+        """A planned move to endpoint i (fail-back): an optional final (topic, payload,
+        retain) QoS 1 publish and DISCONNECT on the current broker (no last will there),
+        then run() connects to endpoint i at once. Not connected: the next attempt goes
+        there."""
+        self._next_ep = i
+        if not self.connected.is_set():
+            return
+        try:
+            if final and not self.session.full():
+                msg = Message(_b(final[0]), _b(final[1]), 1, final[2])
+                self.session.add(msg)
+                await self._send_msg(msg, False)
+            await self._send(codec.DISCONNECT_PACKET)
+            await asyncio.wait_for(self._dead.wait(), self.timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            self.log("W", "leaving %s: %r" % (self.endpoint_name(), e))
+        self._kill()
 
     async def publish(self, topic, payload, qos=0, retain=False, wait=True, token=None):
         """Publish. QoS 0 goes out only while connected (returns False otherwise).
@@ -275,10 +328,20 @@ class MQTTClient:
         bo = self.backoff
         # Every step of a connect is bounded by timeout (DNS, TCP, TLS, CONNACK).
         connect_ms = int(self.timeout * 4000) + 1000
+        fo = self.failover
         while not self._stop:
             if self.link is not None and not self.link.is_set():
                 self.beat(None)
                 await self.link.wait()
+                if fo:
+                    fo.link_waited()  # no network is no verdict on the broker
+            if self._next_ep is not None:
+                self._use(self._next_ep)
+                self._next_ep = None
+                self._moved = 2
+                self.stats["failbacks"] += 1
+            if self._lost_at is None:
+                self._lost_at = self.uptime_s()
             self.beat(connect_ms)
             try:
                 present = await self._connect()
@@ -288,10 +351,23 @@ class MQTTClient:
             except Exception as e:  # every failure mode of a connect ends in a backoff
                 await self._close()
                 self._failed(e)
-                d = bo.next_delay()
                 # A failed handshake is a verification or configuration fault, not weather.
-                self.log("E" if self._step == "tls" else "W",
-                         "connect failed at %s: %r; retry in %.1f s" % (self._step, e, d))
+                lvl = "E" if self._step == "tls" else "W"
+                i = fo.failed() if fo else None
+                if i is not None and i != self.ep and self._next_ep is None:
+                    was = self.endpoint_name()
+                    self._use(i)
+                    self._moved = 1
+                    self.stats["failovers"] += 1
+                    # Spread like the first reconnect after a drop: the whole fleet moves
+                    # in the same minute, and the next broker must not get it in one second.
+                    d = bo.first_delay()
+                    self.log("E", "connect to %s failed at %s: %r; failing over to %s in "
+                                  "%.1f s" % (was, self._step, e, self.endpoint_name(), d))
+                else:
+                    d = bo.next_delay()
+                    self.log(lvl, "connect failed at %s: %r; retry in %.1f s"
+                             % (self._step, e, d))
                 self.beat(int(d * 1000))
                 await asyncio.sleep(d)
                 continue
@@ -315,9 +391,12 @@ class MQTTClient:
                 for t in tasks:
                     t.cancel()
                 await self._close()
+            self._lost_at = self.uptime_s()
             if self._stop:
                 break
-            lasted = self.uptime_s() - up
+            lasted = self._lost_at - up
+            if self._next_ep is not None:
+                continue  # a planned move: no backoff, the moment was chosen at random
             if lasted < bo.flap_s:
                 self.stats["flaps"] += 1
                 self._trouble[3] += 1
@@ -345,19 +424,45 @@ class MQTTClient:
         # The broker may have moved (DNS change, failover): look it up again next time,
         # unless it is an address already (nothing to look up).
         if not _is_ip(self.host):
-            self._addr = None
+            self._addrs = None
 
     async def _connect(self):
         self._dead.clear()
         self._r0 = self._r1 = 0
         self._step = "dns"
-        if self._addr is None:
+        if self._addrs is None:
             # Blocking on MicroPython (no async resolver): done once and cached, so an
             # outage costs one lookup, not one per attempt.
-            self._addr = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)[0]
+            self._addrs = self.resolve(self.host, self.port)[:_MAX_ADDRS]
+            if not self._addrs:
+                raise OSError("no address for " + self.host)
             self.stats["resolves"] += 1
-            self.log("I", "resolved %s" % self.host)
-        ai = self._addr
+            self.log("I", "resolved %s: %d address(es)" % (self.host, len(self._addrs)))
+        addrs = self._addrs
+        n = len(addrs)
+        if n > 1:
+            self.beat(n * (int(self.timeout * 4000) + 1000))
+        # A name with several addresses (a cluster behind DNS): each is tried in turn
+        # before the attempt counts as failed; the one that answered goes first next time.
+        for k in range(n):
+            try:
+                present = await self._connect_to(addrs[k])
+            except Refused:
+                raise  # the broker answered: another address of it will not say otherwise
+            except Exception as e:
+                if k == n - 1:
+                    raise
+                self.log("W", "%s address %d of %d failed at %s: %r" % (
+                    self.host, k + 1, n, self._step, e))
+                await self._close()
+                continue
+            if k:
+                addrs.insert(0, addrs.pop(k))
+            return present
+
+    async def _connect_to(self, ai):
+        self._dead.clear()
+        self._r0 = self._r1 = 0
         self._step = "tcp"
         s = socket.socket(ai[0], ai[1], ai[2])
         self._sock = s
@@ -396,11 +501,25 @@ class MQTTClient:
         self._step = "up"
         self.stats["connects"] += 1
         t = self._trouble
-        self.outage = None
+        self.outage = o = None
         if t[0] or t[3] or t[4]:
-            self.outage = {"failed": t[0], "refused": t[1], "rc": t[2], "flaps": t[3],
-                           "protocol_errors": t[4]}
+            o = {"failed": t[0], "refused": t[1], "rc": t[2], "flaps": t[3],
+                 "protocol_errors": t[4]}
         self._trouble = [0, 0, 0, 0, 0]
+        if self._last_ep is not None and self._last_ep != self.ep:
+            o = o or {}
+            o["from"] = self.endpoint_name(self._last_ep)
+            if self._moved == 1:
+                # From losing the last connection to this one, on another broker.
+                o["failover_s"] = round(self.uptime_s() - self._lost_at, 1)
+            else:
+                o["failback"] = True
+        self.outage = o
+        self._last_ep = self.ep
+        self._moved = 0
+        self._lost_at = None
+        if self.failover:
+            self.failover.connected()
         self._last_rx = self.ticks_ms()
         return present
 
@@ -779,6 +898,35 @@ class MQTTClient:
             self._kill()
         finally:
             self._pinging = False
+
+
+async def reachable(resolve, host, port, timeout):
+    """Whether a TCP connection to host:port (any of its addresses) opens within timeout:
+    the cheap check of a broker's return (no MQTT session, nothing for it to keep)."""
+    try:
+        addrs = resolve(host, port)[:_MAX_ADDRS]
+    except OSError:
+        return False
+    for ai in addrs:
+        s = socket.socket(ai[0], ai[1], ai[2])
+        try:
+            s.setblocking(False)
+            try:
+                s.connect(ai[-1])
+            except OSError as e:
+                if e.args[0] != EINPROGRESS:
+                    raise
+            await asyncio.wait_for(_writable(s), timeout)
+            return True
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            s.close()
+    return False
+
+
+def _resolve(host, port):
+    return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
 
 
 def _is_ip(host):

@@ -1,0 +1,108 @@
+"""Broker failover on the real firmware: two real mosquittos, a device that moves to the
+secondary when the primary dies and back when it returns, losing nothing; a DNS name with
+several addresses tried in turn before an attempt counts as failed."""
+import json
+
+import pytest
+
+from tools.broker import Mosquitto
+from tools.devices import Spec
+from tools.observer import Observer
+
+# Short everything: the defaults (12 attempts / 600 s, probe 300 s, window 600 s) are for
+# fleets; a test must see both moves within seconds.
+FAST = {"reconnect": {"base": 0.2, "cap": 1.0, "first_window": 0.5, "stable_s": 1.0}}
+FAILOVER = {"after_attempts": 3, "after_s": 600, "probe_s": 1, "failback_window_s": 3}
+
+
+@pytest.fixture
+def second(tmp_path):
+    m = Mosquitto(tmp_path / "broker2").start()
+    yield m
+    m.stop()
+
+
+def births(obs, dev):
+    return [d for d in obs.json("devices/%s/status" % dev) if d["state"] == "online"]
+
+
+def seqs(*observers, dev):
+    out = set()
+    for o in observers:
+        out.update(t["seq"] for t in o.json("devices/%s/telemetry" % dev) if t["boot"] == 1)
+    return out
+
+
+def test_fails_over_to_the_secondary_and_back_losing_nothing(fleet, broker, second, observer):
+    sec = Observer(second.host, second.port)
+    try:
+        p = fleet.device("fo1", telemetry_interval=0.2, broker=FAST, failover=FAILOVER,
+                         endpoints=[(second.host, second.port)])
+        b = observer.wait(lambda m: births(observer, "fo1"), 20, "birth on the primary")[0]
+        assert b["endpoint"] == 0 and b["broker"] == "%s:%d" % (broker.host, broker.port)
+        observer.wait(lambda m: len(seqs(observer, dev="fo1")) >= 5, 20, "telemetry")
+
+        broker.stop()  # the primary dies (its sessions stay on disk)
+        b = sec.wait(lambda m: births(sec, "fo1"), 30, "birth on the secondary")[0]
+        assert b["endpoint"] == 1 and b["broker"] == "%s:%d" % (second.host, second.port)
+        out = b["outage"]
+        assert out["from"] == "%s:%d" % (broker.host, broker.port)
+        assert out["failed"] >= FAILOVER["after_attempts"]
+        assert 0 < out["failover_s"] < 30
+        # No session there: it subscribed, so commands and telemetry work on the secondary.
+        sec.wait(lambda m: len(seqs(sec, dev="fo1")) >= 5, 20, "telemetry on the secondary")
+        sec.publish("devices/fo1/cmd/ping", json.dumps({"id": "on-b"}))
+        sec.wait(lambda m: [r for r in sec.json("devices/fo1/cmd/ping/result")
+                            if r["id"] == "on-b" and r["status"] == "ok"], 20, "ping answered")
+
+        broker.start()  # back: a probe finds it, the device returns within the window
+        observer.close()
+        back = Observer(broker.host, broker.port, topics=("devices/fo1/#",))
+        try:
+            b = back.wait(lambda m: [d for d in births(back, "fo1") if d["endpoint"] == 0
+                                     and not back.matching("x")], 30, "birth on the primary")
+            b = b[-1]
+            assert b["outage"]["failback"] is True
+            assert b["outage"]["from"] == "%s:%d" % (second.host, second.port)
+            # It left the secondary gracefully: its status there says offline, no will.
+            sec.wait(lambda m: [d for d in sec.json("devices/fo1/status")
+                                if d["state"] == "offline"], 20, "offline on the secondary")
+            top = max(seqs(sec, dev="fo1"))
+            back.wait(lambda m: max(seqs(back, dev="fo1") or [0]) > top + 5, 20,
+                      "telemetry on the primary again")
+            # Loss 0: every seq up to the newest reached one of the brokers.
+            got = seqs(observer, sec, back, dev="fo1")
+            assert set(range(1, max(got) + 1)) <= got
+            health = fleet_health(back, p, "fo1")
+            assert health["mqtt"]["failovers"] == 1 and health["mqtt"]["failbacks"] == 1
+            assert health["mqtt"]["endpoint"] == 0
+        finally:
+            back.close()
+    finally:
+        sec.close()
+
+
+def fleet_health(obs, p, dev):
+    obs.publish("devices/%s/cmd/report" % dev, json.dumps({"id": "rep"}))
+    return obs.wait(lambda m: obs.json("devices/%s/health" % dev), 20, "health")[-1]
+
+
+def test_tries_every_address_of_a_name_before_an_attempt_fails(fleet, broker, observer,
+                                                               tmp_path):
+    # broker.test has two addresses; mosquitto listens on 127.0.0.1 only, so 127.0.0.2 and
+    # 127.0.0.3 refuse. The Unix board answers for the name from its control file.
+    ctl = tmp_path / "ctl"
+    ctl.write_text("dns:broker.test=127.0.0.2,127.0.0.3\n")
+    cfg = fleet.config("dns1", telemetry_interval=0.5, broker=FAST)
+    cfg["broker"]["host"] = "broker.test"
+    p = fleet.start(Spec(str(tmp_path / "dns1.img"), config=cfg, control=str(ctl)))
+    # Both dead: each round tries both addresses and counts as one failed attempt.
+    p.wait_line(r"connect failed at tcp", 20, count=2)
+    ctl.write_text("dns:broker.test=127.0.0.2,127.0.0.1\n")
+    b = observer.wait(lambda m: births(observer, "dns1"), 20, "birth")[0]
+    rounds = [ln for ln in p.lines if "connect failed at tcp" in ln]
+    firsts = [ln for ln in p.lines if "broker.test address 1 of 2 failed at tcp" in ln]
+    # The birth counts rounds, not addresses; the round that worked began with the dead
+    # first address, and its second was tried before the attempt could count as failed.
+    assert b["outage"]["failed"] == len(rounds) >= 2
+    assert len(firsts) == len(rounds) + 1
