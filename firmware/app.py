@@ -136,7 +136,7 @@ class Device:
             self.topics, self._publish_q1, self.board.uptime_ms,
             {"refresh-config": self._cmd_refresh, "report": self._cmd_report,
              "reboot": self._cmd_reboot, "logs": self._cmd_logs},
-            fs=self.board.fs,
+            fs=self.board.fs, now=self.board.unix_time, log=self.log,
         )
         self.link = LinkSupervisor(
             self.board.link, cfg["wifi"],
@@ -194,8 +194,11 @@ class Device:
             "outbox.ram_bytes": o["ram_bytes"],
             "outbox.flash_bytes": o["flash_bytes"],
         }
+        # The refresh renews the command subscription too: a broker that claims a session
+        # it does not have (session-present 1) would otherwise keep commands from us.
         self.sync = ConfigSync(self.board.fs, self.topics, cfg["groups"], self.client,
-                               self.rnd, self.log, self._apply, base)
+                               self.rnd, self.log, self._apply, base,
+                               renew=(self.topics.cmd_filter,))
         self.sync.subscribe()
         eff = self.sync.load()  # the cached config, from the first moment of the boot
         # The outbox ring is the one large block: into the room reserved for it at start-up
@@ -360,9 +363,11 @@ class Device:
         if self.ota:
             self._fire(self.ota.report(), "ota state")
         if not self._reported_once:
-            # Once per boot; after that config/reported goes out only when it changes.
+            # Once per boot (a new boot's ConfigSync has sent nothing yet); after that
+            # config/reported goes out only when it changes. Not forced: a retained layer
+            # arriving at this connect may already have sent this very document.
             self._reported_once = True
-            self._fire(self.sync.report(force=True), "config report")
+            self._fire(self.sync.report(), "config report")
 
     def _fire(self, coro, what):
         if self.sup is not None:

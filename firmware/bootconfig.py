@@ -8,7 +8,7 @@ from firmware.twin import check_text
 PATH = "/config.json"
 MAX_BYTES = 4096
 
-_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 
 
 class ConfigError(ValueError):
@@ -22,7 +22,11 @@ def _check_id(what, s, max_len=64):
         raise ConfigError("%s must be a string of 1..%d characters" % (what, max_len))
     for c in s:
         if c not in _ID_CHARS:
-            raise ConfigError("%s %r has a character outside [A-Za-z0-9-_.]" % (what, s))
+            # No ".": RabbitMQ's MQTT plugin maps it to "/" on delivery, so device a.b
+            # would get devices/a/b/... and ignore it; ids must work on every broker.
+            raise ConfigError("%s %r has a character outside [A-Za-z0-9-_]%s" % (
+                what, s, " ('.' is not portable across brokers: RabbitMQ turns it into '/')"
+                if c == "." else ""))
     return s
 
 

@@ -6,6 +6,12 @@
 # A request id already executed is answered as a duplicate and not run again: MQTT's DUP
 # check covers one connection, this covers a reboot in between (a `reboot` whose PUBACK
 # never left is redelivered to the next boot). The last ids are kept on flash.
+#
+# A body may carry `exp`, Unix time in seconds after which the command must not run: a broker
+# may hand a new subscriber old messages (ActiveMQ), and yesterday's `reboot` must not run on
+# a fresh device. An expired command is answered with an error and counted. A device whose
+# clock is not set yet (a board before its first SNTP answer) cannot tell: it runs the
+# command and says so in the log.
 import json
 
 from firmware.bootlog import write_atomic
@@ -16,12 +22,15 @@ _KEEP = 16
 
 
 class Commands:
-    def __init__(self, topics, publish, uptime_ms, handlers=None, fs=None):
+    def __init__(self, topics, publish, uptime_ms, handlers=None, fs=None, now=None, log=None):
         self.topics = topics
         self.publish = publish  # async fn(topic, payload) -> QoS 1, not retained
         self.uptime_ms = uptime_ms
         self.handlers = handlers or {}  # name -> async fn(body) -> result data
         self.fs = fs
+        self.now = now  # fn() -> Unix time in s, or None while the clock is not set
+        self.log = log  # fn(level, message)
+        self.expired = 0
         self.handled = 0
         self.rejected = 0
         self.duplicates = 0
@@ -61,10 +70,25 @@ class Commands:
             # Echoed and remembered (16 of them): short, a string or an integer.
             if rid is not None and (type(rid) not in (str, int) or len(str(rid)) > 64):
                 raise ValueError("id must be a string or an integer of at most 64 characters")
+            exp = body.get("exp")
+            if exp is not None and (isinstance(exp, bool) or not isinstance(exp, (int, float))):
+                raise ValueError("exp must be a number (Unix time in seconds)")
         except ValueError as e:
             self.rejected += 1
             await self._answer(name, None, "error", {"error": "bad body: %s" % e})
             return
+        if exp is not None:
+            now = self.now() if self.now else None
+            if now is None:
+                if self.log:
+                    self.log("W", "command %s (id %s) has an expiry but the clock is not set: "
+                                  "run without checking it" % (name, rid))
+            elif now > exp:
+                self.expired += 1
+                self.rejected += 1  # not run: also where health counts refusals today
+                await self._answer(name, rid, "error",
+                                   {"error": "expired", "exp": exp, "now": now})
+                return
         key = "%s/%s" % (name, rid)
         if rid is not None and key in self.done:
             self.duplicates += 1

@@ -3,7 +3,10 @@
 # on a new subscription), never requested because of a (re)connect. Each is merged and
 # validated (twin.py), cached on flash when something changed, applied, and the effective
 # config goes out retained on config/reported when it differs from the last one sent.
-# A safety-net refresh re-subscribes on a per-device random schedule.
+# A safety-net refresh re-subscribes on a per-device random schedule; it also renews the
+# command subscription: a broker may claim a session it does not have (amqtt answers
+# session-present 1 for a new client), and the device subscribes at connect only when the
+# broker says it has no session. Renewing on this schedule costs a reconnect nothing.
 import json
 
 from backoff import jittered
@@ -13,7 +16,7 @@ from firmware.twin import Twin
 
 
 class ConfigSync:
-    def __init__(self, fs, topics, groups, client, rnd, log, apply, base=None):
+    def __init__(self, fs, topics, groups, client, rnd, log, apply, base=None, renew=()):
         self.fs = fs
         self.topics = topics
         self.client = client
@@ -24,6 +27,7 @@ class ConfigSync:
         self.twin = Twin(names + ["device"], base)
         self.layer_of = {topics.group_desired(g): g for g in names}
         self.layer_of[topics.desired] = "device"
+        self.renew = list(renew)  # other subscriptions (the commands') a refresh renews
         self.cache = "ok"
         self.cache_errors = 0
         self.pending_reboot = []
@@ -52,16 +56,26 @@ class ConfigSync:
 
     async def on_message(self, topic, payload, retain):
         layer = self.layer_of[topic]
+        had = self.twin.layers.get(layer)
         changed = self.twin.offer(layer, bytes(payload))
+        if self.twin.ignored:
+            self.log("W", "config from %s ignored: version %d is not newer than the applied %d"
+                          " (a broker that lost its retained layers? publish a higher version)"
+                     % ((layer,) + self.twin.ignored))
         if changed:
             self.log("I", "config from %s changed %s" % (layer, ",".join(sorted(changed))))
             for k in self.apply(changed, self.twin.effective()):
                 if k not in self.pending_reboot:
                     self.pending_reboot.append(k)
+        if self.twin.layers.get(layer) is not had:
+            # Every new layer version is cached, also one that changes no effective value:
+            # the next boot then starts from the versions applied now.
             try:
                 self._body = configcache.save(self.fs, self.twin.snapshot(), self._body)
+                self.cache = "ok"  # reported says what is on flash now, not at boot
             except OSError as e:
                 self.cache_errors += 1
+                self.cache = "write failed: %s" % (e,)
                 self.log("E", "config cache write failed: %r" % (e,))
         await self.report()
 
@@ -77,20 +91,24 @@ class ConfigSync:
         text = self.reported()
         if text == self._sent and not force:
             return
+        # Noted before the await: a report started meanwhile (the connect's and a layer's
+        # arriving at once) then sees this text as sent and does not send it twice.
+        last, self._sent = self._sent, text
         try:
             await self.client.publish(self.topics.reported, text, 1, True, wait=False)
         except ValueError as e:  # larger than max_frame: say so rather than nothing
             self.log("E", "config/reported not sent: %s" % e)
-            return
-        self._sent = text
+            if self._sent is text:
+                self._sent = last
 
     def reported_once(self):
         """config/reported went out in this boot: the config is loaded and applied."""
         return self._sent is not None
 
     async def refresh(self):
-        """Re-subscribe to the config topics: the broker re-sends the retained layers."""
-        if await self.client.resubscribe(list(self.layer_of)):
+        """Re-subscribe to the config topics (the broker re-sends the retained layers) and
+        renew the other subscriptions, in one SUBSCRIBE."""
+        if await self.client.resubscribe(list(self.layer_of) + self.renew):
             self.refreshes += 1
             return True
         return False

@@ -122,7 +122,8 @@ class Health:
                        "drops": d.outbox.drops[-4:]},
             "config": {"rejected": d.sync.twin.rejected, "refreshes": d.sync.refreshes},
             "commands": {"handled": d.commands.handled, "rejected": d.commands.rejected,
-                         "duplicates": d.commands.duplicates},
+                         "duplicates": d.commands.duplicates,
+                         "expired": d.commands.expired},
         }
         if len(d.client.endpoints) > 1:
             doc["mqtt"]["endpoint"] = d.client.ep

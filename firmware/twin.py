@@ -4,7 +4,9 @@
 #
 # Layers, most general first: group `all`, the device's groups in bootstrap order, then the
 # device's own layer. Each layer is a JSON object with an integer `version`; a layer whose
-# version is not newer than the one applied is ignored. Merge: start from the declared
+# version is not newer than the one applied is ignored (and reported as stale when it is older,
+# or the same version with other settings: a broker that lost its retained layers, or an
+# operator tool that did not know the version applied). Merge: start from the declared
 # defaults, apply each layer in order, key by key (nested objects merge, other values
 # replace). A layer that fails validation is rejected whole; unknown keys are reported.
 import json
@@ -115,10 +117,16 @@ class Twin:
         self.unknown = {}  # name -> [unknown keys] of its applied version
         self.rejections = []  # last few (layer, version or None, reason)
         self.rejected = 0
+        # name -> (version offered, version applied) of the last document ignored because
+        # it was not newer; one per layer (bounded by the layers), dropped once a newer
+        # version of that layer applies.
+        self.stale = {}
+        self.ignored = None  # (got, have) when the last offer() was ignored as stale
 
     def offer(self, layer, text):
         """A desired document arrived for `layer`. Returns the list of setting names whose
         effective value changed (empty if ignored or rejected)."""
+        self.ignored = None
         if layer not in self.order:
             self._reject(layer, None, "not a layer of this device")
             return []
@@ -129,6 +137,7 @@ class Twin:
             before = self.effective()
             del self.layers[layer]
             self.unknown.pop(layer, None)
+            self.stale.pop(layer, None)
             return self._changes(before)
         try:
             version, flat, unknown = parse_layer(text)
@@ -137,9 +146,15 @@ class Twin:
             return []
         have = self.layers.get(layer)
         if have is not None and version <= have[0]:
+            # The same document again (a refresh re-delivers it) is normal; an older
+            # version, or this version with other settings, is a change that will never
+            # apply: said in the reported document, so the operator learns it.
+            if version < have[0] or flat != have[1]:
+                self.ignored = self.stale[layer] = (version, have[0])
             return []
         before = self.effective()
         self.layers[layer] = (version, flat)
+        self.stale.pop(layer, None)
         if unknown:
             self.unknown[layer] = unknown
         else:
@@ -184,8 +199,14 @@ class Twin:
             "versions": {n: v[0] for n, v in self.layers.items()},
             "rejected": self.rejected,
         }
+        if len(self.order) > 2:
+            # The bootstrap groups: an operator tool learns which devices a group layer
+            # targets, also before any layer of that group was ever applied.
+            doc["groups"] = self.order[1:-1]
         if self.unknown:
             doc["unknown"] = self.unknown
+        if self.stale:
+            doc["stale"] = {n: {"got": g, "have": h} for n, (g, h) in self.stale.items()}
         if self.rejections:
             doc["rejections"] = [
                 {"layer": l, "version": v, "reason": r} for l, v, r in self.rejections

@@ -45,9 +45,11 @@ INTERRUPTED = 130
 EPILOG = """\
 exit codes:
   0    done (cmd: the device answered "ok"; tail: --count messages printed or Ctrl-C)
-  1    cmd: the device answered with status "error" (e.g. an unknown command)
+  1    cmd: the device answered with status "error" (e.g. an unknown command, expired);
+       set: a device ignored the layer as not newer than its own (stale) or rejected it
   2    bad arguments, or a desired document refused by validation (nothing was published)
-  3    timeout: no command result within --timeout, or tail --duration ended before --count
+  3    timeout: no command result within --timeout, tail --duration ended before --count,
+       or set: an online device did not report the layer within --wait
   4    broker problem: unreachable, connection or subscription refused, connection lost
   130  interrupted (Ctrl-C) other than in tail
 
@@ -83,8 +85,16 @@ an update rollout, step by step:
 
 KINDS = ("telemetry", "status", "health")
 # Device ids and group names as the bootstrap config allows them: they become topic levels,
-# so anything else could address another device's topics or a wildcard.
-NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# so anything else could address another device's topics or a wildcard. No ".": RabbitMQ's
+# MQTT plugin delivers it as "/", so such a device or group would not work on every broker.
+NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+# Command expiry (the body's "exp"): a broker may hand a new subscriber old messages.
+DEFAULT_EXPIRY_S = 300
+# First version of a layer no version was found for: seconds since 2025-01-01 UTC. A layer
+# the broker lost (and devices still run from their cache) thus starts above every version
+# it had, unless it changed more than once a second on average; below 2^30 until 2059, a
+# small int on a 32-bit MicroPython board.
+VERSION_EPOCH = 1735689600
 GLOB_CHARS = set("*?[")
 
 
@@ -257,8 +267,11 @@ def parse_hostport(text):
 
 def check_name(what, name):
     if not NAME_RE.match(name):
-        raise Fail(INVALID, "%s must be 1 to 64 characters of A-Z a-z 0-9 - _ . , not %r"
-                   % (what, name))
+        why = ""
+        if "." in name:
+            why = " ('.' is not portable across brokers: RabbitMQ delivers it as '/')"
+        raise Fail(INVALID, "%s must be 1 to 64 characters of A-Z a-z 0-9 - _, not %r%s"
+                   % (what, name, why))
     return name
 
 
@@ -348,6 +361,10 @@ def cmd_cmd(args):
     # The device answers a request id it already ran as a duplicate without running it
     # again, so an operator retrying after a timeout passes the same id in --body.
     rid = body.setdefault("id", "fleetctl-" + secrets.token_hex(6))
+    # An expiry, so that a broker handing the command over late (to a device that was away
+    # for a day, or to a new subscriber: ActiveMQ) does not run it then.
+    if "exp" not in body and args.expires > 0:
+        body["exp"] = int(time.time() + args.expires)
     wait = args.cmd_timeout if args.cmd_timeout is not None else args.timeout
     base = "%sdevices/%s/" % (args.prefix, args.device)
     topic = base + "cmd/" + args.name
@@ -489,31 +506,95 @@ def cmd_set(args):
         change = parse_assignments(args.assignments)
     # Checked before any connection: a refused change publishes nothing.
     validate({k: v for k, v in change.items() if v is not None}, "desired settings")
-    publish_layer(args, topic, change, bool(args.file or args.replace),
-                  "\nremove a key of the current layer with KEY=, or start afresh with --replace")
-    return OK
+    return publish_layer(args, topic, change, bool(args.file or args.replace),
+                         "\nremove a key of the current layer with KEY=, or start afresh with "
+                         "--replace", wait=args.wait)[1]
 
 
-def publish_layer(args, topic, change, replace, hint):
+def _int(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def layer_name(args):
+    """The layer's name in the devices' config/reported documents."""
+    return "device" if args.device else args.group
+
+
+def layer_view(rep, layer):
+    """What a config/reported document says about `layer`: (member, versions seen) where
+    member says the device takes that layer (its bootstrap groups, or a version of it
+    applied, ignored or rejected) and versions are those it applied or was offered."""
+    if not isinstance(rep, dict):
+        return False, []
+    seen = []
+    member = layer in ("all", "device")
+    vs = rep.get("versions")
+    if isinstance(vs, dict) and layer in vs:
+        member = True
+        seen.append(_int(vs[layer]))
+    st = rep.get("stale")
+    if isinstance(st, dict) and isinstance(st.get(layer), dict):
+        member = True
+        seen += [_int(st[layer].get("got")), _int(st[layer].get("have"))]
+    for r in rep.get("rejections") or []:
+        if isinstance(r, dict) and r.get("layer") == layer:
+            member = True
+            seen.append(_int(r.get("version")))
+    if isinstance(rep.get("groups"), list) and layer in rep["groups"]:
+        member = True
+    return member, [v for v in seen if v is not None]
+
+
+def outcome(rep, layer, version):
+    """How a device's config/reported answers version `version` of `layer`: ("applied",),
+    ("stale", version it runs), ("rejected", reason) or None (not yet)."""
+    if not isinstance(rep, dict):
+        return None
+    # Stale first: the version a device runs is higher then, which is not taking it.
+    st = rep.get("stale")
+    if isinstance(st, dict) and isinstance(st.get(layer), dict) \
+            and st[layer].get("got") == version:
+        return ("stale", st[layer].get("have"))
+    vs = rep.get("versions")
+    if isinstance(vs, dict) and (_int(vs.get(layer)) or 0) >= version:
+        return ("applied",)
+    for r in rep.get("rejections") or []:
+        if isinstance(r, dict) and r.get("layer") == layer and r.get("version") == version:
+            return ("rejected", r.get("reason"))
+    return None
+
+
+def publish_layer(args, topic, change, replace, hint, wait=0.0):
     """Publish `change` ({dotted name: value}, None removing the name) merged into the
     current retained layer on `topic` (or into an empty one with `replace`), retained, with
-    the next version; prints the topic and the document. Returns the document published
-    (with args.dry_run: that would have been). `hint` follows a refusal of the merged layer."""
+    the next version; prints the topic and the document. With `wait`, then follows the
+    targeted devices' config/reported for at most that long (follow()). Returns (the
+    document published (with args.dry_run: that would have been), exit code)."""
+    layer = layer_name(args)
+    who = args.device or "+"
+    base = "%sdevices/" % args.prefix
     with Session(args) as s:
-        filters = [topic]
-        reported = None
-        if args.device:
-            # The device's applied version too: if the broker lost its retained layers the
-            # device still runs the cached one, and a lower version would be ignored.
-            reported = "%sdevices/%s/config/reported" % (args.prefix, args.device)
-            filters.append(reported)
-        got = s.retained(filters, args.read_wait)
+        # The devices' reported documents and status too: the versions they run (the
+        # broker may have lost the retained layer while they still run it from their
+        # cache), and which of them the layer targets and are online, to follow them.
+        got = s.retained([topic, "%s%s/config/reported" % (base, who),
+                          "%s%s/status" % (base, who)], args.read_wait)
         version, flat = current_version(got.get(topic), topic)
-        rep = _json(got.get(reported) or b"null") if reported else None
-        if isinstance(rep, dict) and isinstance(rep.get("versions"), dict):
-            applied = rep["versions"].get("device")
-            if isinstance(applied, int) and not isinstance(applied, bool) and applied > version:
-                version = applied
+        found = version > 0
+        reps, states = {}, {}
+        for t, payload in got.items():
+            dk = device_of(args.prefix, t.replace("/config/reported", "/reported"))
+            if dk is None:
+                continue
+            doc = _json(payload)
+            if dk[1] == "reported":
+                reps[dk[0]] = doc
+                member, seen = layer_view(doc, layer)
+                if member and seen:
+                    found = True
+                    version = max([version] + seen)
+            elif dk[1] == "status" and isinstance(doc, dict):
+                states[dk[0]] = doc.get("state")
         if replace:
             flat = {}
         elif flat is None:
@@ -525,7 +606,8 @@ def publish_layer(args, topic, change, replace, hint):
             else:
                 flat[k] = v
         validate(flat, "the merged layer (current document on %s plus the change)" % topic, hint)
-        doc = {"version": version + 1}
+        doc = {"version": version + 1 if found
+               else max(1, int(time.time()) - VERSION_EPOCH)}
         doc.update(nest(flat))
         text = json.dumps(doc)
         try:
@@ -534,10 +616,69 @@ def publish_layer(args, topic, change, replace, hint):
             raise Fail(INVALID, "the document would be refused by devices: %s" % e)
         if args.dry_run:
             print("%s %s (dry run, not published)" % (topic, text), flush=True)
-            return doc
+            return doc, OK
         s.publish(topic, text, retain=True)
-    print("%s %s" % (topic, text), flush=True)
-    return doc
+        print("%s %s" % (topic, text), flush=True)
+        if wait <= 0:
+            return doc, OK
+        if args.device:
+            targets = {args.device}
+        else:
+            targets = {d for d, r in reps.items() if layer_view(r, layer)[0]}
+            if layer == "all":
+                targets |= set(states)
+        return doc, follow(s, args, layer, doc["version"], targets, reps, states, wait)
+
+
+def follow(s, args, layer, version, targets, reps, states, wait):
+    """Wait (at most `wait` s) until every online target's config/reported says whether it
+    took version `version` of `layer`; print who did not. A device that answers for the
+    layer counts as a target even if it was not known as one. Exit code: 1 if a device
+    refused it (ignored as not newer, or rejected), 3 if an online device did not answer,
+    else 0; offline devices are pending (the broker keeps the layer for them)."""
+    done = {}
+    deadline = time.monotonic() + wait
+    for d in targets:
+        o = outcome(reps.get(d), layer, version)
+        if o:
+            done[d] = o
+    while [d for d in targets if d not in done and states.get(d) == "online"]:
+        m = s.get(deadline)
+        if m is None:
+            break
+        dk = device_of(args.prefix, m[1].replace("/config/reported", "/reported"))
+        if dk is None or (args.device and dk[0] != args.device):
+            continue
+        doc = _json(m[2])
+        if dk[1] == "status" and isinstance(doc, dict):
+            states[dk[0]] = doc.get("state")
+        elif dk[1] == "reported":
+            o = outcome(doc, layer, version)
+            if o:
+                targets.add(dk[0])
+                done[dk[0]] = o
+    applied = sorted(d for d in done if done[d][0] == "applied")
+    stale = sorted(d for d in done if done[d][0] == "stale")
+    rejected = sorted(d for d in done if done[d][0] == "rejected")
+    silent = sorted(d for d in targets if d not in done and states.get(d) == "online")
+    pending = sorted(d for d in targets if d not in done and states.get(d) != "online")
+    print("applied by %d of %d device%s (version %d)" % (
+        len(applied), len(targets), "" if len(targets) == 1 else "s", version), flush=True)
+    if stale:
+        print("stale: ignored as not newer than the version they run: " + ", ".join(
+            "%s (runs %s)" % (d, done[d][1]) for d in stale) + "; set again: the next "
+            "version goes past theirs", flush=True)
+    if rejected:
+        print("rejected: " + ", ".join("%s (%s)" % (d, done[d][1]) for d in rejected),
+              flush=True)
+    if silent:
+        print("no answer within %g s (online): %s" % (wait, ", ".join(silent)), flush=True)
+    if pending:
+        print("pending (offline; they get it when they connect): " + ", ".join(pending),
+              flush=True)
+    if stale or rejected:
+        return DEVICE_ERROR
+    return TIMEOUT if silent else OK
 
 
 # ---- status ----------------------------------------------------------------------------------
@@ -667,8 +808,8 @@ def cmd_ota_push(args):
     # The firmware's own check of a request, before any connection (bad URL, version...).
     validate({"ota": req}, "update request")
     # The request replaces the layer's previous one whole; its other settings are kept.
-    layer = publish_layer(args, topic, {"ota": req}, False,
-                          "\nfix the layer's other settings with fleetctl set first")
+    layer, _ = publish_layer(args, topic, {"ota": req}, False,
+                             "\nfix the layer's other settings with fleetctl set first")
     extra = (", downgrade" if args.downgrade else "") + (", reboot now" if args.reboot else "")
     print("%s: layer %s version %d asks for bundle version %d (%s), manifest_sha256 %s, "
           "url %s, window %d s%s" % (
@@ -821,10 +962,14 @@ def parser():
             "refresh-config, reboot.",
             "A timeout does not mean that the command will not run: the broker keeps it for a "
             "device that is away and has a session. Retry with the same id in --body to run it "
-            "at most once (the device answers a known id with {\"duplicate\": true})."),
+            "at most once (the device answers a known id with {\"duplicate\": true}).",
+            "The body carries \"exp\", Unix time after which the device refuses it (--expires, "
+            "300 s by default): a broker may deliver a command late. A device answers an "
+            "expired one with {\"error\": \"expired\", \"exp\", \"now\"} (exit 1); one whose "
+            "clock is not set yet runs it and logs that it could not check."),
         epilog="exit codes:\n"
                "  0  the device answered ok (also a duplicate: that id had already run)\n"
-               "  1  the device answered error (unknown command, bad body)\n"
+               "  1  the device answered error (unknown command, bad body, expired)\n"
                "  2  bad arguments\n"
                "  3  no answer within --timeout\n"
                "  4  broker problem")
@@ -834,6 +979,10 @@ def parser():
                    help="JSON object sent as the body; an \"id\" is added unless given")
     c.add_argument("--timeout", dest="cmd_timeout", type=float, metavar="S",
                    help="seconds to wait for the result (default: the global --timeout)")
+    c.add_argument("--expires", type=float, default=DEFAULT_EXPIRY_S, metavar="S",
+                   help="the device refuses the command after S seconds from now (body "
+                        "\"exp\": Unix time; default %(default)s; 0: never expires; an "
+                        "\"exp\" in --body is kept)")
 
     s = sub.add_parser(
         "set", formatter_class=fmt, help="change a device's or a group's desired config layer",
@@ -842,19 +991,28 @@ def parser():
             "unknown names, wrong types and out-of-range values are refused with exit 2 and "
             "nothing is published. Then publish the layer retained on "
             "{prefix}devices/ID/config/desired or {prefix}fleet/GROUP/config/desired with the "
-            "next version: the current retained document's + 1 (for a device, at least the "
-            "version it reports as applied + 1).",
+            "next version: 1 + the highest of the current retained document's and those the "
+            "targeted devices report (applied or ignored); when none is found (a new layer, "
+            "or one the broker lost), the seconds since 2025-01-01 UTC, which is above any "
+            "version the layer had.",
+            "Then it follows the targeted devices (the device, or those whose config/reported "
+            "names the group; every device for 'all') for at most --wait seconds and prints "
+            "how many applied it, which ignored it as not newer than the version they run "
+            "(stale) or rejected it, which online ones did not answer, and which are offline "
+            "(pending: the broker keeps the layer for them).",
             "KEY=VALUE changes those keys of the current layer and keeps the others (--replace "
             "starts from an empty layer); KEY= removes KEY. VALUE is JSON when it parses (30, "
             "2.5), else a string (log_level=warn). Dotted names (reconnect.cap) are published "
             "as nested objects. --file publishes the file's document as the whole layer (a "
             "version in it is ignored).",
             "Two operators changing the same layer at the same moment can both take the same "
-            "version; devices keep the first one they get."),
+            "version; devices keep the first one they get and report the other as stale."),
         epilog="settings of this firmware:\n" + "\n".join(
             "  %-24s %s" % (x[0], "|".join(x[3]) if x[1] == settings.CHOICE
                             else "%s %s..%s" % (x[1], x[3], x[4])) for x in settings.SETTINGS)
-        + "\n\nexit codes: 0 published, 2 refused (nothing published), 4 broker problem")
+        + "\n\nexit codes: 0 published (and taken by every online target), 1 a device "
+          "ignored it as stale or rejected it, 2 refused (nothing published), 3 an online "
+          "target did not answer within --wait, 4 broker problem")
     who = s.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", metavar="ID")
     who.add_argument("--group", metavar="G", help="a group of the devices' bootstrap config, "
@@ -863,6 +1021,9 @@ def parser():
     s.add_argument("--file", metavar="PATH", help="desired document as JSON ('-': stdin)")
     s.add_argument("--replace", action="store_true",
                    help="KEY=VALUE: do not keep the other keys of the current layer")
+    s.add_argument("--wait", type=float, default=10.0, metavar="S",
+                   help="follow the targeted online devices' config/reported for at most S "
+                        "seconds after publishing (default %(default)s; 0: do not wait)")
     _publish_options(s)
 
     st = sub.add_parser(

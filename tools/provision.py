@@ -214,7 +214,8 @@ def check(doc):
         validate(doc)
     except ConfigError as e:
         raise Usage("invalid config: %s" % e)
-    # Valid as an MQTT id, but as a directory name they would leave secrets/.
+    # The firmware refuses "." in ids (RabbitMQ delivers it as "/"); kept as a second guard,
+    # since as a directory name these would leave secrets/.
     if doc["device_id"] in (".", ".."):
         raise Usage("device id %r cannot name a directory" % doc["device_id"])
     text = json.dumps(doc, indent=1, ensure_ascii=False) + "\n"

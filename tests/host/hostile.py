@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 from firmware import settings  # noqa: E402
 
-ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_."
+ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 PRINTABLE = "".join(chr(c) for c in range(0x20, 0x7F))
 COMMANDS = ("ping", "logs", "report", "refresh-config")  # not reboot: it ends the batch
 DEVICE = "fz"  # the batch device's id and group (tests/mpy/hostile_batch.py)

@@ -2,6 +2,7 @@
 the reported document they publish, the cache on their flash."""
 import json
 import re
+import threading
 import time
 
 from tools.devices import Spec
@@ -231,3 +232,72 @@ def test_health_is_published_with_sane_fields_and_logs_come_back(fleet, observer
     observer.wait(lambda m: len(_results(observer, "h1", "logs")) >= 2, 10, "logs result")
     lines = _results(observer, "h1", "logs")[1]["data"]["lines"]
     assert any("I connected (session present: 0" in l for l in lines), lines
+
+
+def test_reported_goes_out_once_per_content_and_its_cache_field_follows_the_flash(
+        fleet, observer):
+    # A fresh device, retained layers waiting: its connect's once-per-boot report and the
+    # reports of the arriving layers must not send the same document twice.
+    desired(observer, "fleet/all/config/desired", 2, log_level="debug")
+    desired(observer, "fleet/model-x/config/desired", 3, health_interval=60)
+    desired(observer, "devices/f1/config/desired", 1, telemetry_interval=0.3)
+    fleet.device("f1", groups=["model-x"], broker=FAST)
+    wait_reported(observer, "f1", lambda r: r["versions"] == {"all": 2, "model-x": 3,
+                                                              "device": 1}, "every layer")
+    # A second copy would follow within milliseconds: telemetry (every 0.3 s) is the clock.
+    n = len(observer.json("devices/f1/telemetry"))
+    observer.wait(lambda m: len(observer.json("devices/f1/telemetry")) >= n + 4, 15,
+                  "telemetry after the layers")
+    sent = [p for _, t, p, _ in observer.messages if t == "devices/f1/config/reported"]
+    assert all(a != b for a, b in zip(sent, sent[1:])), sent
+    assert len(sent) <= 4, sent  # the connect's, then at most one per layer
+    docs = [json.loads(p) for p in sent]
+    # Once a layer was cached, the report says so; before, the flash had no cache yet.
+    assert all(d["cache"] == ("ok" if d["versions"] else "missing") for d in docs), docs
+
+
+def test_a_refresh_renews_the_command_subscription_of_a_session_the_broker_claims(
+        fleet, proxy, broker, observer):
+    # amqtt answers session-present 1 for a session it does not have; a device then never
+    # subscribes to its commands. Here mosquitto really holds a session for the device's id
+    # without the command subscription: made by another client with that id.
+    import paho.mqtt.client as mqtt
+
+    ready = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sp1", clean_session=False)
+    c.on_subscribe = lambda *a: ready.set()
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    c.subscribe([("fleet/all/config/desired", 1), ("devices/sp1/config/desired", 1)])
+    assert ready.wait(10)
+    c.disconnect()
+    c.loop_stop()
+    p = fleet.device("sp1", refresh_interval=4, telemetry_interval=5, broker=FAST)
+    p.wait_line(r"sp1 I connected \(session present: 1", 15)
+    sent = []  # (request id, when the broker had it)
+    answered = set()
+    end = time.monotonic() + 30
+    while not answered and time.monotonic() < end:
+        rid = "p%d" % len(sent)
+        observer.publish("devices/sp1/cmd/ping", json.dumps({"id": rid}))
+        sent.append((rid, time.monotonic()))
+        try:
+            observer.wait(lambda m: [r for r in _results(observer, "sp1", "ping")
+                                     if r["id"] == rid], 0.3, "answer")
+            answered.add(rid)
+        except AssertionError:
+            pass
+    assert answered, "no command answered within 30 s"
+    subs = [pk for pk in proxy.packets if pk.type == "SUBSCRIBE" and pk.dir == UP]
+    assert subs, "no refresh"
+    # Nothing subscribed at the connect; the refresh renewed the commands with the config.
+    assert sorted(subs[0].filters) == ["devices/sp1/cmd/+", "devices/sp1/config/desired",
+                                       "fleet/all/config/desired"], subs[0].filters
+    suback = [pk for pk in proxy.packets if pk.type == "SUBACK" and pk.pid == subs[0].pid][0]
+    results = {r["id"] for r in _results(observer, "sp1", "ping")}
+    for rid, t in sent:
+        if t < subs[0].t:
+            assert rid not in results, (rid, "answered before the refresh")
+        elif t > suback.t:
+            assert rid in results, (rid, "not answered after the refresh")
+    assert p.output().count("connected (session present") == 1

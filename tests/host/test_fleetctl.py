@@ -8,6 +8,7 @@ import sys
 import time
 
 from tools.broker import free_port
+from tools.fleetctl import VERSION_EPOCH
 
 FLEETCTL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "tools", "fleetctl.py")
@@ -37,21 +38,27 @@ def test_set_group_reaches_a_device_and_invalid_values_publish_nothing(fleet, br
     fleet.device("s1", groups=["model-x"], broker=FAST)
     wait_reported(observer, "s1", lambda r: True, "first reported")
     topic = "fleet/model-x/config/desired"
+    before = int(time.time()) - VERSION_EPOCH
     r = fleetctl(broker, "set", "--group", "model-x", "telemetry_interval=7", "reconnect.cap=300")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(topic)
-    rep = wait_reported(observer, "s1", lambda r: r["versions"].get("model-x") == 1,
-                        "group layer v1 applied")[-1]
+    # A new layer's first version: seconds since 2025-01-01, above any it could have had.
+    v1 = json.loads(r.stdout.splitlines()[0][len(topic) + 1:])["version"]
+    assert before <= v1 <= int(time.time()) - VERSION_EPOCH and v1 < 2 ** 30
+    # fleetctl waited for the device: it took the layer before fleetctl returned.
+    assert "applied by 1 of 1 device (version %d)" % v1 in r.stdout, r.stdout
+    rep = wait_reported(observer, "s1", lambda r: r["versions"].get("model-x") == v1,
+                        "group layer v1 applied", timeout=1)[-1]
     assert rep["effective"]["telemetry_interval"] == 7
     assert rep["source"]["telemetry_interval"] == "model-x"
     assert rep["effective"]["reconnect.cap"] == 300
     sent = observer.matching(topic)
     assert len(sent) == 1 and json.loads(sent[0][2]) == {
-        "version": 1, "reconnect": {"cap": 300}, "telemetry_interval": 7}
+        "version": v1, "reconnect": {"cap": 300}, "telemetry_interval": 7}
     # The next change takes the next version and keeps the layer's other keys.
     r = fleetctl(broker, "set", "--group", "model-x", "log_level=warn")
     assert r.returncode == 0, r.stderr
-    rep = wait_reported(observer, "s1", lambda r: r["versions"].get("model-x") == 2,
+    rep = wait_reported(observer, "s1", lambda r: r["versions"].get("model-x") == v1 + 1,
                         "group layer v2 applied")[-1]
     assert rep["effective"]["log_level"] == "warn"
     assert rep["effective"]["telemetry_interval"] == 7 and rep["effective"]["reconnect.cap"] == 300
@@ -68,7 +75,7 @@ def test_set_group_reaches_a_device_and_invalid_values_publish_nothing(fleet, br
     time.sleep(0.5)
     assert len(observer.matching(topic)) == n
     rep = reported(observer, "s1")[-1]
-    assert rep["versions"]["model-x"] == 2 and rep["effective"]["log_level"] == "warn"
+    assert rep["versions"]["model-x"] == v1 + 1 and rep["effective"]["log_level"] == "warn"
     assert rep["rejected"] == 0
 
 
@@ -159,3 +166,94 @@ def test_tail_of_a_pattern_prints_telemetry_of_the_matching_devices_only(fleet, 
                for l in r.stdout.splitlines()), r.stdout
     r = fleetctl(broker, "tail", "valve-*", "--count", "1", "--duration", "1")
     assert r.returncode == 3 and r.stdout == ""
+
+
+def test_a_dot_in_a_device_id_or_group_is_refused_saying_why(broker, observer):
+    # RabbitMQ delivers "." as "/": such a device or group would not work on every broker.
+    for args in (["set", "--group", "model-x.v3.1", "log_level=warn"],
+                 ["set", "--device", "pump.7", "log_level=warn"],
+                 ["cmd", "pump.7", "ping"], ["tail", "pump.7", "--count", "1"],
+                 ["status", "pump.7"], ["ota", "status", "--group", "model-x.v3"]):
+        r = fleetctl(broker, *args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert "RabbitMQ" in r.stderr and "not portable across brokers" in r.stderr, r.stderr
+    assert not observer.matching("config/desired") and not observer.matching("cmd/ping")
+
+
+def test_cmd_carries_an_expiry_and_an_expired_command_is_refused_not_run(
+        fleet, broker, observer):
+    p = fleet.device("x1", broker=FAST)
+    wait_state(observer, "x1", "online")
+    t0 = time.time()
+    r = fleetctl(broker, "cmd", "x1", "ping")
+    assert r.returncode == 0, r.stderr
+    sent = json.loads(observer.matching("devices/x1/cmd/ping")[-1][2])
+    assert t0 + 299 <= sent["exp"] <= time.time() + 301, sent
+    r = fleetctl(broker, "cmd", "x1", "ping", "--expires", "0")
+    assert r.returncode == 0 and "exp" not in json.loads(
+        observer.matching("devices/x1/cmd/ping")[-1][2])
+    # Yesterday's reboot, handed over late by a broker: refused, answered, not run.
+    exp = int(time.time()) - 86400
+    r = fleetctl(broker, "cmd", "x1", "reboot", "--body", json.dumps({"id": "old-1", "exp": exp}))
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    res = json.loads(r.stdout)
+    assert res["id"] == "old-1" and res["status"] == "error"
+    assert res["data"]["error"] == "expired" and res["data"]["exp"] == exp
+    assert abs(res["data"]["now"] - time.time()) < 60
+    r = fleetctl(broker, "cmd", "x1", "report")  # health now: the refusal is counted
+    assert r.returncode == 0, r.stderr
+    h = observer.wait(lambda m: observer.json("devices/x1/health"), 10, "health")[-1]
+    assert h["commands"]["rejected"] == 1, h["commands"]
+    assert "rebooting" not in p.output()
+    assert [s["boot"] for s in observer.json("devices/x1/status")] == [1]
+
+
+def test_set_reports_devices_that_ignore_a_stale_version_and_offline_ones_as_pending(
+        fleet, broker, observer):
+    # Two devices run version 100 of their group layer (from their flash cache); then the
+    # broker loses its retained messages (here: the layer is cleared while they are away).
+    topic = "fleet/pumps/config/desired"
+    a = fleet.device("v1", groups=["pumps"], broker=FAST)
+    b = fleet.device("v2", groups=["pumps"], broker=FAST)
+    observer.publish(topic, json.dumps({"version": 100, "telemetry_interval": 5}), retain=True)
+    for d in ("v1", "v2"):
+        wait_reported(observer, d, lambda r: r["versions"].get("pumps") == 100, d)
+    b.stop()
+    wait_state(observer, "v2", "offline")
+    # What an older fleetctl did when the broker had lost the layer: version 1. The device
+    # ignores it, says so in its reported document and its log.
+    observer.publish(topic, json.dumps({"version": 1, "telemetry_interval": 9}), retain=True)
+    rep = wait_reported(observer, "v1", lambda r: "stale" in r, "stale reported")[-1]
+    assert rep["stale"] == {"pumps": {"got": 1, "have": 100}}
+    assert rep["effective"]["telemetry_interval"] == 5 and rep["groups"] == ["pumps"]
+    a.wait_line(r"v1 W config from pumps ignored: version 1 is not newer than the applied 100")
+    # fleetctl goes past every version the devices report: v1 applies it; the offline v2
+    # is pending, not a failure.
+    r = fleetctl(broker, "set", "--group", "pumps", "telemetry_interval=3", "--wait", "15")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout.splitlines()[0][len(topic) + 1:])["version"] == 101
+    assert "applied by 1 of 2 devices (version 101)" in r.stdout, r.stdout
+    assert "pending (offline; they get it when they connect): v2" in r.stdout, r.stdout
+    rep = wait_reported(observer, "v1", lambda r: r["versions"].get("pumps") == 101, "101",
+                        timeout=1)[-1]
+    assert "stale" not in rep and rep["effective"]["telemetry_interval"] == 3
+    # A device runs a version far above any fleetctl picks (2^29, from an operator's own
+    # file); then the broker loses every retained message and session (a restart without
+    # its database). fleetctl finds no version and takes the time-based one, below 2^29:
+    # the device refuses it as stale, and fleetctl names it and exits 1.
+    observer.publish("devices/v1/config/desired", json.dumps({"version": 2 ** 29}),
+                     retain=True)
+    wait_reported(observer, "v1", lambda r: r["versions"].get("device") == 2 ** 29, "2^29")
+    online = len([s for s in observer.json("devices/v1/status") if s["state"] == "online"])
+    broker.stop()
+    os.remove(os.path.join(broker.workdir, "mosquitto.db"))
+    broker.start()
+    observer.wait(lambda m: len([s for s in observer.json("devices/v1/status")
+                                 if s["state"] == "online"]) > online, 20, "v1 back online")
+    r = fleetctl(broker, "set", "--device", "v1", "log_level=debug")
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "applied by 0 of 1 device" in r.stdout, r.stdout
+    assert "stale: ignored as not newer than the version they run: v1 (runs %d)" % 2 ** 29 \
+        in r.stdout, r.stdout
+    rep = reported(observer, "v1")[-1]
+    assert rep["stale"]["device"]["have"] == 2 ** 29 and rep["effective"]["log_level"] == "info"

@@ -51,7 +51,7 @@ def test_config_is_written_private_and_accepted_by_the_firmware_validator(tmp_pa
     out = tmp_path / "secrets"
     r = run("pump-0042", "--broker", "mqtt.example.net:1884", "--user", "pump-0042",
             "--password-env", "MQTT_PW", "--wifi", "site-a:WIFI_PW", "--wifi", "open-net:",
-            "--group", "model-x", "--group", "model-x.v3.1", "--prefix", "acme",
+            "--group", "model-x", "--group", "model-x-v3-1", "--prefix", "acme",
             "--out", str(out))
     assert r.returncode == 0, r.stderr
     d = out / "pump-0042"
@@ -62,13 +62,13 @@ def test_config_is_written_private_and_accepted_by_the_firmware_validator(tmp_pa
     assert (cfg["broker"]["user"], cfg["broker"]["password"]) == ("pump-0042", PASSWORD)
     assert "tls" not in cfg["broker"]
     assert cfg["wifi"] == [("site-a", WIFI_PASSWORD), ("open-net", "")]
-    assert cfg["groups"] == ["model-x", "model-x.v3.1"]
+    assert cfg["groups"] == ["model-x", "model-x-v3-1"]
     assert json.loads((d / "files.json").read_text()) == {}
     assert sorted(os.listdir(d)) == ["config.json", "files.json"]
     assert mode(d) == 0o700 and mode(d / "config.json") == 0o600
     assert mode(d / "files.json") == 0o600
     # The summary names the fields and files.
-    for s in ("broker.host", "mqtt.example.net", "wifi[0].ssid", "site-a", "model-x.v3.1",
+    for s in ("broker.host", "mqtt.example.net", "wifi[0].ssid", "site-a", "model-x-v3-1",
               str(d / "config.json")):
         assert s in r.stdout
 
@@ -152,6 +152,15 @@ def test_refuses_bad_group_names_and_writes_nothing(tmp_path, bad):
             "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and "group" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dot_in_an_id_or_group_is_refused_with_the_reason(tmp_path):
+    # RabbitMQ delivers "." as "/": pump.7 would never see devices/pump.7/cmd/...
+    for args in (["pump.7"], ["pump-7", "--group", "model-x.v3.1"]):
+        r = run(*args, "--broker", "h", "--out", str(tmp_path / "out"))
+        assert r.returncode == 2, r.stderr
+        assert "RabbitMQ" in r.stderr and "not portable across brokers" in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_longest_id_and_group_are_accepted(tmp_path):

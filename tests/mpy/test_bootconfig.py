@@ -35,6 +35,17 @@ def test_rejects_ids_that_could_reach_other_topics():
     raises(bootconfig.ConfigError, bootconfig.validate, _with(prefix="a/#"))
 
 
+def test_a_dot_in_an_id_or_group_is_refused_saying_why():
+    # RabbitMQ delivers "." as "/": pump.7 would get devices/pump/7/cmd/ping.
+    for over in ({"device_id": "pump.7"}, {"groups": ["model-x", "model-x.v3.1"]},
+                 {"device_id": "."}):
+        e = raises(bootconfig.ConfigError, bootconfig.validate, _with(**over))
+        assert "not portable across brokers" in str(e) and "RabbitMQ" in str(e), str(e)
+    assert "RabbitMQ" not in str(raises(bootconfig.ConfigError, bootconfig.validate,
+                                        _with(device_id="a/b")))
+    assert bootconfig.validate(_with(groups=["model-x-v3-1"]))["groups"] == ["model-x-v3-1"]
+
+
 def test_rejects_bad_types_and_ranges():
     for broker in ({"port": 1883}, {"host": "h", "port": 0}, {"host": "h", "port": "1883"},
                    {"host": "h", "port": True}, {"host": "h", "keepalive": 1}):

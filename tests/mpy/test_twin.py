@@ -6,7 +6,7 @@ from firmware.boards.unix import open_flash
 from firmware.twin import Rejected, Twin, check_text, parse_layer
 from mpyutil import fresh_image, raises
 
-ORDER = ["all", "model-x", "model-x.v3", "device"]
+ORDER = ["all", "model-x", "model-x-v3", "device"]
 
 
 def doc(version, **kw):
@@ -18,7 +18,7 @@ def doc(version, **kw):
 def test_layers_merge_most_general_first_device_last_key_by_key():
     t = Twin(ORDER)
     t.offer("all", doc(1, telemetry_interval=30, reconnect={"cap": 300, "base": 2}))
-    t.offer("model-x.v3", doc(4, reconnect={"cap": 600}))
+    t.offer("model-x-v3", doc(4, reconnect={"cap": 600}))
     t.offer("device", doc(2, telemetry_interval=5))
     eff = t.effective()
     assert eff["telemetry_interval"] == 5  # device beats groups
@@ -27,13 +27,13 @@ def test_layers_merge_most_general_first_device_last_key_by_key():
     assert eff["log_level"] == "info"  # declared default
     src = t.sources()
     assert (src["telemetry_interval"], src["reconnect.cap"], src["reconnect.base"],
-            src["log_level"]) == ("device", "model-x.v3", "all", "default")
+            src["log_level"]) == ("device", "model-x-v3", "all", "default")
     rep = t.reported()
-    assert rep["versions"] == {"all": 1, "model-x.v3": 4, "device": 2}
+    assert rep["versions"] == {"all": 1, "model-x-v3": 4, "device": 2}
     # The order layers arrive in does not matter.
     u = Twin(ORDER)
     u.offer("device", doc(2, telemetry_interval=5))
-    u.offer("model-x.v3", doc(4, reconnect={"cap": 600}))
+    u.offer("model-x-v3", doc(4, reconnect={"cap": 600}))
     u.offer("all", doc(1, telemetry_interval=30, reconnect={"cap": 300, "base": 2}))
     assert u.effective() == eff and u.sources() == src
 
@@ -48,6 +48,30 @@ def test_a_version_not_newer_is_ignored_and_changes_are_listed():
     # A cleared retained layer: back to the defaults.
     assert sorted(t.offer("all", "")) == ["log_level", "telemetry_interval"]
     assert t.effective()["telemetry_interval"] == 60 and t.offer("all", "") == []
+
+
+def test_an_older_layer_or_the_same_version_changed_is_reported_as_stale_once_per_layer():
+    t = Twin(ORDER)
+    t.offer("model-x", doc(3, telemetry_interval=30))
+    # The same document again (a refresh re-delivers it): normal, nothing reported.
+    assert t.offer("model-x", doc(3, telemetry_interval=30)) == [] and t.ignored is None
+    assert "stale" not in t.reported()
+    # A broker that lost its retained layer, then an operator tool starting at 1 again.
+    assert t.offer("model-x", doc(1, telemetry_interval=5)) == []
+    assert t.ignored == (1, 3)
+    assert t.reported()["stale"] == {"model-x": {"got": 1, "have": 3}}
+    # The same version with other settings will never apply either: stale too.
+    t.offer("model-x", doc(3, telemetry_interval=7))
+    t.offer("device", doc(0, telemetry_interval=7))  # a new layer: applies
+    assert t.reported()["stale"] == {"model-x": {"got": 3, "have": 3}}
+    assert t.effective()["telemetry_interval"] == 7 and t.reported()["groups"] == [
+        "model-x", "model-x-v3"]
+    # A newer version applies and ends the complaint.
+    t.offer("model-x", doc(4, telemetry_interval=6))
+    assert t.ignored is None and "stale" not in t.reported()
+    assert t.reported()["versions"]["model-x"] == 4
+    # Without groups, the reported document has no groups field.
+    assert "groups" not in Twin(["all", "device"]).reported()
 
 
 def test_invalid_documents_are_rejected_whole_and_reported():
