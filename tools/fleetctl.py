@@ -743,16 +743,21 @@ def cmd_status(args):
             "fw": st.get("fw"),
             "last_seen_s": None if d["seen"] is None else round(now - d["seen"], 1),
             "queued": queued,
+            # With several brokers (README "Broker failover"): the one it is connected to.
+            "broker": st.get("broker") if st.get("state") == "online" else None,
         })
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return OK
-    table = [("DEVICE", "STATE", "BOOT", "CAUSE", "FW", "LAST SEEN", "QUEUE")]
+    brokers = any(r["broker"] for r in rows)
+    table = [("DEVICE", "STATE", "BOOT", "CAUSE", "FW", "LAST SEEN", "QUEUE")
+             + (("BROKER",) if brokers else ())]
     for r in rows:
         table.append((r["device"], r["state"] + (" (safe mode)" if r["safe_mode"] else ""),
                       _cell(r["boot"]), _cell(r["cause"]), _cell(r["fw"]),
-                      _age(r["last_seen_s"]), _cell(r["queued"])))
+                      _age(r["last_seen_s"]), _cell(r["queued"]))
+                     + ((_cell(r["broker"]),) if brokers else ()))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())

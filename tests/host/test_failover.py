@@ -2,6 +2,9 @@
 secondary when the primary dies and back when it returns, losing nothing; a DNS name with
 several addresses tried in turn before an attempt counts as failed."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,6 +12,8 @@ from tools.broker import Mosquitto
 from tools.devices import Spec
 from tools.observer import Observer
 
+FLEETCTL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "tools", "fleetctl.py")
 # Short everything: the defaults (12 attempts / 600 s, probe 300 s, window 600 s) are for
 # fleets; a test must see both moves within seconds.
 FAST = {"reconnect": {"base": 0.2, "cap": 1.0, "first_window": 0.5, "stable_s": 1.0}}
@@ -51,6 +56,12 @@ def test_fails_over_to_the_secondary_and_back_losing_nothing(fleet, broker, seco
         assert 0 < out["failover_s"] < 30
         # No session there: it subscribed, so commands and telemetry work on the secondary.
         sec.wait(lambda m: len(seqs(sec, dev="fo1")) >= 5, 20, "telemetry on the secondary")
+        # fleetctl status, asked of the secondary, says where the device is.
+        r = subprocess.run([sys.executable, FLEETCTL, "--broker", "%s:%d" % (
+            second.host, second.port), "status", "fo1", "--json", "--wait", "2"],
+            capture_output=True, text=True, timeout=60)
+        row = json.loads(r.stdout.splitlines()[0])
+        assert row["state"] == "online" and row["broker"] == b["broker"], r.stdout
         sec.publish("devices/fo1/cmd/ping", json.dumps({"id": "on-b"}))
         sec.wait(lambda m: [r for r in sec.json("devices/fo1/cmd/ping/result")
                             if r["id"] == "on-b" and r["status"] == "ok"], 20, "ping answered")
@@ -59,10 +70,12 @@ def test_fails_over_to_the_secondary_and_back_losing_nothing(fleet, broker, seco
         observer.close()
         back = Observer(broker.host, broker.port, topics=("devices/fo1/#",))
         try:
-            b = back.wait(lambda m: [d for d in births(back, "fo1") if d["endpoint"] == 0
-                                     and not back.matching("x")], 30, "birth on the primary")
-            b = b[-1]
-            assert b["outage"]["failback"] is True
+            # (The primary's retained status from before it died says online too: the birth
+            # of the return is the one whose outage says it came back.)
+            b = back.wait(lambda m: [d for d in births(back, "fo1")
+                                     if d.get("outage", {}).get("failback")], 30,
+                          "birth on the primary")[-1]
+            assert b["endpoint"] == 0
             assert b["outage"]["from"] == "%s:%d" % (second.host, second.port)
             # It left the secondary gracefully: its status there says offline, no will.
             sec.wait(lambda m: [d for d in sec.json("devices/fo1/status")
