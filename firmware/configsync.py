@@ -4,9 +4,10 @@
 # validated (twin.py), cached on flash when something changed, applied, and the effective
 # config goes out retained on config/reported when it differs from the last one sent.
 # A safety-net refresh re-subscribes on a per-device random schedule; it also renews the
-# command subscription: a broker may claim a session it does not have (amqtt answers
-# session-present 1 for a new client), and the device subscribes at connect only when the
-# broker says it has no session. Renewing on this schedule costs a reconnect nothing.
+# command subscription: a broker may claim a session it does not have (amqtt has answered
+# session-present 1 for one it had dropped), and the device subscribes at connect only
+# when the broker says it has no session. Renewing on this schedule costs a reconnect
+# nothing.
 import json
 
 from backoff import jittered

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 
@@ -166,6 +167,11 @@ class Mosquitto:
                 self.proc.wait()
         self.proc = None
 
+    def restart(self):
+        """stop() and start() on the same port (with persistence, sessions are kept)."""
+        self.stop()
+        return self.start()
+
     def reload(self):
         """SIGHUP: mosquitto re-reads its password file, ACLs and TLS files."""
         self.proc.send_signal(signal.SIGHUP)
@@ -173,6 +179,110 @@ class Mosquitto:
     def log(self):
         try:
             with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def amqtt_path():
+    """The `amqtt` broker command that `make setup` installs into the venv (requirements-dev.txt)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for p in (os.path.join(root, ".venv", "bin", "amqtt"),
+              os.path.join(os.path.dirname(sys.executable), "amqtt"),
+              shutil.which("amqtt")):
+        if p and os.path.exists(p):
+            return p
+    raise RuntimeError("amqtt not found: run 'make setup' (amqtt is in requirements-dev.txt)")
+
+
+class Amqtt:
+    """amqtt (a pure-Python MQTT 3.1.1 broker from PyPI) on 127.0.0.1:port, the same shape
+    as Mosquitto: start(), host/port, stop(), restart(), log_path, log().
+
+    What differs, and matters to a device (README "Other MQTT brokers"):
+    - In memory only: stop() or restart() loses every session, queued message and retained
+      message. stop() is SIGKILL: amqtt ignores SIGINT when started in the background, and
+      there is nothing on disk a graceful stop would save.
+    - A client that logs in anonymously gets no offline queue and its session is dropped a
+      second after it disconnects; with anonymous allowed, amqtt counts every client as
+      anonymous, even one with a username. So by default (anonymous=False) a username is
+      required and any password is accepted, which gives each device a kept session;
+      passwords={user: password} checks them (argon2 hashes in a password file);
+      anonymous=True is amqtt's own default.
+    - On every CONNECT it sends the connecting client each retained message that matches
+      any client's subscription, its own or not (QoS 0, retain flag set)."""
+
+    def __init__(self, workdir, port=None, anonymous=False, passwords=None, debug=False):
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.conf_path = os.path.join(self.workdir, "amqtt.yaml")
+        self.log_path = os.path.join(self.workdir, "amqtt.log")
+        self.debug = debug  # -d: every packet in the log (large)
+        if passwords:
+            auth = {"amqtt.plugins.authentication.FileAuthPlugin":
+                    {"password_file": self._password_file(passwords)}}
+        else:
+            auth = {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                    {"allow_anonymous": bool(anonymous)}}
+        conf = {
+            "listeners": {"default": {"type": "tcp", "bind": "127.0.0.1:%d" % self.port}},
+            "plugins": auth,  # no $SYS plugin: nothing publishes unasked
+        }
+        with open(self.conf_path, "w") as f:
+            json.dump(conf, f, indent=1)  # JSON is YAML
+        self.proc = None
+        self.starts = 0
+
+    def _password_file(self, passwords):
+        from pwdlib.hashers.argon2 import Argon2Hasher  # an amqtt dependency: in the venv
+        path = os.path.join(self.workdir, "passwd")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            for user, pw in passwords.items():
+                f.write("%s:%s\n" % (user, Argon2Hasher().hash(pw)))
+        return path
+
+    def start(self):
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(b"---- start %d\n" % self.starts)
+        log.flush()
+        self.proc = subprocess.Popen(
+            [amqtt_path(), "-c", self.conf_path] + (["-d"] if self.debug else []),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        try:
+            wait_port(self.host, self.port, timeout=30)  # a busy host imports it slowly
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError("amqtt did not start; see %s" % self.log_path)
+        return self
+
+    def stop(self):
+        """SIGKILL (see the class): every connection drops, everything in memory is gone."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self):
+        """stop() and start() on the same port: an empty broker, as after a crash."""
+        self.stop()
+        return self.start()
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
                 return f.read()
         except OSError:
             return ""
