@@ -62,6 +62,11 @@ def test_fails_over_to_the_secondary_and_back_losing_nothing(fleet, broker, seco
             capture_output=True, text=True, timeout=60)
         row = json.loads(r.stdout.splitlines()[0])
         assert row["state"] == "online" and row["broker"] == b["broker"], r.stdout
+        # A config layer retained on the secondary applies there like anywhere.
+        sec.publish("devices/fo1/config/desired", json.dumps(
+            {"version": 7, "health_interval": 600}), retain=True)
+        sec.wait(lambda m: [d for d in sec.json("devices/fo1/config/reported")
+                            if d["versions"].get("device") == 7], 20, "layer applied")
         sec.publish("devices/fo1/cmd/ping", json.dumps({"id": "on-b"}))
         sec.wait(lambda m: [r for r in sec.json("devices/fo1/cmd/ping/result")
                             if r["id"] == "on-b" and r["status"] == "ok"], 20, "ping answered")
