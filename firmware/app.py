@@ -112,6 +112,10 @@ class Device:
         if c and len(c.endpoints) > 1:
             d["broker"] = c.endpoint_name()
             d["endpoint"] = c.ep
+            # Each broker keeps its own retained status: the newest one is current.
+            ts = self.board.unix_time()
+            if ts is not None:
+                d["ts"] = ts
         if outage:
             # Refusals and flaps since the previous connection, reported now that we can.
             d["outage"] = outage

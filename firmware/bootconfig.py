@@ -203,8 +203,8 @@ def _ota(o):
 
 
 # Broker failover (README "Broker failover"): move to the next endpoint after
-# `after_attempts` failed attempts in a row or `after_s` s of failing ones, whichever comes
-# first; on a secondary, check every `probe_s` (jittered) whether the primary answers, and
+# `after_attempts` failed attempts in a row, or at the first failed one after `after_s` s of
+# failing ones, whichever comes first; on a secondary, check every `probe_s` (jittered) whether the primary answers, and
 # once it does, return at a random moment within `failback_window_s`. With the default
 # backoff a broker down for 5 minutes sees at most 9 attempts from a device: neither
 # default is reached, so a restart never moves the fleet.

@@ -34,11 +34,20 @@ class Failover:
         self._streak = 0
         self._since = None
         self._away = asyncio.Event()  # set while on a secondary
+        # The endpoint a fail-back left, until the primary's first connect succeeds: a
+        # primary that passes the TCP probe but does not serve MQTT (a load balancer in front
+        # of a dead broker) sends the device straight back, not after after_s of failures.
+        self._trial = None
 
     # ---- called by the client -------------------------------------------------------
 
     def failed(self):
         """After a failed attempt: the endpoint to move to, or None to retry this one."""
+        if self._trial is not None:
+            i, self._trial = self._trial, None
+            self.log("W", "primary broker answered the probe but not MQTT: back to %s"
+                     % self.client.endpoint_name(i))
+            return i
         now = self.uptime_s()
         if self._since is None:
             self._since = now
@@ -56,6 +65,7 @@ class Failover:
         return nxt
 
     def connected(self):
+        self._trial = None
         self._streak = 0
         self._since = None
         if self.client.ep:
@@ -99,4 +109,5 @@ class Failover:
                 self.log("W", "primary broker %s gone again: staying on %s"
                          % (c.endpoint_name(0), c.endpoint_name()))
                 continue
+            self._trial = c.ep
             await c.move_to(0, self.leaving() if self.leaving else None)

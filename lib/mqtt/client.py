@@ -231,6 +231,9 @@ class MQTTClient:
                 await self._send_msg(msg, False)
             await self._send(codec.DISCONNECT_PACKET)
             await asyncio.wait_for(self._dead.wait(), self.timeout)
+            # Not _kill() now: run() may already be on the next connection, and _dead
+            # would end that one.
+            return
         except (OSError, asyncio.TimeoutError) as e:
             self.log("W", "leaving %s: %r" % (self.endpoint_name(), e))
         self._kill()

@@ -92,8 +92,14 @@ def test_fails_over_to_the_secondary_and_back_losing_nothing(fleet, broker, seco
             got = seqs(observer, sec, back, dev="fo1")
             assert set(range(1, max(got) + 1)) <= got
             health = fleet_health(back, p, "fo1")
-            assert health["mqtt"]["failovers"] == 1 and health["mqtt"]["failbacks"] == 1
-            assert health["mqtt"]["endpoint"] == 0
+            m = health["mqtt"]
+            assert m["failovers"] == 1 and m["failbacks"] == 1 and m["endpoint"] == 0
+            # Primary, secondary, primary again: the return held (it was once cut by the
+            # move's own clean-up, a flap and a second connect).
+            assert m["connects"] == 3, m
+            # The secondary's offline status is older than the primary's online one.
+            off = [d for d in sec.json("devices/fo1/status") if d["state"] == "offline"][-1]
+            assert off["ts"] <= b["ts"]
         finally:
             back.close()
     finally:

@@ -19,6 +19,9 @@ class Client:
         self.endpoints = [{}] * n
         self.ep = 0
 
+    def endpoint_name(self, i=None):
+        return "broker%d" % (self.ep if i is None else i)
+
 
 def _defaults():
     return {k: v[0] for k, v in FAILOVER.items()}
@@ -83,6 +86,20 @@ def test_the_last_endpoint_wraps_to_the_primary_and_one_broker_never_moves():
     fo.client.ep = 2
     assert fo.failed() == 0
     fo, now = _policy(cfg, n=1)
+    assert fo.failed() is None
+
+
+def test_a_fail_back_whose_connect_fails_returns_at_once():
+    # The primary passed the TCP probe but its MQTT connect failed (a load balancer in
+    # front of a dead broker): back to where the device came from, not after after_s.
+    fo, now = _policy(_defaults())
+    fo.client.ep = 1
+    fo._trial = 1  # what run() notes before it moves back
+    fo.client.ep = 0
+    assert fo.failed() == 1
+    assert fo.failed() is None  # once only: then the usual counting
+    fo._trial = 1
+    fo.connected()  # the primary works: nothing to go back to
     assert fo.failed() is None
 
 
