@@ -112,8 +112,11 @@ def frozen_main(workdir):
     return os.path.join(run, "main.py")
 
 
-def device_config(device_id, broker_host, broker_port, **over):
-    """A bootstrap config (README "Bootstrap config") for a simulated device."""
+def device_config(device_id, broker_host, broker_port, endpoints=(), **over):
+    """A bootstrap config (README "Bootstrap config") for a simulated device. `endpoints`:
+    further brokers [(host, port)] in priority order after (broker_host, broker_port), for
+    failover; with any, "broker" is a list whose first entry holds the session keys (those
+    of `broker`, which the later ones inherit) and the later ones host and port only."""
     cfg = {
         "device_id": device_id,
         "broker": {"host": broker_host, "port": broker_port, "keepalive": 30},
@@ -123,6 +126,14 @@ def device_config(device_id, broker_host, broker_port, **over):
     if broker:
         cfg["broker"].update(broker)
     cfg.update(over)
+    return with_endpoints(cfg, endpoints)
+
+
+def with_endpoints(cfg, endpoints):
+    """cfg with its broker object turned into the list [broker, {host, port}...] of the
+    failover endpoints (unchanged when there are none)."""
+    if endpoints:
+        cfg["broker"] = [cfg["broker"]] + [{"host": h, "port": p} for h, p in endpoints]
     return cfg
 
 

@@ -167,7 +167,8 @@ class FaultProxy:
         self._loop = None
 
     async def _shutdown(self):
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
         await self._cut_all()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:
@@ -193,6 +194,23 @@ class FaultProxy:
     def refuse(self, on=True):
         """Accept new connections only to close them at once (the device sees a reset)."""
         self._refusing = on
+
+    def listen(self, on=True):
+        """listen(False) closes the listening socket: a new connection is refused by the
+        host's TCP itself, as at a broker host whose broker is down, so even a bare TCP
+        connect (a failover probe) fails, where refuse() completes the handshake first and
+        then resets. Such attempts never reach the proxy and are not recorded. listen(True)
+        listens again on the same port. Open connections are left alone (cut() them)."""
+        self._call(self._listen(on))
+
+    async def _listen(self, on):
+        if on and self._server is None:
+            self._server = await asyncio.start_server(
+                self._accept, self.host, self.port, backlog=4096)
+        elif not on and self._server is not None:
+            # Not wait_closed(): from 3.12 it waits for every open connection to end.
+            self._server.close()
+            self._server = None
 
     def blackhole(self, on=True, direction=None):
         """Stop forwarding (in `direction`, UP or DOWN, default both) on every connection,
@@ -224,6 +242,11 @@ class FaultProxy:
     @property
     def open_connections(self):
         return len(self._conns)
+
+    def connected_clients(self):
+        """{MQTT client id: connection id} of the open connections that sent a CONNECT
+        (when recording)."""
+        return {self.clients[cid]: cid for cid in list(self._conns) if cid in self.clients}
 
     def mark(self):
         """Position in the packet and attempt records, for 'what happened after this'."""

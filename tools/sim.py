@@ -1,7 +1,7 @@
 """Run simulated devices (the real firmware on the MicroPython Unix port) against a broker.
 
-    python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]
-                        [--observe HOST:PORT] [--user U --password P] [--set KEY=VALUE]...
+    python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]...
+                        [--observe HOST:PORT]... [--user U --password P] [--set KEY=VALUE]...
                         [--workdir DIR] [--heapsize SIZE] [--build] [--micropython PATH]
                         [--outage-every S [--outage-for S] [--outages N]]
                         [--power-cut-every S]
@@ -21,12 +21,18 @@ power cuts included, end in it), "heap_samples", "heap_min_bytes", "heap_max_byt
 died by themselves. Each device process's output is written to WORKDIR/devices-N.log at the
 end.
 
+--broker is repeatable: several, in priority order, become every device's failover
+endpoints (bootstrap "broker" as a list: the session keys in the first, README "Bootstrap
+config"), and the consumer reads every one of them, so a message is missing only if no
+broker delivered it; the summary then gains "endpoints", how many devices' latest online
+status names each endpoint (0 = the first).
+
 The consumer that counts gaps keeps a broker session (a fixed client id for the run, clean
 session off) and reconnects within a second, so a broker restart or a cut loses nothing on
-its side: its gaps are the devices'. It connects to --observe when given (default: the
-broker, --broker or the simulator's own, never --outage-every's proxy), so it can bypass a
-fault proxy that the devices go through; its own lost connections are counted in
-"consumer_disconnects". It ends its session when the run ends.
+its side: its gaps are the devices'. It connects to --observe when given (repeatable, like
+--broker; default: the brokers, --broker or the simulator's own, never --outage-every's
+proxy), so it can bypass a fault proxy that the devices go through; its own lost
+connections are counted in "consumer_disconnects". It ends its sessions when the run ends.
 
 The runner plays the boards' power supply: a device process that dies (a crash, a kill from
 outside, a power cut) is powered up again after a random 0.5-2 s off time, unless
@@ -43,7 +49,7 @@ starts. device_id, broker.host and broker.port are the simulator's own (--broker
 
 --outage-every S puts tools/proxy.FaultProxy between the devices and the broker and every S
 seconds cuts every connection and refuses new ones for --outage-for seconds (--outages N
-times at most). Outages and power cuts start once every device has said it is online (at
+times at most); it takes one --broker. Outages and power cuts start once every device has said it is online (at
 most 60 s after the start).
 --health-interval S sets the devices' health_interval; the heap figures come from the
 heap_alloc of their devices/{id}/health messages. --build runs the compiled firmware
@@ -75,7 +81,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from firmware.bootconfig import ConfigError, validate  # noqa: E402
 from tools.broker import Mosquitto  # noqa: E402
 from tools.devices import (ROOT, binary_info, device_config, error_counts,  # noqa: E402
-                           micropython_path, start_fleet, stop_fleet, venv_tool)
+                           micropython_path, start_fleet, stop_fleet, venv_tool,
+                           with_endpoints)
 from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import FaultProxy  # noqa: E402
@@ -131,8 +138,10 @@ def set_path(doc, key, value):
     d[parts[-1]] = value
 
 
-def make_config(a, device_id, host, port):
-    """A device's bootstrap config: the shorthands, then every --set in order."""
+def make_config(a, device_id, host, port, endpoints=()):
+    """A device's bootstrap config: the shorthands, then every --set in order (a `broker.`
+    key goes to the first endpoint, whose session keys the others inherit); `endpoints`:
+    the further brokers [(host, port)] in priority order, which make "broker" a list."""
     broker = {"keepalive": a.keepalive}
     rec = {}
     if a.first_window is not None:
@@ -152,7 +161,7 @@ def make_config(a, device_id, host, port):
                         broker=broker, **extra)
     for key, value in a.sets:
         set_path(cfg, key, copy.deepcopy(value))
-    return cfg
+    return with_endpoints(cfg, endpoints)
 
 
 def parse_args(argv=None):
@@ -160,9 +169,11 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=1, help="number of devices (default 1)")
     p.add_argument("--duration", type=float, help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--interval", type=float, default=1.0, help="telemetry period in s (default 1)")
-    p.add_argument("--broker", help="HOST:PORT of an existing broker (default: start mosquitto)")
-    p.add_argument("--observe", metavar="HOST:PORT",
-                   help="where the consumer connects (default: the broker)")
+    p.add_argument("--broker", action="append", default=[], metavar="HOST:PORT",
+                   help="an existing broker (default: start mosquitto); repeatable: the "
+                        "devices' failover endpoints in priority order, the consumer reads all")
+    p.add_argument("--observe", action="append", default=[], metavar="HOST:PORT",
+                   help="where the consumer connects, repeatable (default: the brokers)")
     p.add_argument("--user", help="MQTT user name of the devices and the consumer")
     p.add_argument("--password", default=os.environ.get("SIM_PASSWORD"),
                    help="MQTT password (default $SIM_PASSWORD)")
@@ -224,12 +235,15 @@ def parse_args(argv=None):
         p.error("--health-interval must be at least 0.5 (the bootstrap config's minimum)")
     if a.password is not None and a.user is None:
         p.error("--password needs --user")
-    a.broker_at = parse_endpoint(p, a.broker, "--broker") if a.broker else None
-    a.observe_at = parse_endpoint(p, a.observe, "--observe") if a.observe else None
+    a.brokers_at = [parse_endpoint(p, b, "--broker") for b in a.broker]
+    a.observe_at = [parse_endpoint(p, o, "--observe") for o in a.observe]
+    if a.outage_every is not None and len(a.brokers_at) > 1:
+        p.error("--outage-every puts its proxy before one broker: give one --broker")
     try:
         a.sets = [parse_set(t) for t in a.set]
         # The firmware's own checks, once, on what every device will get (ids aside).
-        cfg = validate(make_config(a, "sim-0000", "127.0.0.1", 1883))
+        cfg = validate(make_config(a, "sim-0000", "127.0.0.1", 1883,
+                                   [("127.0.0.1", 1884 + i) for i in range(len(a.brokers_at) - 1)]))
     except ConfigError as e:
         p.error("invalid config: %s" % e)
     except ValueError as e:  # --set's own
@@ -474,11 +488,12 @@ def main(argv=None):
         main_py, n_mpy = build_mpy()
         say("sim: build/: %d .mpy files, running %s" % (n_mpy, main_py))
     broker = None
-    if a.broker_at:
-        host, port = a.broker_at
+    if a.brokers_at:
+        (host, port), more = a.brokers_at[0], a.brokers_at[1:]
     else:
         broker = Mosquitto(os.path.join(workdir, "broker")).start()
         host, port = broker.host, broker.port
+        more = []
         emit("sim: mosquitto on %s:%d (log %s)" % (host, port, broker.log_path))
     proxy = None
     dev_host, dev_port = host, port
@@ -489,13 +504,15 @@ def main(argv=None):
         dev_host, dev_port = proxy.host, proxy.port
         say("sim: fault proxy on %s:%d, outage every %g s for %g s"
             % (proxy.host, proxy.port, a.outage_every, a.outage_for))
-    obs_host, obs_port = a.observe_at or (host, port)  # not through --outage-every's proxy
+    # Not through --outage-every's proxy; with several brokers, every one of them.
+    observe = a.observe_at or [(host, port)] + more
 
     ledger = Ledger()
     lock = threading.Lock()
     stop = threading.Event()
     up = FleetUp(a.devices, stop, say)
     heap = []  # (t since start, device, heap_alloc) from health messages
+    endpoint = {}  # device -> the endpoint its latest online status names (failover)
     t_start = [time.monotonic()]
     tele_suffix = "/telemetry"
     status_suffix = "/status"
@@ -515,6 +532,9 @@ def main(argv=None):
                 ledger.telemetry(parts[1], msg, t)
             elif topic.endswith(status_suffix):
                 ledger.status[parts[1]] = msg
+                if (isinstance(msg.get("endpoint"), int) and msg.get("state") == "online"
+                        and not retain):
+                    endpoint[parts[1]] = msg["endpoint"]
                 if msg.get("state") == "online" and not retain:  # not an earlier run's
                     up.seen_online(parts[1])
             elif topic.endswith(health_suffix) and isinstance(msg.get("heap_alloc"), int):
@@ -523,18 +543,19 @@ def main(argv=None):
             emit("%s %s" % (topic, payload.decode("utf-8", "replace")))
 
     pre = a.topic_prefix
-    obs = Observer(
+    # A session of its own for this run on each broker, kept across lost connections (see
+    # the module docstring) and ended with the run.
+    consumer_id = "sim-consumer-%d-%06x" % (os.getpid(), random.getrandbits(24))
+    obs = [Observer(
         obs_host, obs_port,
         topics=(pre + "devices/+/telemetry", pre + "devices/+/status", pre + "devices/+/health"),
-        on_message=on_msg,
-        # A session of its own for this run, kept across lost connections (see the module
-        # docstring) and ended with the run.
-        client_id="sim-consumer-%d-%06x" % (os.getpid(), random.getrandbits(24)),
+        on_message=on_msg, client_id=consumer_id,
         clean=False, reconnect=CONSUMER_RECONNECT, keepalive=10, record=False,
         auth=(a.user, a.password or "") if a.user is not None else None,
-    )
+    ) for obs_host, obs_port in observe]
     echo = None if a.quiet else emit
-    configs = [make_config(a, "sim-%04d" % n, dev_host, dev_port) for n in range(a.devices)]
+    configs = [make_config(a, "sim-%04d" % n, dev_host, dev_port, more)
+               for n in range(a.devices)]
     t_start[0] = time.monotonic()
     up.begin(t_start[0], a.duration)
     fleet = start_fleet(configs, workdir, processes=a.processes, heapsize=a.heapsize,
@@ -576,7 +597,8 @@ def main(argv=None):
     early = [(i, p.proc.returncode) for i, p in enumerate(fleet) if p.down()]
     marks = stop_fleet(fleet)
     time.sleep(0.5)  # let the last acknowledged messages reach the observer
-    obs.close(forget=True)
+    for o in obs:
+        o.close(forget=True)
     if proxy:
         proxy.stop()
     if broker:
@@ -596,7 +618,11 @@ def main(argv=None):
         summary = ledger.summary(a.devices, online)
         samples = list(heap)
     summary.update(errors)
-    summary["consumer_disconnects"] = obs.disconnects
+    summary["consumer_disconnects"] = sum(o.disconnects for o in obs)
+    if more:
+        with lock:
+            on = list(endpoint.values())
+        summary["endpoints"] = [on.count(i) for i in range(1 + len(more))]
     if safe:
         summary["safe_mode"] = safe  # devices whose latest status said safe mode
     exits = sum(len(p.exits) for p in fleet)

@@ -1,8 +1,10 @@
 """Reconnect-storm simulator: a fleet of the real firmware through a mass disconnect.
 
-    python tools/storm.py [--devices N] [--scenarios mass-disconnect,overloaded-broker]
+    python tools/storm.py [--devices N]
+                          [--scenarios mass-disconnect,overloaded-broker,region-failover]
                           [--profiles firmware,baseline] [--refuse S] [--fraction F]
-                          [--rate R] [--interval S] [--out FILE] [--plot FILE]
+                          [--rate R] [--down S] [--after-s S] [--probe-s S]
+                          [--failback-window S] [--interval S] [--out FILE] [--plot FILE]
 
 For each scenario and profile: a fresh mosquitto, the fault proxy (tools/proxy.py) in front
 of it, N devices of the firmware on the Unix port packed into a few MicroPython processes
@@ -11,6 +13,18 @@ every device is connected and its connection has been up longer than the firmwar
 `stable_s`, the proxy cuts a `--fraction` of the connections and then either refuses every
 new one for `--refuse` s (mass-disconnect) or admits at most `--rate` per second
 (overloaded-broker), until every cut device has its session back.
+
+region-failover: two mosquittos, primary and secondary, each behind a fault proxy of its
+own, and the devices given both (bootstrap "broker" as a list) with short failover settings
+(--after-s, --probe-s, --failback-window). The primary dies: its proxy stops listening, so
+even a bare TCP connect (the devices' probe) is refused, and cuts every connection. The
+devices move to the secondary; the primary comes back after --down s (and not before every
+device is on the secondary), and the devices return to it within the fail-back window.
+Measured per broker: the attempts on the secondary while the fleet moves there, those on
+the primary while it comes back (probes apart from MQTT CONNECTs), when each device
+returned, and the devices still on the secondary after 1.5 probe_s + the window (+ a
+margin). An observer on each broker feeds one ledger: a message is lost only if neither
+broker delivered it.
 
 Profiles: `firmware` is the firmware as shipped. `baseline` is the same firmware in its
 bootstrap `"profile": "baseline"`, the pattern of the popular blocking client: a fixed 2 s
@@ -43,18 +57,21 @@ from tools.ledger import Ledger  # noqa: E402
 from tools.observer import Observer  # noqa: E402
 from tools.proxy import FaultProxy  # noqa: E402
 
-SCENARIOS = ("mass-disconnect", "overloaded-broker")
+SCENARIOS = ("mass-disconnect", "overloaded-broker", "region-failover")
 PROFILES = ("firmware", "baseline")
 BIN_S = 0.1
 STABLE_S = 30.0  # the firmware's default broker.reconnect.stable_s
 FLAP_S = 10.0  # the firmware's default broker.reconnect.flap_s
+# region-failover: a device still on the secondary this long after 1.5 probe_s (the longest
+# jittered probe period) + the fail-back window since the primary came back is stuck.
+STUCK_MARGIN_S = 15.0
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=1000, help="fleet size (default 1000)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help="comma-separated, of %s (default both)" % ", ".join(SCENARIOS))
+                   help="comma-separated, of %s (default all)" % ", ".join(SCENARIOS))
     p.add_argument("--profiles", default=",".join(PROFILES),
                    help="comma-separated, of %s (default both)" % ", ".join(PROFILES))
     p.add_argument("--refuse", type=float, default=20.0,
@@ -63,6 +80,17 @@ def parse_args(argv=None):
                    help="share of the connections the proxy cuts (default 1.0)")
     p.add_argument("--rate", type=float, default=50.0,
                    help="overloaded-broker: new connections admitted per second (default 50)")
+    p.add_argument("--down", type=float, default=60.0,
+                   help="region-failover: the primary is dead for S s after the cut, and "
+                        "until every device is on the secondary (default 60)")
+    p.add_argument("--after-s", type=float, default=20.0,
+                   help="region-failover: failover.after_s of the devices (default 20)")
+    p.add_argument("--after-attempts", type=int,
+                   help="region-failover: failover.after_attempts (default the firmware's)")
+    p.add_argument("--probe-s", type=float, default=15.0,
+                   help="region-failover: failover.probe_s of the devices (default 15)")
+    p.add_argument("--failback-window", type=float, default=60.0,
+                   help="region-failover: failover.failback_window_s (default 60)")
     p.add_argument("--interval", type=float, default=5.0,
                    help="telemetry period of the devices in s (default 5)")
     p.add_argument("--health-interval", type=float, default=30.0,
@@ -98,6 +126,9 @@ def parse_args(argv=None):
         p.error("--fraction must be in (0, 1]")
     if a.refuse < 0 or a.rate <= 0 or a.interval <= 0:
         p.error("--refuse must not be negative, --rate and --interval must be positive")
+    if a.down < 0 or a.after_s < 1 or a.probe_s < 1 or a.failback_window < 0:
+        p.error("--down and --failback-window must not be negative, --after-s and "
+                "--probe-s must be at least 1")
     return a
 
 
@@ -135,10 +166,11 @@ class Run:
         self.say = say
         self.ledger = Ledger()
         self.lock = threading.Lock()
-        self.births = {}  # device -> [(t, status doc)] of online births
+        self.births = {}  # device -> [(t, status doc, broker index)] of online births
         self.heap = {}  # device -> largest heap_alloc reported in health
+        self.mqtt = {}  # device -> {"failovers": n, "failbacks": n}, the largest in health
 
-    def _on_msg(self, t, topic, payload, retain):
+    def _on_msg(self, t, topic, payload, retain, broker=0):
         parts = topic.split("/")
         if len(parts) != 3:
             return
@@ -151,20 +183,28 @@ class Run:
             if kind == "telemetry" and isinstance(msg.get("seq"), int):
                 self.ledger.telemetry(dev, msg, t)
             elif kind == "status" and msg.get("state") == "online" and not retain:
-                self.births.setdefault(dev, []).append((t, msg))
-            elif kind == "health" and isinstance(msg.get("heap_alloc"), int):
-                self.heap[dev] = max(self.heap.get(dev, 0), msg["heap_alloc"])
+                self.births.setdefault(dev, []).append((t, msg, broker))
+            elif kind == "health":
+                if isinstance(msg.get("heap_alloc"), int):
+                    self.heap[dev] = max(self.heap.get(dev, 0), msg["heap_alloc"])
+                m = msg.get("mqtt")
+                if isinstance(m, dict):
+                    seen = self.mqtt.setdefault(dev, {})
+                    for k in ("failovers", "failbacks"):
+                        if isinstance(m.get(k), int):
+                            seen[k] = max(seen.get(k, 0), m[k])
 
-    def configs(self, host, port):
+    def configs(self, host, port, endpoints=(), **extra):
         a = self.a
         rec = {}
         if a.stable_s is not None:
             rec["stable_s"] = a.stable_s
         if a.first_window is not None and self.profile == "firmware":
             rec["first_window"] = a.first_window
-        extra = {"profile": "baseline"} if self.profile == "baseline" else {}
-        return [device_config("storm-%04d" % i, host, port, telemetry_interval=a.interval,
-                              health_interval=a.health_interval,
+        if self.profile == "baseline":
+            extra["profile"] = "baseline"
+        return [device_config("storm-%04d" % i, host, port, endpoints=endpoints,
+                              telemetry_interval=a.interval, health_interval=a.health_interval,
                               broker={"reconnect": dict(rec)} if rec else None, **extra)
                 for i in range(a.devices)]
 
@@ -178,8 +218,9 @@ class Run:
                     back[cid] = p.t
         return back
 
-    def wait_back(self, proxy, mark, who, timeout):
-        """Poll until every client id in `who` has a CONNACK after mark; returns the map."""
+    def wait_back(self, proxy, mark, who, timeout, fleet=None):
+        """Poll until every client id in `who` has a CONNACK after mark; returns the map.
+        Raises if every process of `fleet` has died (a firmware that does not start)."""
         end = time.monotonic() + timeout
         want = set(who)
         while True:
@@ -188,6 +229,10 @@ class Run:
                 return back
             if time.monotonic() > end:
                 return back
+            if fleet and all(p.down() for p in fleet):
+                raise RuntimeError("%s/%s: every device process exited; see %s/devices-0.log:"
+                                   "\n%s" % (self.scenario, self.profile, self.dir,
+                                             fleet[0].output()[-2000:]))
             time.sleep(0.2)
 
     def run(self):
@@ -200,9 +245,10 @@ class Run:
         fleet = []
         try:
             start = proxy.mark()
-            fleet = start_fleet(self.configs(proxy.host, proxy.port), self.dir)
+            fleet = start_fleet(self.configs(proxy.host, proxy.port), self.dir,
+                                processes=a.processes)
             ids = ["storm-%04d" % i for i in range(a.devices)]
-            up = self.wait_back(proxy, start, ids, a.timeout)
+            up = self.wait_back(proxy, start, ids, a.timeout, fleet)
             if len(up) < a.devices:
                 raise RuntimeError("%s/%s: only %d of %d devices connected at the start"
                                    % (self.scenario, self.profile, len(up), a.devices))
@@ -280,7 +326,7 @@ class Run:
         with self.lock:
             failed = []
             for c in cut:
-                later = [m for t, m in self.births.get(c, ()) if t >= t_cut]
+                later = [m for t, m, _ in self.births.get(c, ()) if t >= t_cut]
                 out = (later[0].get("outage") or {}) if later else {}
                 failed.append(out.get("failed", 0) if later else None)
         reported = [f for f in failed if f is not None]
@@ -313,6 +359,266 @@ class Run:
         return summary, series
 
 
+def quantile(xs, q):
+    """The q-quantile (nearest rank) of xs, None if empty."""
+    xs = sorted(xs)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, max(0, int(q * len(xs) + 0.5) - 1))]
+
+
+def _s(x):
+    return None if x is None else round(x, 2)
+
+
+class FailoverRun(Run):
+    """region-failover: a primary and a secondary broker, each behind its own proxy and
+    read by its own observer; the primary dies, comes back after --down s."""
+
+    def wait_settled(self, prim, mark, who, deadline, hold=2.0):
+        """Poll until every client id in `who` has had a CONNACK from `prim` after mark and
+        is connected to it, over the same connections `hold` s apart; True if so by the
+        deadline (monotonic s)."""
+        want = set(who)
+        seen = None
+        while time.monotonic() < deadline:
+            now = prim.connected_clients()
+            if want <= set(self.connected_since(prim, mark)) and want <= set(now):
+                ours = {c: now[c] for c in want}
+                if seen is not None and seen[0] == ours and time.monotonic() >= seen[1] + hold:
+                    return True
+                if seen is None or seen[0] != ours:
+                    seen = (ours, time.monotonic())
+            else:
+                seen = None
+            time.sleep(0.2)
+        return False
+
+    def run(self):
+        a = self.a
+        brokers = [Mosquitto(os.path.join(self.dir, name)).start()
+                   for name in ("primary", "secondary")]
+        proxies, observers, fleet = [], [], []
+        try:
+            for b in brokers:
+                proxies.append(FaultProxy(b.host, b.port, record="control").start())
+            for i, b in enumerate(brokers):
+                # The consumer reads both: a message is lost only if neither delivered it.
+                observers.append(Observer(
+                    b.host, b.port,
+                    topics=("devices/+/telemetry", "devices/+/status", "devices/+/health"),
+                    on_message=lambda *m, i=i: self._on_msg(*m, broker=i)))
+            prim, sec = proxies
+            fo = {"after_s": a.after_s, "probe_s": a.probe_s,
+                  "failback_window_s": a.failback_window}
+            if a.after_attempts is not None:
+                fo["after_attempts"] = a.after_attempts
+            start = prim.mark()
+            fleet = start_fleet(self.configs(prim.host, prim.port, [(sec.host, sec.port)],
+                                             failover=fo), self.dir,
+                                processes=a.processes)
+            ids = ["storm-%04d" % i for i in range(a.devices)]
+            up = self.wait_back(prim, start, ids, a.timeout, fleet)
+            if len(up) < a.devices:
+                raise RuntimeError("%s/%s: only %d of %d devices connected at the start"
+                                   % (self.scenario, self.profile, len(up), a.devices))
+            stable = max(FLAP_S, STABLE_S if a.stable_s is None else a.stable_s)
+            up = self.connected_since(prim, start, latest=True)
+            wait = max(up.values()) + stable + 2.0 - time.monotonic()
+            self.say("%s/%s: %d devices connected to the primary; it dies in %.0f s"
+                     % (self.scenario, self.profile, a.devices, max(0.0, wait)))
+            time.sleep(max(0.0, wait))
+            summary, series = self._failover(prim, sec)
+            summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
+        finally:
+            marks = stop_fleet(fleet, timeout=20)
+            time.sleep(1.0)  # the last acknowledged messages reach the observers
+            for o in observers:
+                o.close()
+            for p in proxies:
+                p.stop()
+            for b in brokers:
+                b.stop()
+            for i, p in enumerate(fleet):
+                with open(os.path.join(self.dir, "devices-%d.log" % i), "w") as f:
+                    f.write(p.output() + "\n")
+        with self.lock:
+            summary["telemetry"] = self.ledger.received
+            summary["unexplained_loss"] = self.ledger.gaps()
+            summary["duplicates"] = self.ledger.duplicates
+            heap = dict(self.heap)
+            counts = list(self.mqtt.values())
+        for k in ("failovers", "failbacks"):
+            # From health (every health_interval s): the largest count each device reported.
+            summary["%s_reported" % k] = sum(c.get(k, 0) for c in counts)
+        summary.update(error_counts(fleet, marks))
+        summary["heap_per_device_bytes"] = per_device_heap(heap, fleet)
+        return summary, series
+
+    def _failover(self, prim, sec):
+        a = self.a
+        tag = "%s/%s" % (self.scenario, self.profile)
+        mark_p, mark_s = prim.mark(), sec.mark()
+        t_cut = time.monotonic()
+        prim.listen(False)  # the host refuses even a bare TCP connect (the devices' probe)
+        n = prim.cut()
+        cut = [c for c in prim.last_cut if c]
+        self.say("%s: the primary died, %d connections cut" % (tag, n))
+        # Failover: every cut device connected to the secondary.
+        on_sec = self.wait_back(sec, mark_s, cut, a.timeout)
+        over = [on_sec[c] for c in cut if c in on_sec]
+        all_over = len(over) == len(cut)
+        t_over = max(over) if over else time.monotonic()
+        self.say("%s: %d of %d on the secondary after %.1f s"
+                 % (tag, len(over), len(cut), t_over - t_cut))
+        # Subscriptions and the queued resends follow a CONNACK at once.
+        time.sleep(max(3.0, t_cut + a.down - time.monotonic()))
+        mark_up = prim.mark()
+        prim.listen(True)
+        t_up = time.monotonic()
+        self.say("%s: the primary is back after %.1f s" % (tag, t_up - t_cut))
+        deadline = t_up + 1.5 * a.probe_s + a.failback_window + STUCK_MARGIN_S
+        settled = self.wait_settled(prim, mark_up, cut, deadline)
+        t_check = time.monotonic()
+        back = self.connected_since(prim, mark_up)
+        returns = [back[c] for c in cut if c in back]
+        all_back = len(returns) == len(cut)
+        t_back = max(returns) if returns else t_check
+        # Where each device is at the end: connected to which broker, if any.
+        now_p, now_s = prim.connected_clients(), sec.connected_clients()
+        stuck = sorted(c for c in cut if c in now_s)
+        away = sorted(c for c in cut if c not in now_p)
+        # Connections to the primary after its return beyond one per device: returns that
+        # did not hold.
+        reconnects = len([p for p in prim.packets_since(mark_up, "CONNACK") if p.rc == 0]) \
+            - len(returns)
+        self.say("%s: %d of %d back on the primary within %.1f s, %s; %d on the secondary, "
+                 "%d not on the primary, %d reconnects to it"
+                 % (tag, len(returns), len(cut), t_back - t_up,
+                    "settled" if settled else "NOT settled", len(stuck), len(away), reconnects))
+
+        never = float("inf")
+
+        def setup_subs(proxy, mark, t_end):
+            """SUBSCRIBEs before the connection's first PUBLISH (setting the session up)
+            and later ones (the random config refresh), up to t_end."""
+            subs, scheduled = [], []
+            for p in proxy.packets_since(mark, "SUBSCRIBE", "up"):
+                if p.t <= t_end:
+                    (subs if p.t < proxy.first_publish.get(p.conn, never)
+                     else scheduled).append(p)
+            return subs, scheduled
+
+        def config_of(ps):
+            return [p for p in ps if any("/config/" in f for f in (p.filters or ()))]
+
+        # Failover: the secondary's load while the fleet moves there.
+        att_s = [t for t, _ in sec.attempts_since(mark_s) if t_cut <= t <= t_over]
+        subs_s, sched_s = setup_subs(sec, mark_s, t_over + 3.0)
+        span = max(t_over - t_cut, BIN_S)
+        peak = busiest(att_s) / BIN_S
+        mean = len(att_s) / span
+        # Fail-back: the primary's load while the fleet returns. A probe is a TCP connection
+        # without a CONNECT; an MQTT attempt sends one.
+        att_p = [t for t, _ in prim.attempts_since(mark_up) if t <= t_back]
+        con_p = [p.t for p in prim.packets_since(mark_up, "CONNECT", "up") if p.t <= t_back]
+        subs_p, _ = setup_subs(prim, mark_up, t_back + 3.0)
+        since_up = sorted(t - t_up for t in returns)
+        with self.lock:
+            failed, fo_s, named, returned = [], [], 0, 0
+            for c in cut:
+                # The birth on the primary after its return says it is one.
+                if any(i == 0 and t >= t_up and m.get("endpoint") == 0
+                       and (m.get("outage") or {}).get("failback")
+                       for t, m, i in self.births.get(c, ())):
+                    returned += 1
+                later = [(m, i) for t, m, i in self.births.get(c, ()) if t >= t_cut]
+                if not later:
+                    failed.append(None)
+                    continue
+                m, i = later[0]
+                out = m.get("outage") or {}
+                failed.append(out.get("failed", 0))
+                if isinstance(out.get("failover_s"), (int, float)):
+                    fo_s.append(out["failover_s"])
+                # The birth on the secondary names it, and the primary as where it came from.
+                if (i == 1 and m.get("endpoint") == 1
+                        and m.get("broker") == "%s:%d" % (sec.host, sec.port)
+                        and out.get("from") == "%s:%d" % (prim.host, prim.port)):
+                    named += 1
+        reported = [f for f in failed if f is not None]
+        failover_at = sorted(on_sec[c] - t_cut for c in cut if c in on_sec)
+        summary = {
+            "devices": a.devices,
+            "cut": n,
+            "refuse_s": 0,
+            "rate_limit_per_s": None,
+            "down_s": round(t_up - t_cut, 2),
+            "after_s": a.after_s,
+            "probe_s": a.probe_s,
+            "failback_window_s": a.failback_window,
+            # The failover, on the secondary: the figures the other scenarios have.
+            "peak_attempts_per_s": round(peak, 1),
+            "mean_attempts_per_s": round(mean, 1),
+            "peak_to_mean": round(peak / mean, 2) if mean else None,
+            "recovery_s": round(t_over - t_cut, 2) if all_over else None,
+            "all_back": all_over,
+            "back": len(over),
+            "total_attempts": len(att_s),
+            "attempts_per_device": round(len(att_s) / max(1, n), 2),
+            "failed_attempts_per_device_max": max(reported) if reported else None,
+            "failed_attempts_per_device_mean": (round(sum(reported) / len(reported), 2)
+                                                if reported else None),
+            "subscribes_during_recovery": len(subs_s),
+            "config_requests_during_recovery": len(config_of(subs_s)),
+            "scheduled_refreshes_during_recovery": len(config_of(sched_s)),
+            # Seconds from the cut to each device's first CONNACK on the secondary.
+            "failover_s_min": _s(failover_at[0] if failover_at else None),
+            "failover_s_median": _s(quantile(failover_at, 0.5)),
+            "failover_s_max": _s(failover_at[-1] if failover_at else None),
+            # The same as the devices tell it (birth outage.failover_s).
+            "birth_failover_s_max": _s(max(fo_s) if fo_s else None),
+            "births_naming_the_move": named,
+            "births_naming_the_return": returned,
+            # The fail-back, on the primary.
+            "failback_peak_attempts_per_s": round(busiest(att_p) / BIN_S, 1),
+            "failback_peak_connects_per_s": round(busiest(con_p) / BIN_S, 1),
+            "failback_attempts": len(att_p),
+            "failback_connects": len(con_p),
+            "failback_probes": max(0, len(att_p) - len(con_p)),
+            # Seconds from the primary's return to each device's first CONNACK there.
+            "failback_first_s": _s(since_up[0] if since_up else None),
+            "failback_median_s": _s(quantile(since_up, 0.5)),
+            "failback_last_s": _s(since_up[-1] if since_up else None),
+            # The most devices returning within any one second (uniform over the window:
+            # about N / failback_window_s).
+            "failback_busiest_second": busiest(returns, 1.0),
+            "failback_subscribes": len(subs_p),
+            "failback_config_requests": len(config_of(subs_p)),
+            "all_failed_back": all_back,
+            "failed_back": len(returns),
+            # CONNACKs from the primary after its return beyond one per device (a return
+            # whose connection did not hold, and its retry).
+            "failback_reconnects": reconnects,
+            # At the end (every device back and staying, or 1.5 probe_s + the window + a
+            # margin after the return): devices connected to the secondary, and devices
+            # not connected to the primary (stuck, or between attempts).
+            "stuck_on_secondary": len(stuck),
+            "not_on_primary": len(away),
+        }
+        lead = 2.0
+        t1 = max(t_back, t_check) + 2.0
+        series = {"t0": -lead, "bin_s": BIN_S, "reopen_s": round(t_up - t_cut, 2),
+                  "attempts": bins([t for t, _ in sec.attempts_since(mark_s)],
+                                   t_cut - lead, t1),
+                  "attempts_primary": bins([t for t, _ in prim.attempts_since(mark_p)],
+                                           t_cut - lead, t1)}
+        self.say("%s: %s" % (tag, json.dumps(summary)))
+        if stuck:
+            self.say("%s: still on the secondary: %s" % (tag, " ".join(stuck[:20])))
+        return summary, series
+
+
 def per_device_heap(heap, fleet):
     """Largest heap_alloc of each process (its devices share one heap) over its devices."""
     worst = 0
@@ -332,13 +638,24 @@ def ratios(results):
             continue
         r = {}
         for k in ("peak_attempts_per_s", "total_attempts", "subscribes_during_recovery",
-                  "config_requests_during_recovery"):
+                  "config_requests_during_recovery", "failback_peak_attempts_per_s",
+                  "failback_peak_connects_per_s", "failback_busiest_second"):
+            if k not in f:
+                continue
             if f.get(k) and b.get(k) is not None:
                 r[k] = round(b[k] / f[k], 1)
             elif b.get(k):
                 r[k] = "inf"
         out[scenario] = r
     return out
+
+
+FAILOVER_KEYS = ("failover_s_median", "failover_s_max", "birth_failover_s_max",
+                 "failback_peak_attempts_per_s", "failback_peak_connects_per_s",
+                 "failback_probes", "failback_first_s", "failback_median_s", "failback_last_s",
+                 "failback_busiest_second", "failback_subscribes", "failback_config_requests",
+                 "failed_back", "failback_reconnects", "stuck_on_secondary",
+                 "not_on_primary")
 
 
 def table(results):
@@ -350,7 +667,7 @@ def table(results):
     lines = []
     for scenario, by in results.items():
         lines.append("\n%s\n| figure | firmware | baseline |\n|---|---|---|" % scenario)
-        for k in keys:
+        for k in keys + (FAILOVER_KEYS if scenario == "region-failover" else ()):
             lines.append("| %s | %s | %s |" % (k, by.get("firmware", {}).get(k, "-"),
                                               by.get("baseline", {}).get(k, "-")))
     return "\n".join(lines)
@@ -361,23 +678,36 @@ def plot(series, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scenarios = [s for s in SCENARIOS if s in series]
-    fig, axes = plt.subplots(len(scenarios), 1, figsize=(10, 3.6 * len(scenarios)),
+    # (scenario, series key, title, x label) of each panel
+    panels = []
+    for s in SCENARIOS:
+        if s not in series:
+            continue
+        if s == "region-failover":
+            panels += [(s, "attempts", "region-failover: the secondary",
+                        "seconds since the primary died (dashed: it is back)"),
+                       (s, "attempts_primary", "region-failover: the primary (probes "
+                        "included; refused by the host, uncounted, while dead)",
+                        "seconds since the primary died (dashed: it is back)")]
+        else:
+            panels.append((s, "attempts", s,
+                           "seconds since the cut (dashed: the proxy accepts again)"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels)),
                              squeeze=False)
-    for ax, s in zip(axes[:, 0], scenarios):
+    for ax, (s, key, title, xlabel) in zip(axes[:, 0], panels):
         for profile, style in (("baseline", "tab:red"), ("firmware", "tab:blue")):
             d = series[s].get(profile)
-            if not d:
+            if not d or key not in d:
                 continue
-            xs = [d["t0"] + i * d["bin_s"] for i in range(len(d["attempts"]))]
-            ys = [c / d["bin_s"] for c in d["attempts"]]
+            xs = [d["t0"] + i * d["bin_s"] for i in range(len(d[key]))]
+            ys = [c / d["bin_s"] for c in d[key]]
             ax.step(xs, ys, where="post", color=style, lw=1,
                     label="%s (%s)" % (profile, "fixed 2 s, clean session"
                                         if profile == "baseline" else "jittered, kept session"))
             if d["reopen_s"]:
                 ax.axvline(d["reopen_s"], color="grey", ls="--", lw=0.8)
-        ax.set_title(s)
-        ax.set_xlabel("seconds since the cut (dashed: the proxy accepts again)")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("connection attempts / s\n(per 100 ms bin)")
         ax.set_yscale("symlog", linthresh=100)
         ax.set_ylim(bottom=0)
@@ -411,7 +741,8 @@ def storm(argv=None):
     results, series = {}, {}
     for scenario in a.scenarios:
         for profile in a.profiles:
-            summary, s = Run(scenario, profile, a, workdir, say).run()
+            kind = FailoverRun if scenario == "region-failover" else Run
+            summary, s = kind(scenario, profile, a, workdir, say).run()
             results.setdefault(scenario, {})[profile] = summary
             series.setdefault(scenario, {})[profile] = s
             # Written after each run: a later one that fails keeps what was measured.

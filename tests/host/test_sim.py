@@ -265,3 +265,53 @@ def test_sim_logs_in_to_a_broker_that_requires_it(tmp_path, sim_run):
         m.stop()
     assert summary["online"] == 2 and summary["telemetry"] >= 2, summary
     assert not [l for l in sim.lines if "s3cret-pw" in l]
+
+
+def test_sim_brokers_in_priority_order_fail_over_and_the_consumer_reads_both(
+        tmp_path, sim_run):
+    # --broker twice: the devices get both as failover endpoints, the consumer reads both.
+    # The primary stops: the devices move to the secondary and say so in their births; it
+    # starts again (same port, its persistence kept): they return. Nothing is lost: what a
+    # broker acknowledged reaches the consumer from that broker.
+    prim = Mosquitto(tmp_path / "primary").start()
+    sec = Mosquitto(tmp_path / "secondary").start()
+    devs = ["sim-%04d" % n for n in range(3)]
+    try:
+        sim = sim_run("--broker", "%s:%d" % (prim.host, prim.port),
+                      "--broker", "%s:%d" % (sec.host, sec.port),
+                      "--devices", "3", "--processes", "1", "--interval", "0.5",
+                      "--set", "broker.reconnect.first_window=0.5",
+                      "--set", "failover.after_s=2", "--set", "failover.probe_s=1",
+                      "--set", "failover.failback_window_s=2")
+
+        def births(ls, dev, endpoint):
+            head = "devices/%s/status {" % dev
+            return [i for i, l in enumerate(ls) if l.startswith(head)
+                    and '"state": "online"' in l and '"endpoint": %d' % endpoint in l]
+
+        for dev in devs:
+            sim.wait(lambda ls, d=dev: births(ls, d, 0), 60, dev + " online on the primary")
+        prim.stop()
+        for dev in devs:
+            sim.wait(lambda ls, d=dev: births(ls, d, 1) and len(
+                _tele(ls[births(ls, d, 1)[0]:], d)) >= 2, 60, dev + " on the secondary")
+        moved = [json.loads(l.split(" ", 1)[1]) for l in sim.lines
+                 if l.startswith("devices/") and '"endpoint": 1' in l and "/status {" in l
+                 and '"online"' in l]
+        assert {m["broker"] for m in moved} == {"%s:%d" % (sec.host, sec.port)}, moved
+        assert all(m["outage"]["from"] == "%s:%d" % (prim.host, prim.port)
+                   and m["outage"]["failover_s"] >= 0 for m in moved), moved
+        mark = len(sim.lines)
+        prim = Mosquitto(tmp_path / "primary", port=prim.port).start()
+        for dev in devs:
+            sim.wait(lambda ls, d=dev: births(ls[mark:], d, 0) and len(
+                _tele(ls[mark + births(ls[mark:], d, 0)[0]:], d)) >= 2, 60,
+                dev + " back on the primary")
+        summary = sim.finish()
+    finally:
+        prim.stop()
+        sec.stop()
+    assert summary["gaps"] == 0, summary
+    assert summary["online"] == 3 and summary["endpoints"] == [3, 0], summary
+    assert summary["consumer_disconnects"] >= 1, "its primary connection went with it"
+    assert summary["memory_errors"] == 0 and summary["watchdog_resets"] == 0, summary
