@@ -35,8 +35,9 @@ test-mpy: setup
 bench: setup
 	QUICK=$(QUICK) BOARD_MODEL=$(BOARD_MODEL) $(PY) bench/run.py
 
-# Reconnect storm: DEVICES firmware instances (default 1000) through a mass disconnect and an
-# overloaded broker, against the baseline profile; writes bench/storm.json and bench/storm.png.
+# Reconnect storm: DEVICES firmware instances (default 1000) through a mass disconnect, an
+# overloaded broker and a region failover (primary broker dies, comes back), against the
+# baseline profile; writes bench/storm.json and bench/storm.png.
 DEVICES ?= 1000
 storm: setup
 	$(PY) tools/storm.py --devices $(DEVICES)
