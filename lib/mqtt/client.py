@@ -467,15 +467,8 @@ class MQTTClient:
         self._dead.clear()
         self._r0 = self._r1 = 0
         self._step = "tcp"
-        s = socket.socket(ai[0], ai[1], ai[2])
-        self._sock = s
-        s.setblocking(False)
-        try:
-            s.connect(ai[-1])
-        except OSError as e:
-            if e.args[0] != EINPROGRESS:
-                raise
-        await asyncio.wait_for(_writable(s), self.timeout)
+        s = self._sock = socket.socket(ai[0], ai[1], ai[2])
+        await _tcp_connect(s, ai, self.timeout)
         if self.ssl:
             self._step = "tls"
             self._free_room()
@@ -913,13 +906,7 @@ async def reachable(resolve, host, port, timeout):
     for ai in addrs:
         s = socket.socket(ai[0], ai[1], ai[2])
         try:
-            s.setblocking(False)
-            try:
-                s.connect(ai[-1])
-            except OSError as e:
-                if e.args[0] != EINPROGRESS:
-                    raise
-            await asyncio.wait_for(_writable(s), timeout)
+            await _tcp_connect(s, ai, timeout)
             return True
         except (OSError, asyncio.TimeoutError):
             pass
@@ -938,6 +925,18 @@ def _is_ip(host):
 
 def _no_beat(ms):
     pass
+
+
+async def _tcp_connect(s, ai, timeout):
+    """Connect socket s to getaddrinfo entry ai without blocking the loop; raise if it
+    fails or takes longer than timeout. The caller closes s."""
+    s.setblocking(False)
+    try:
+        s.connect(ai[-1])
+    except OSError as e:
+        if e.args[0] != EINPROGRESS:
+            raise
+    await asyncio.wait_for(_writable(s), timeout)
 
 
 async def _writable(s):
