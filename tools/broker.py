@@ -52,7 +52,30 @@ def wait_port(host, port, timeout=10.0):
     raise RuntimeError("nothing listening on %s:%d after %.0f s" % (host, port, timeout))
 
 
-class Mosquitto:
+class _Broker:
+    """What every broker process here does alike; a subclass has start(), stop(),
+    log_path."""
+
+    def restart(self):
+        """stop() and start() on the same port (what survives depends on the broker)."""
+        self.stop()
+        return self.start()
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+class Mosquitto(_Broker):
     """mosquitto on 127.0.0.1:port with persistence in workdir (so restarts keep sessions)."""
 
     def __init__(self, workdir, port=None, extra_conf="", persistence=True, anonymous=None,
@@ -167,28 +190,9 @@ class Mosquitto:
                 self.proc.wait()
         self.proc = None
 
-    def restart(self):
-        """stop() and start() on the same port (with persistence, sessions are kept)."""
-        self.stop()
-        return self.start()
-
     def reload(self):
         """SIGHUP: mosquitto re-reads its password file, ACLs and TLS files."""
         self.proc.send_signal(signal.SIGHUP)
-
-    def log(self):
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
 
 def amqtt_path():
     """The `amqtt` broker command that `make setup` installs into the venv (requirements-dev.txt)."""
@@ -201,7 +205,7 @@ def amqtt_path():
     raise RuntimeError("amqtt not found: run 'make setup' (amqtt is in requirements-dev.txt)")
 
 
-class Amqtt:
+class Amqtt(_Broker):
     """amqtt (a pure-Python MQTT 3.1.1 broker from PyPI) on 127.0.0.1:port, the same shape
     as Mosquitto: start(), host/port, stop(), restart(), log_path, log().
 
@@ -275,20 +279,3 @@ class Amqtt:
             self.proc.wait()
         self.proc = None
 
-    def restart(self):
-        """stop() and start() on the same port: an empty broker, as after a crash."""
-        self.stop()
-        return self.start()
-
-    def log(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
