@@ -235,8 +235,30 @@ class Run:
                                              fleet[0].output()[-2000:]))
             time.sleep(0.2)
 
-    def run(self):
+    def start_stable(self, proxy, configs, fleet, what):
+        """Start the devices (into `fleet`, so the caller stops them whatever happens), wait
+        until each is connected through `proxy`, then until the newest connection has been
+        up longer than stable_s."""
         a = self.a
+        start = proxy.mark()
+        fleet.extend(start_fleet(configs, self.dir, processes=a.processes))
+        ids = ["storm-%04d" % i for i in range(a.devices)]
+        up = self.wait_back(proxy, start, ids, a.timeout, fleet)
+        if len(up) < a.devices:
+            raise RuntimeError("%s/%s: only %d of %d devices connected at the start"
+                               % (self.scenario, self.profile, len(up), a.devices))
+        # A connection older than stable_s (and than flap_s, so the cut is no flap) is
+        # what a fleet that has been up a while has; the cut then finds every device
+        # on its normal reconnect path.
+        stable = max(FLAP_S, STABLE_S if a.stable_s is None else a.stable_s)
+        # Latest CONNACKs: a board that reconnected since (a watchdog reset) counts anew.
+        up = self.connected_since(proxy, start, latest=True)
+        wait = max(up.values()) + stable + 2.0 - time.monotonic()
+        self.say("%s/%s: %d devices connected; %s in %.0f s"
+                 % (self.scenario, self.profile, a.devices, what, max(0.0, wait)))
+        time.sleep(max(0.0, wait))
+
+    def run(self):
         broker = Mosquitto(os.path.join(self.dir, "broker")).start()
         proxy = FaultProxy(broker.host, broker.port, record="control").start()
         obs = Observer(broker.host, broker.port,
@@ -244,24 +266,7 @@ class Run:
                        on_message=self._on_msg)
         fleet = []
         try:
-            start = proxy.mark()
-            fleet = start_fleet(self.configs(proxy.host, proxy.port), self.dir,
-                                processes=a.processes)
-            ids = ["storm-%04d" % i for i in range(a.devices)]
-            up = self.wait_back(proxy, start, ids, a.timeout, fleet)
-            if len(up) < a.devices:
-                raise RuntimeError("%s/%s: only %d of %d devices connected at the start"
-                                   % (self.scenario, self.profile, len(up), a.devices))
-            # A connection older than stable_s (and than flap_s, so the cut is no flap) is
-            # what a fleet that has been up a while has; the cut then finds every device
-            # on its normal reconnect path.
-            stable = max(FLAP_S, STABLE_S if a.stable_s is None else a.stable_s)
-            # Latest CONNACKs: a board that reconnected since (a watchdog reset) counts anew.
-            up = self.connected_since(proxy, start, latest=True)
-            wait = max(up.values()) + stable + 2.0 - time.monotonic()
-            self.say("%s/%s: %d devices connected; cut in %.0f s"
-                     % (self.scenario, self.profile, a.devices, max(0.0, wait)))
-            time.sleep(max(0.0, wait))
+            self.start_stable(proxy, self.configs(proxy.host, proxy.port), fleet, "cut")
             summary, series = self._storm(proxy)
             summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
         finally:
@@ -413,21 +418,8 @@ class FailoverRun(Run):
                   "failback_window_s": a.failback_window}
             if a.after_attempts is not None:
                 fo["after_attempts"] = a.after_attempts
-            start = prim.mark()
-            fleet = start_fleet(self.configs(prim.host, prim.port, [(sec.host, sec.port)],
-                                             failover=fo), self.dir,
-                                processes=a.processes)
-            ids = ["storm-%04d" % i for i in range(a.devices)]
-            up = self.wait_back(prim, start, ids, a.timeout, fleet)
-            if len(up) < a.devices:
-                raise RuntimeError("%s/%s: only %d of %d devices connected at the start"
-                                   % (self.scenario, self.profile, len(up), a.devices))
-            stable = max(FLAP_S, STABLE_S if a.stable_s is None else a.stable_s)
-            up = self.connected_since(prim, start, latest=True)
-            wait = max(up.values()) + stable + 2.0 - time.monotonic()
-            self.say("%s/%s: %d devices connected to the primary; it dies in %.0f s"
-                     % (self.scenario, self.profile, a.devices, max(0.0, wait)))
-            time.sleep(max(0.0, wait))
+            self.start_stable(prim, self.configs(prim.host, prim.port, [(sec.host, sec.port)],
+                                                 failover=fo), fleet, "the primary dies")
             summary, series = self._failover(prim, sec)
             summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
         finally:
