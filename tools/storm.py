@@ -270,15 +270,27 @@ class Run:
             summary, series = self._storm(proxy)
             summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
         finally:
-            # Output up to here is the run's; what follows is the graceful stop's.
-            marks = stop_fleet(fleet, timeout=20)
-            time.sleep(1.0)  # the last acknowledged messages reach the observer
-            obs.close()
-            proxy.stop()
-            broker.stop()
-            for i, p in enumerate(fleet):
-                with open(os.path.join(self.dir, "devices-%d.log" % i), "w") as f:
-                    f.write(p.output() + "\n")
+            marks = self.wind_up(fleet, [obs], [proxy, broker])
+        self.tally(summary, fleet, marks)
+        return summary, series
+
+    def wind_up(self, fleet, observers, services):
+        """Stop the devices gracefully (their output up to here is the run's, what follows
+        the stop's), let the last acknowledged messages reach the observers, close those,
+        stop the proxies and brokers, keep the device logs. Returns the stop marks."""
+        marks = stop_fleet(fleet, timeout=20)
+        time.sleep(1.0)
+        for o in observers:
+            o.close()
+        for s in services:
+            s.stop()
+        for i, p in enumerate(fleet):
+            with open(os.path.join(self.dir, "devices-%d.log" % i), "w") as f:
+                f.write(p.output() + "\n")
+        return marks
+
+    def tally(self, summary, fleet, marks):
+        """The ledger's and the devices' figures of the run, into summary."""
         with self.lock:
             summary["telemetry"] = self.ledger.received
             summary["unexplained_loss"] = self.ledger.gaps()
@@ -286,7 +298,6 @@ class Run:
             heap = dict(self.heap)
         summary.update(error_counts(fleet, marks))
         summary["heap_per_device_bytes"] = per_device_heap(heap, fleet)
-        return summary, series
 
     def _storm(self, proxy):
         a = self.a
@@ -423,28 +434,13 @@ class FailoverRun(Run):
             summary, series = self._failover(prim, sec)
             summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
         finally:
-            marks = stop_fleet(fleet, timeout=20)
-            time.sleep(1.0)  # the last acknowledged messages reach the observers
-            for o in observers:
-                o.close()
-            for p in proxies:
-                p.stop()
-            for b in brokers:
-                b.stop()
-            for i, p in enumerate(fleet):
-                with open(os.path.join(self.dir, "devices-%d.log" % i), "w") as f:
-                    f.write(p.output() + "\n")
+            marks = self.wind_up(fleet, observers, proxies + brokers)
+        self.tally(summary, fleet, marks)
         with self.lock:
-            summary["telemetry"] = self.ledger.received
-            summary["unexplained_loss"] = self.ledger.gaps()
-            summary["duplicates"] = self.ledger.duplicates
-            heap = dict(self.heap)
             counts = list(self.mqtt.values())
         for k in ("failovers", "failbacks"):
             # From health (every health_interval s): the largest count each device reported.
             summary["%s_reported" % k] = sum(c.get(k, 0) for c in counts)
-        summary.update(error_counts(fleet, marks))
-        summary["heap_per_device_bytes"] = per_device_heap(heap, fleet)
         return summary, series
 
     def _failover(self, prim, sec):
