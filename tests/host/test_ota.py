@@ -33,7 +33,10 @@ class Releases:
                                 ignore=shutil.ignore_patterns("__pycache__"))
             if edit:
                 app = src / "firmware" / "app.py"
-                app.write_text(edit(app.read_text()))
+                text = app.read_text()
+                edited = edit(text)
+                assert edited != text, "the edit found nothing to change in app.py"
+                app.write_text(edited)
         return str(src)
 
     def build(self, name, version, src=None, key=None, **kw):
@@ -143,7 +146,7 @@ def test_a_version_that_crashes_at_boot_is_rolled_back_by_the_loader(
 def test_a_version_that_never_reaches_the_broker_rolls_back_after_confirm_s(
         fleet, observer, tmp_path, releases):
     v3 = releases.build("v3", 3, src=releases.source("nobroker", lambda t: t.replace(
-        'b["port"],', 'b["port"] + 1,', 1)))
+        '"port": e["port"],', '"port": e["port"] + 1,', 1)))
     p = fleet.start(ota_device(fleet, tmp_path, "n1", releases, confirm_s=6), restart=True)
     observer.wait(lambda m: births(observer, "n1"), 20, "online on v1")
     request(observer, v3, reboot="now")
