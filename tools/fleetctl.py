@@ -627,15 +627,27 @@ def publish_layer(args, topic, change, replace, hint, wait=0.0):
             targets = {d for d, r in reps.items() if layer_view(r, layer)[0]}
             if layer == "all":
                 targets |= set(states)
-        return doc, follow(s, args, layer, doc["version"], targets, reps, states, wait)
+        code, runs = follow(s, args, layer, doc["version"], targets, reps, states, wait, True)
+        if runs:
+            # Devices run a version this one is not above: a broker that lost the layer
+            # and their reports (nothing to read the version from), and a clock-derived
+            # version no later than theirs. Their stale reports say which: once more, past it.
+            doc["version"] = max(runs) + 1
+            text = json.dumps(doc)
+            s.publish(topic, text, retain=True)
+            print("%s %s (again: past the version they run)" % (topic, text), flush=True)
+            code, runs = follow(s, args, layer, doc["version"], targets, reps, states, wait)
+        return doc, code
 
 
-def follow(s, args, layer, version, targets, reps, states, wait):
+def follow(s, args, layer, version, targets, reps, states, wait, again=False):
     """Wait (at most `wait` s) until every online target's config/reported says whether it
     took version `version` of `layer`; print who did not. A device that answers for the
     layer counts as a target even if it was not known as one. Exit code: 1 if a device
     refused it (ignored as not newer, or rejected), 3 if an online device did not answer,
-    else 0; offline devices are pending (the broker keeps the layer for them)."""
+    else 0; offline devices are pending (the broker keeps the layer for them). Returns
+    (exit code, the versions the stale devices run); with `again` (the caller publishes
+    once more past those) the stale ones are not told as a failure yet."""
     done = {}
     deadline = time.monotonic() + wait
     for d in targets:
@@ -664,10 +676,14 @@ def follow(s, args, layer, version, targets, reps, states, wait):
     pending = sorted(d for d in targets if d not in done and states.get(d) != "online")
     print("applied by %d of %d device%s (version %d)" % (
         len(applied), len(targets), "" if len(targets) == 1 else "s", version), flush=True)
+    runs = [done[d][1] for d in stale if _int(done[d][1]) is not None]
     if stale:
         print("stale: ignored as not newer than the version they run: " + ", ".join(
-            "%s (runs %s)" % (d, done[d][1]) for d in stale) + "; set again: the next "
-            "version goes past theirs", flush=True)
+            "%s (runs %s)" % (d, done[d][1]) for d in stale) + (
+            "" if again and runs else "; set again: the next version goes past theirs"),
+            flush=True)
+    if again and runs and not rejected:
+        return DEVICE_ERROR, runs
     if rejected:
         print("rejected: " + ", ".join("%s (%s)" % (d, done[d][1]) for d in rejected),
               flush=True)
@@ -677,8 +693,8 @@ def follow(s, args, layer, version, targets, reps, states, wait):
         print("pending (offline; they get it when they connect): " + ", ".join(pending),
               flush=True)
     if stale or rejected:
-        return DEVICE_ERROR
-    return TIMEOUT if silent else OK
+        return DEVICE_ERROR, []
+    return (TIMEOUT if silent else OK), []
 
 
 # ---- status ----------------------------------------------------------------------------------

@@ -240,7 +240,8 @@ def test_set_reports_devices_that_ignore_a_stale_version_and_offline_ones_as_pen
     # A device runs a version far above any fleetctl picks (2^29, from an operator's own
     # file); then the broker loses every retained message and session (a restart without
     # its database). fleetctl finds no version and takes the time-based one, below 2^29:
-    # the device refuses it as stale, and fleetctl names it and exits 1.
+    # the device refuses it as stale and says which version it runs, so fleetctl publishes
+    # once more past it, and the change is taken.
     observer.publish("devices/v1/config/desired", json.dumps({"version": 2 ** 29}),
                      retain=True)
     wait_reported(observer, "v1", lambda r: r["versions"].get("device") == 2 ** 29, "2^29")
@@ -250,10 +251,12 @@ def test_set_reports_devices_that_ignore_a_stale_version_and_offline_ones_as_pen
     broker.start()
     observer.wait(lambda m: len([s for s in observer.json("devices/v1/status")
                                  if s["state"] == "online"]) > online, 20, "v1 back online")
-    r = fleetctl(broker, "set", "--device", "v1", "log_level=debug")
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert "applied by 0 of 1 device" in r.stdout, r.stdout
+    r = fleetctl(broker, "set", "--device", "v1", "log_level=debug", "--wait", "15")
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert "stale: ignored as not newer than the version they run: v1 (runs %d)" % 2 ** 29 \
         in r.stdout, r.stdout
-    rep = reported(observer, "v1")[-1]
-    assert rep["stale"]["device"]["have"] == 2 ** 29 and rep["effective"]["log_level"] == "info"
+    assert "(again: past the version they run)" in r.stdout, r.stdout
+    assert "applied by 1 of 1 device (version %d)" % (2 ** 29 + 1) in r.stdout, r.stdout
+    rep = wait_reported(observer, "v1", lambda r: r["versions"].get("device") == 2 ** 29 + 1,
+                        "2^29 + 1", timeout=1)[-1]
+    assert "stale" not in rep and rep["effective"]["log_level"] == "debug"
