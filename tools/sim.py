@@ -99,6 +99,11 @@ UP_WAIT_S = 60.0
 CONSUMER_RECONNECT = (0.2, 1.0)
 
 
+def _ts(status):
+    t = status.get("ts")
+    return t if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+
+
 def parse_endpoint(p, text, flag):
     host, _, port = text.rpartition(":")
     try:
@@ -531,7 +536,16 @@ def main(argv=None):
             if topic.endswith(tele_suffix) and isinstance(msg.get("seq"), int):
                 ledger.telemetry(parts[1], msg, t)
             elif topic.endswith(status_suffix):
-                ledger.status[parts[1]] = msg
+                # With several brokers each keeps its own status of the device, and the
+                # consumer's connections deliver them in any order: the newest ts is current
+                # (a move's offline on the broker left may arrive after the birth on the
+                # next, and a broker that died and came back hands out its old retained
+                # will, which has no ts). A device that dies stops sending telemetry, which
+                # is what online() also asks for.
+                old = ledger.status.get(parts[1])
+                if not (old and _ts(old) is not None
+                        and (_ts(msg) is None or _ts(msg) < _ts(old))):
+                    ledger.status[parts[1]] = msg
                 if (isinstance(msg.get("endpoint"), int) and msg.get("state") == "online"
                         and not retain):
                     endpoint[parts[1]] = msg["endpoint"]
