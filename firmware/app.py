@@ -83,21 +83,25 @@ class Device:
             await asyncio.sleep(self.config_retry_s)
 
     def _tls_contexts(self, endpoints):
-        """An SSL context per distinct TLS setting of the brokers (usually one for all)."""
+        """An SSL context per distinct set of TLS files of the brokers (usually one for
+        all: each holds its parsed CA and key in the heap), put in each endpoint with its
+        server_hostname, as the MQTT client takes them."""
         made = []
         for e in endpoints:
             tls = e.get("tls")
             if not tls:
                 continue
-            for t, ctx in made:
-                if t == tls:
+            files = (tls["ca"], tls["cert"], tls["key"])
+            for f, ctx in made:
+                if f == files:
                     break
             else:
                 from firmware import tlsctx  # ssl costs heap; only devices using TLS pay
 
                 ctx = tlsctx.context(self.board.fs, tls)
-                made.append((tls, ctx))
+                made.append((files, ctx))
             e["ssl"] = ctx
+            e["server_hostname"] = tls["server_hostname"]
             if self.ssl is None:
                 self.ssl = ctx  # the first broker's: what an update's server is checked by
 

@@ -138,7 +138,9 @@ def _endpoint(name, e, first):
         raise ConfigError("%s.host is required" % name)
     if "tls" not in e:
         if first.get("tls"):
-            ep["tls"] = first["tls"]
+            # The files, not the name: a server_hostname names the first broker, and this
+            # one must be verified against its own host.
+            ep["tls"] = dict(first["tls"], server_hostname=None)
         return ep
     tls = e["tls"]
     if tls is None:

@@ -115,12 +115,15 @@ def _cfg(broker, **over):
 
 
 def test_broker_list_inherits_credentials_and_tls_from_the_first():
-    tls = {"ca": "/ca.pem"}
+    tls = {"ca": "/ca.pem", "server_hostname": "a.example"}
     c = _cfg([{"host": "a", "port": 8883, "user": "u", "password": "p", "tls": tls,
                "keepalive": 30}, {"host": "b"}, {"host": "c", "port": 1883, "tls": None}])
     eps = c["broker"]["endpoints"]
     assert [e["host"] for e in eps] == ["a", "b", "c"]
     assert eps[1]["port"] == 8883 and eps[1]["user"] == "u" and eps[1]["tls"]["ca"] == "/ca.pem"
+    # The first's name is not the second's: b is verified against its own host.
+    assert eps[0]["tls"]["server_hostname"] == "a.example"
+    assert eps[1]["tls"]["server_hostname"] is None
     assert "tls" not in eps[2] and eps[2]["port"] == 1883
     assert c["broker"]["host"] == "a" and c["broker"]["keepalive"] == 30
     assert c["failover"] == _defaults()
