@@ -152,10 +152,7 @@ class Device:
                     flap_limit=1000),
             self.log, self._uptime, beat=lambda ms: self._beat("link", ms),
         )
-        eps = [{"host": e["host"], "port": e["port"], "user": e["user"],
-                 "password": e["password"], "ssl": e.get("ssl"),
-                 "server_hostname": (e.get("tls") or {}).get("server_hostname")}
-               for e in b["endpoints"]]
+        eps = b["endpoints"]  # bootconfig's, with the SSL contexts (_tls_contexts)
         self.client = MQTTClient(
             cfg["device_id"],
             b["host"],

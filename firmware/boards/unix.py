@@ -165,9 +165,9 @@ class Board(BaseBoard):
             if w.startswith(pre):
                 out = []
                 for ip in w[len(pre):].split(","):
-                    out.extend(socket.getaddrinfo(ip, port, 0, socket.SOCK_STREAM))
+                    out.extend(BaseBoard.resolve(self, ip, port))
                 return out
-        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        return BaseBoard.resolve(self, host, port)
 
     def collect(self):
         if self.shared:

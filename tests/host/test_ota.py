@@ -146,7 +146,8 @@ def test_a_version_that_crashes_at_boot_is_rolled_back_by_the_loader(
 def test_a_version_that_never_reaches_the_broker_rolls_back_after_confirm_s(
         fleet, observer, tmp_path, releases):
     v3 = releases.build("v3", 3, src=releases.source("nobroker", lambda t: t.replace(
-        '"port": e["port"],', '"port": e["port"] + 1,', 1)))
+        "resolve=self.board.resolve,", "resolve=lambda h, p: self.board.resolve(h, p + 1),",
+        1)))
     p = fleet.start(ota_device(fleet, tmp_path, "n1", releases, confirm_s=6), restart=True)
     observer.wait(lambda m: births(observer, "n1"), 20, "online on v1")
     request(observer, v3, reboot="now")
