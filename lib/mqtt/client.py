@@ -95,14 +95,13 @@ class MQTTClient:
         self._last_ep = None  # endpoint of the last connection
         self._lost_at = None  # uptime when the last connection ended
         self._moved = 0  # how the endpoint last changed: 1 failover, 2 fail-back
-        ssl = ssl or [e for e in self.endpoints if e.get("ssl")]
         # Where mbedTLS allocates from the GC heap (RP2, the 32-bit board model), its 16 KiB
         # receive record must find one free block at every connect: after the first
         # connection, the outage's small allocations land in the hole it left, and the
         # next handshake fails with ENOMEM in a heap with plenty free. So a block of
         # `tls_room` bytes holds that hole while disconnected and is let go just before
         # the handshake.
-        self.tls_room = tls_room if ssl else 0
+        self.tls_room = tls_room if any(e.get("ssl") for e in self.endpoints) else 0
         self._room = None
         self.max_frame = max_frame
         self.timeout = timeout
@@ -225,12 +224,7 @@ class MQTTClient:
         if not self.connected.is_set():
             return
         try:
-            if final and not self.session.full():
-                msg = Message(_b(final[0]), _b(final[1]), 1, final[2])
-                self.session.add(msg)
-                await self._send_msg(msg, False)
-            await self._send(codec.DISCONNECT_PACKET)
-            await asyncio.wait_for(self._dead.wait(), self.timeout)
+            await self._leave(final)
             # Not _kill() now: run() may already be on the next connection, and _dead
             # would end that one.
             return
@@ -295,21 +289,26 @@ class MQTTClient:
         self._stop = True
         if self.connected.is_set():
             try:
-                if final:
-                    msg = Message(_b(final[0]), _b(final[1]), 1, final[2])
-                    if not self.session.full():
-                        self.session.add(msg)
-                        await self._send_msg(msg, False)
-                await self._send(codec.DISCONNECT_PACKET)
-                if reader_alive:
-                    await asyncio.wait_for(self._dead.wait(), self.timeout)
-                else:
-                    await asyncio.wait_for(self._discard_until_eof(), self.timeout)
+                await self._leave(final, reader_alive)
                 self.log("I", "disconnected")
             except (OSError, asyncio.TimeoutError) as e:
                 self.log("W", "graceful disconnect incomplete: %r" % (e,))
         self._kill()
         await self._close()
+
+    async def _leave(self, final, reader_alive=True):
+        """The final publish, DISCONNECT and the wait for the broker to close (disconnect()
+        says why)."""
+        if final:
+            msg = Message(_b(final[0]), _b(final[1]), 1, final[2])
+            if not self.session.full():
+                self.session.add(msg)
+                await self._send_msg(msg, False)
+        await self._send(codec.DISCONNECT_PACKET)
+        if reader_alive:
+            await asyncio.wait_for(self._dead.wait(), self.timeout)
+        else:
+            await asyncio.wait_for(self._discard_until_eof(), self.timeout)
 
     async def abort(self):
         """Drop the connection without DISCONNECT, as a crash would: the broker publishes
@@ -430,8 +429,6 @@ class MQTTClient:
             self._addrs = None
 
     async def _connect(self):
-        self._dead.clear()
-        self._r0 = self._r1 = 0
         self._step = "dns"
         if self._addrs is None:
             # Blocking on MicroPython (no async resolver): done once and cached, so an
