@@ -21,8 +21,11 @@ if sys.platform == "linux":
 import otaboot
 
 _opened = otaboot.load()
+if not otaboot.deadline_armed():
+    # The application imports it again when it needs it. A trial keeps it: its deadline
+    # lives there until the new version confirms itself (otaboot.confirm).
+    sys.modules.pop("otaboot", None)
 del otaboot
-sys.modules.pop("otaboot", None)  # the application imports it again when it needs it
 
 from firmware.run import main
 

@@ -1,12 +1,15 @@
 """Start firmware instances on the MicroPython Unix port (host-side, CPython).
 
-One DeviceProcess is one `micropython main.py` process driving one or more boards, each
-with its own littlefs flash image and bootstrap config, as a fleet simulator needs.
+One DeviceProcess is one MicroPython process driving one or more boards, each with its own
+littlefs flash image and bootstrap config, as a fleet simulator needs. Every process starts
+as a board does: `unixboot.py` runs boot.py, then main.py, in one interpreter.
 
 It also plays the boards' hardware watchdog, which the Unix port lacks: each board arms it
 and feeds it over UDP (firmware/boards/unix.py); when a board's feeds stop for its timeout,
 the process is killed with SIGKILL, as a reset would, and started again, the starved board
 told that its reset cause is `watchdog` (the others in the process lost power with it).
+It plays the one timer the loader uses too: a trial deadline (otaboot.arm_deadline, `deadline
+MS` over the same socket, `deadline 0` to disarm) that resets a lone board when it expires.
 
 A real board has a CPU of its own; boards sharing a process share one asyncio loop, so a
 board can wait for its turn while the process boots or serves the others. A process with
@@ -49,6 +52,8 @@ OFF_S = (0.5, 2.0)
 # Exit code of a lone board's reset (firmware/boards/unix.py RESET_EXIT): started again at
 # once, told `soft`, whether or not the runner restarts crashed processes.
 RESET_EXIT = 75
+# The Unix port's stand-in for a board's start-up (boot.py, then main.py).
+UNIXBOOT = os.path.join(ROOT, "unixboot.py")
 
 
 def venv_tool(name):
@@ -229,7 +234,8 @@ class DeviceProcess:
             heap = "%dk" % (len(self.specs) * HEAP_PER_BOARD_K)
         if heap:
             args += ["-X", "heapsize=%s" % heap]
-        args.append(self.main)
+        # As a board starts: boot.py, then main.py, from the directory that holds them.
+        args += [UNIXBOOT, os.path.dirname(os.path.abspath(self.main))]
         if self.flash_size:
             args += ["--flash-size", str(self.flash_size)]
         if self._wdt:
@@ -353,6 +359,7 @@ class DeviceProcess:
         """The watchdog: `arm IMAGE MS` sets a board's timeout, `feed IMAGE` restarts it,
         `tick LAG_MS` says the process's loop runs and was LAG_MS late (module docstring)."""
         armed = {}  # image -> (timeout s, last feed)
+        deadline = None  # when the loader's trial deadline resets the process
         gen = None
         tick = None  # when a shared loop last ticked (or its process started)
         shared = len(self.specs) > 1  # boards share the loop: its lag is not theirs
@@ -367,7 +374,7 @@ class DeviceProcess:
                 # A new process (restart, power-up): its boards arm again; nothing is owed.
                 # Its loop has not ticked yet: the first board arms and starts the ticks,
                 # then the others boot, which can hold the loop before the first tick.
-                gen, armed, tick = self._gen, {}, now
+                gen, armed, tick, deadline = self._gen, {}, now, None
             if now - t0 > 0.6:
                 # recv returns within its 0.1 s timeout unless this thread itself was not
                 # running (a busy host, the GIL): the feeds queued meanwhile are not late,
@@ -382,6 +389,9 @@ class DeviceProcess:
                     armed[words[1]] = (int(words[2]) / 1000, now)
                 elif words[0] == "feed" and words[1] in armed:
                     armed[words[1]] = (armed[words[1]][0], now)
+                elif words[0] == "deadline":
+                    ms = int(words[1])
+                    deadline = now + ms / 1000 if ms > 0 else None
                 elif words[0] == "tick":
                     tick = now
                     if shared:
@@ -389,6 +399,10 @@ class DeviceProcess:
                         armed = {i: (t, min(now, last + lag)) for i, (t, last) in armed.items()}
             except (IndexError, ValueError):
                 pass
+            if deadline is not None and now >= deadline:
+                deadline = None
+                self._timer_reset()
+                continue
             starved = self._starved(armed, now, tick if shared else None)
             if starved:
                 self._reset(*starved)  # or nothing, if the process is gone or stopping
@@ -424,6 +438,18 @@ class DeviceProcess:
                 self.on_watchdog(image)
             self.causes = {s.image: "power-on" for s in self.specs}
             self.causes[image] = "watchdog"
+            self._spawn()
+
+    def _timer_reset(self):
+        """The loader's trial deadline expired: machine.reset() on a board, here the process
+        killed and started again, its boards told `soft` as after any reset of their own."""
+        with self._lock:
+            if self._closed or not self.alive():
+                return
+            self.proc.kill()
+            self.proc.wait()
+            self._note("runner: board reset by the trial deadline")
+            self.causes = {s.image: "soft" for s in self.specs}
             self._spawn()
 
     def output(self):

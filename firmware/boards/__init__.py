@@ -29,10 +29,3 @@ def boards(opened=None):
         return out
     return [cls()]
 
-
-def early_watchdog():
-    """boot.py arms the watchdog at the chip's longest timeout before anything else can
-    hang; the app sets the configured one. On Unix the runner plays the watchdog."""
-    cls = _mcu_board()
-    if cls is not None:
-        cls.arm_early()

@@ -7,7 +7,7 @@ import machine
 import network
 
 from firmware.boards.base import BaseBoard
-from otaboot import RootFs
+from otaboot import WDT_MAX_MS, RootFs
 
 # Seconds from 1970 to 2000, the epoch of ports built without a 1970 epoch.
 _EPOCH_OFFSET = 0 if time.gmtime(0)[0] == 1970 else 946684800
@@ -53,7 +53,7 @@ class McuBoard(BaseBoard):
     name = "mcu"
     ntp = True
     power_save = True
-    max_wdt_ms = 60000
+    max_wdt_ms = WDT_MAX_MS["esp32"]  # boot.py armed it at this (otaboot)
 
     def __init__(self):
         self.fs = RootFs()
@@ -81,11 +81,6 @@ class McuBoard(BaseBoard):
             if getattr(machine, name, None) == rc:
                 return cause
         return "unknown"
-
-    @classmethod
-    def arm_early(cls):
-        """boot.py, before the board object exists: the longest timeout this chip allows."""
-        machine.WDT(timeout=cls.max_wdt_ms)
 
     def arm_watchdog(self, timeout_ms):
         # Arming again sets the new timeout; a WDT once armed cannot be stopped.

@@ -3,12 +3,13 @@
 import machine
 
 from firmware.boards.mcu import McuBoard
+from otaboot import WDT_MAX_MS
 
 
 class Board(McuBoard):
     name = "rp2"
     power_save = False
-    max_wdt_ms = 8388  # the RP2040 watchdog's longest timeout
+    max_wdt_ms = WDT_MAX_MS["rp2"]  # the RP2040 watchdog's longest timeout
     # mbedTLS allocates from the GC heap here: a 16 KiB receive and a 4 KiB send record.
     tls_room = 21504
 
