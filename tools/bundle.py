@@ -2,12 +2,16 @@
 
     python tools/bundle.py keygen --name release [--dir secrets/ota]
     python tools/bundle.py build --out DIR --version N [--name S] [--src SRC] [--arch ARCH]
+                                 [--floor N] [--keys PUB [--keys PUB]]
     python tools/bundle.py sign --bundle DIR --key secrets/ota/release.pem
     python tools/bundle.py verify --bundle DIR --pub secrets/ota/release.pub [--pub ...]
 
 A bundle is a directory a device downloads over HTTP:
     DIR/files/<path>.mpy   firmware/ and lib/ compiled with mpy-cross
-    DIR/manifest.json      canonical JSON: version, needs, every file's size and SHA-256
+    DIR/manifest.json      canonical JSON: version, floor (the lowest version that may ever
+                           replace it once confirmed), keys (the update keys devices trust
+                           once it is confirmed, for key rotation; optional), needs, every
+                           file's size and SHA-256
     DIR/manifest.sig       {"key": KEYID, "sig": HEX}: ECDSA P-256 / SHA-256 over manifest.json,
                            raw r||s; KEYID = first 16 hex of SHA-256 of the 65-byte public point
 The device trusts the manifest through the signature and each file through its hash, so only
@@ -34,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (decode_dss_signatur
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import otaboot  # noqa: E402  (the loader's rule for what a bundle may install)
 from tools.devices import venv_tool  # noqa: E402
 
 FORMAT = 1
@@ -117,12 +122,21 @@ def _sources(src):
                     yield os.path.relpath(os.path.join(dirpath, fn), src).replace(os.sep, "/")
 
 
-def build(out, version, name=None, src=None, arch=None):
+def build(out, version, name=None, src=None, arch=None, floor=None, keys=None):
     """Compile SRC's firmware/ and lib/ into OUT/files and write OUT/manifest.json.
-    Returns the manifest document."""
+    `floor` (default: the version itself): once a device confirms this release, nothing
+    older than it is installed there again. `keys` (hex points or .pub files, one or two):
+    the update keys a device trusts from then on. Returns the manifest document."""
     src = os.path.abspath(src or ROOT)
     if type(version) is not int or version < 1:
         raise ValueError("version must be an integer >= 1, not %r" % (version,))
+    floor = version if floor is None else floor
+    if type(floor) is not int or not 1 <= floor <= version:
+        raise ValueError("floor must be an integer from 1 to the version, not %r" % (floor,))
+    if keys is not None:
+        keys = [load_pub(k)[0] for k in keys]
+        if not 1 <= len(keys) <= 2:
+            raise ValueError("keys: one or two public keys")
     if not os.path.isdir(os.path.join(src, "firmware")):
         raise ValueError("%s has no firmware/ directory" % src)
     with open(os.path.join(src, VERSION_PY)) as f:
@@ -171,6 +185,7 @@ def build(out, version, name=None, src=None, arch=None):
     doc = {
         "format": FORMAT,
         "version": version,
+        "floor": floor,
         "name": name,
         "mpy": mpy,
         "arch": arch or None,
@@ -178,6 +193,12 @@ def build(out, version, name=None, src=None, arch=None):
         "files": files,
         "total": sum(f[1] for f in files),
     }
+    if keys:
+        doc["keys"] = keys
+    for f in files:
+        why = otaboot.bad_entry(f)
+        if why:
+            raise ValueError("%s cannot go into a bundle: %s" % (f[0], why))
     with open(os.path.join(out, "manifest.json"), "wb") as f:
         f.write(canonical(doc))
     return doc
@@ -316,16 +337,13 @@ def check_files(bundle_dir, doc):
     files_dir = os.path.join(bundle_dir, "files")
     listed, order, total = set(), [], 0
     for entry in files:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
-                and type(entry[1]) is int and isinstance(entry[2], str)):
-            problems.append("bad file entry %r" % (entry,))
+        # The device's own rule: paths it may write and import, nothing named like the loader.
+        why = otaboot.bad_entry(entry)
+        if why:
+            problems.append("bad file entry %r: %s" % (entry, why))
             continue
         rel, size, digest = entry
         parts = rel.split("/")
-        # A device writes each file at its path: nothing may point outside the bundle.
-        if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
-            problems.append("%s: unsafe path" % rel)
-            continue
         listed.add(rel)
         order.append(rel)
         total += size
@@ -418,6 +436,12 @@ def main(argv=None):
     p.add_argument("--name", help="FW_VERSION of the bundle (default: firmware/version.py's)")
     p.add_argument("--src", help="source tree with firmware/ and lib/ (default: this repo)")
     p.add_argument("--arch", help="mpy-cross -march (xtensawin, armv6m, ...)")
+    p.add_argument("--floor", type=int,
+                   help="the lowest version that may replace this one once a device has "
+                        "confirmed it (default: this version: no downgrade below it)")
+    p.add_argument("--keys", action="append",
+                   help="an update key (hex or .pub) devices trust once they confirm this "
+                        "release, instead of their present ones; repeat for two (rotation)")
     p = sub.add_parser("sign", help="sign a bundle's manifest")
     p.add_argument("--bundle", required=True)
     p.add_argument("--key", required=True, help="private key PEM (keygen)")
@@ -430,7 +454,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
-            doc = build(a.out, a.version, a.name, a.src, a.arch)
+            doc = build(a.out, a.version, a.name, a.src, a.arch, a.floor, a.keys)
             print("bundle %s: version %d %s, %d files, %d bytes, manifest sha256 %s"
                   % (a.out, doc["version"], doc["name"], len(doc["files"]), doc["total"],
                      manifest_sha256(a.out)))
