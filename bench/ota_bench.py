@@ -77,7 +77,8 @@ async def reset(why):
 
 
 bdev, fs = unixflash.open_flash(image, int(flash_size))
-u = Updater(fs, {"keys": [pub], "confirm_s": 300, "flash_reserve": 65536}, None, Rng(1), log,
+u = Updater(fs, {"keys": [pub], "confirm_s": 300, "deadline_margin_s": 300,
+                  "flash_reserve": 65536}, None, Rng(1), log,
             publish, reset, lambda: ([], None), lambda: 0)
 req = json.loads(req_json)
 

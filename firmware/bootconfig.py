@@ -185,9 +185,12 @@ def _outbox(o):
 
 
 # Over-the-air updates (README "Updates"): the seconds a new version gets to confirm itself,
-# the free flash left after a download, and the public keys (uncompressed P-256 points, hex)
-# whose signatures it trusts: up to two, so a key can be rotated. No key: no updates.
-OTA = {"confirm_s": (300, 5, 86400), "flash_reserve": (65536, 0, 16777216)}
+# how much longer a boot of it may run unconfirmed before the loader's deadline resets the
+# board (a release whose own update code does nothing), the free flash left after a
+# download, and the public keys (uncompressed P-256 points, hex) whose signatures it
+# trusts: up to two, so a key can be rotated. No key: no updates.
+OTA = {"confirm_s": (300, 5, 86400), "deadline_margin_s": (300, 1, 86400),
+       "flash_reserve": (65536, 0, 16777216)}
 
 
 def _ota(o):

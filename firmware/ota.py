@@ -4,6 +4,7 @@
 # the first boot of a new version watches it prove itself (confirm) or gives up on it (roll
 # back). The state goes out retained on devices/{id}/ota; the slot record is otaboot's.
 import asyncio
+import gc
 import hashlib
 import json
 import sys
@@ -15,14 +16,32 @@ from firmware import forget, otahttp
 from firmware.version import BUNDLE_VERSION, CACHE_FORMAT, FW_VERSION, QUEUE_FORMAT
 
 MANIFEST_MAX = 16384
+SIG_MAX = 1024
 CHUNK = 1024
+# Attempts at one file (each resuming it) before the download is abandoned, its slot freed,
+# and the whole request tried again after a longer jittered pause.
+FETCH_TRIES = 8
+# Free heap a P-256 verify needs to run at its normal cost (bench ota_verify_heap_min_bytes:
+# below about this its cost grows several times, and some KB lower it fails); a download
+# that finds less waits and tries again rather than blocking the loop for seconds.
+VERIFY_HEAP_MIN = 16384
 # .mpy architectures by the index in sys.implementation._mpy >> 10 (py/persistentcode.h).
 _ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp",
            "armv7emdp", "xtensa", "xtensawin", "rv32imc", "rv64imc")
 
 
 class Refused(ValueError):
-    """What no retry can cure: reported, and this manifest is not tried again."""
+    """What no retry can cure (the signature, the manifest's own checks, the ABI, does not
+    fit): reported, and not tried again. `release`: the signed release itself is at fault
+    (noted by version), not only the request (noted by the manifest's sha256)."""
+
+    def __init__(self, why, release=True):
+        super().__init__(why)
+        self.release = release
+
+
+class _Changed(Exception):
+    """The request changed while a download waited to retry."""
 
 
 def _hex(b):
@@ -36,15 +55,43 @@ def abi():
     return v & 0xFF, (v >> 8) & 3, _ARCHES[a] if a < len(_ARCHES) else "?"
 
 
-def check_manifest(m, req, running=BUNDLE_VERSION):
+def running_slot():
+    """The slot the running application was imported from (None: the factory image), read
+    from the modules themselves, not from the record."""
+    import firmware
+
+    f = getattr(firmware, "__file__", "") or ""
+    for s in otaboot.SLOTS:
+        if "/ota/%s/firmware/" % s in f:
+            return s
+    return None
+
+
+def _key_ok(k):
+    return (isinstance(k, str) and len(k) == 130 and k.startswith("04")
+            and not [c for c in k if c not in "0123456789abcdef"])
+
+
+def check_manifest(m, req, running=BUNDLE_VERSION, floor=1):
     """The manifest is one this version may switch to, or Refused saying why."""
     if not isinstance(m, dict) or m.get("format") != 1 or not isinstance(m.get("files"), list):
         raise Refused("not a bundle manifest of format 1")
     ver = m.get("version")
     if ver != req["version"]:
-        raise Refused("the manifest is version %r, the request %d" % (ver, req["version"]))
+        # The request names another release than the one signed: the request is wrong.
+        raise Refused("the manifest is version %r, the request %d" % (ver, req["version"]),
+                      release=False)
     if ver == running or ver < running and not req.get("downgrade"):
         raise Refused("version %d is not newer than the running %d" % (ver, running))
+    if ver < floor:
+        raise Refused("version %d is below this device's security floor %d" % (ver, floor))
+    f = m.get("floor", 1)
+    if type(f) is not int or not 1 <= f <= ver:
+        raise Refused("the manifest's floor %r is not a version from 1 to its own" % (f,))
+    keys = m.get("keys")
+    if keys is not None and (not isinstance(keys, list) or not 1 <= len(keys) <= 2
+                             or [k for k in keys if not _key_ok(k)]):
+        raise Refused("the manifest's keys are not one or two P-256 public keys")
     major, sub, arch = abi()
     if m.get("mpy") != [major, sub]:
         raise Refused("bytecode mpy %r, this MicroPython loads [%d, %d]" % (m.get("mpy"), major, sub))
@@ -56,11 +103,15 @@ def check_manifest(m, req, running=BUNDLE_VERSION):
             raise Refused("needs %s format %d, this version keeps %d: it could not roll back"
                           % (what, needs[what], have))
     total = 0
-    for f in m["files"]:
-        if (not isinstance(f, list) or len(f) != 3 or not isinstance(f[0], str)
-                or ".." in f[0] or f[0].startswith("/") or not isinstance(f[1], int)):
-            raise Refused("a bad file entry in the manifest")
-        total += f[1]
+    last = ""
+    for e in m["files"]:
+        why = otaboot.bad_entry(e)
+        if why is None and e[0] <= last:
+            why = "%s: the files are not sorted by path, or one repeats" % e[0]
+        if why:
+            raise Refused("a bad file entry in the manifest: " + why)
+        last = e[0]
+        total += e[1]
     if total != m.get("total"):
         raise Refused("the manifest's total is not the sum of its files")
 
@@ -68,29 +119,36 @@ def check_manifest(m, req, running=BUNDLE_VERSION):
 def check_signature(digest, sigtext, keys):
     """The manifest whose SHA-256 is `digest` is signed by one of the trusted keys (hex
     points), or Refused."""
-    from p256 import verify  # only a device that checks an update pays for it
-
-    forget("p256")  # 3 KB of bytecode, needed again only for the next update
-
     try:
         sig = json.loads(sigtext)
         kid, raw = sig["key"], unhexlify(sig["sig"])
     except (ValueError, KeyError, TypeError):
-        raise Refused("manifest.sig is not a signature document")
+        raise Refused("manifest.sig is not a signature document", release=False)
+    # A verify allocates about 1 MB of short-lived objects and holds the loop for up to
+    # 1.5 s on a board; in a fragmented or small heap it costs several times that.
+    gc.collect()
+    free = gc.mem_free()
+    if free < VERIFY_HEAP_MIN:
+        raise MemoryError("%d bytes of heap free, a verify needs %d: later" % (free, VERIFY_HEAP_MIN))
+    from p256 import verify  # only a device that checks an update pays for it
+
+    forget("p256")  # 3 KB of bytecode, needed again only for the next update
+
     for k in keys:
         pub = unhexlify(k)
         if _hex(hashlib.sha256(pub).digest()[:8]) == kid:
             if verify(pub, digest, raw):
                 return kid
-            raise Refused("the signature by key %s does not verify" % kid)
-    raise Refused("signed by key %s, which this device does not trust" % kid)
+            raise Refused("the signature by key %s does not verify" % kid, release=False)
+    raise Refused("signed by key %s, which this device does not trust" % kid, release=False)
 
 
 class Updater:
     def __init__(self, fs, cfg, ssl, rnd, log, publish, reset, checks, uptime_s):
         self.fs = fs
-        self.keys = cfg["keys"]
+        self.cfg_keys = cfg["keys"]
         self.confirm_s = cfg["confirm_s"]
+        self.deadline_s = cfg["confirm_s"] + cfg["deadline_margin_s"]
         self.reserve = cfg["flash_reserve"]
         self.ssl = ssl
         self.rnd = rnd
@@ -103,8 +161,15 @@ class Updater:
         self._changed = asyncio.Event()
         self.buf = bytearray(CHUNK)
         self.state = {"state": "idle"}
-        self.stats = {"downloaded": 0, "retries": 0, "refused": 0}
+        self.stats = {"downloaded": 0, "retries": 0, "refused": 0, "failed": 0}
         self.trial = False
+        self.stray = None  # why a trial in the record is not this code's to judge
+        self.slot = None
+
+    def keys(self, rec):
+        """The update keys this device trusts: those the last confirmed release named (key
+        rotation), else the provisioned ones."""
+        return rec.get("keys") or self.cfg_keys
 
     # ---- what the device tells it -------------------------------------------------------
 
@@ -112,8 +177,19 @@ class Updater:
         """At boot: a new version on trial, or the outcome of the last update to report."""
         rec = otaboot.read(self.fs)
         if rec.get("state") == "testing":
-            self.trial = True
-            self._set("testing", rec.get("version"), name=rec.get("name"))
+            slot = running_slot()
+            if rec.get("version") == BUNDLE_VERSION and slot == rec.get("active"):
+                self.trial = True
+                self._set("testing", rec.get("version"), name=rec.get("name"))
+                return
+            # The loader did not start the slot on trial (it failed, or its record could not
+            # be written): this code is not the one on trial and must never confirm it.
+            self.stray = ("version %s in slot %s is on trial, but version %d from %s is "
+                          "running: the loader did not start it" % (
+                              rec.get("version"), rec.get("active"), BUNDLE_VERSION,
+                              "slot " + slot if slot else "the factory image"))
+            self.log("E", "ota: " + self.stray)
+            self._set("failed", rec.get("version"), reason=self.stray)
         elif rec.get("result"):
             r = rec["result"]
             self._set(r["state"], r.get("version"), reason=r.get("reason"), name=r.get("name"),
@@ -143,50 +219,90 @@ class Updater:
         if self.trial:
             await self._trial()
         await self.report()
+        if self.stray:
+            # Nothing is downloaded over a record this code does not own; the next boot's
+            # loader counts the trial's boots and rolls it back in the end.
+            await asyncio.Event().wait()
+        fails = 0
         while True:
             req = self.want
             self._changed.clear()
             if req is None or not self._wanted(req):
+                self._free_slot()
                 await self.report()
                 await self._changed.wait()
                 continue
-            window = req["window_s"]
-            delay = self.rnd.uniform(0, window)
-            self.log("I", "update to version %d: download in %d s" % (req["version"], delay))
-            if await self._wait_change(delay):
-                continue
             try:
-                m = await self._download(req)
+                await self._update(req)
+                return  # the reset is under way
+            except _Changed:
+                continue
             except Refused as e:
-                await self._refuse(req, str(e))
+                self._free_slot()
+                await self._refuse(req, str(e), e.release)
                 continue
-            if self.want is not req:
-                continue  # a newer request came during the download
-            self._set("staged", req["version"], name=m.get("name"))
-            await self.report()
-            delay = 0 if req["reboot"] == "now" else self.rnd.uniform(0, window)
-            self.log("I", "version %d staged: switching in %d s" % (req["version"], delay))
-            if await self._wait_change(delay):
-                continue
-            otaboot.switch(self.fs, self.slot, req["version"], m.get("name"),
-                           req["manifest_sha256"])
-            await self.reset("update to version %d" % req["version"])
-            return
+            except Exception as e:  # noqa: BLE001 - no update failure may end the task
+                # A server that keeps failing, a full flash, a heap too small to verify: the
+                # download is abandoned (its slot freed, for the queue's sake) and the whole
+                # request tried again later, spread like every retry.
+                self._free_slot()
+                d = full_jitter(fails, 30, 3600, self.rnd)
+                fails += 1
+                self.stats["failed"] += 1
+                why = "%s: %s" % (type(e).__name__, e)
+                self.log("W", "update to version %d failed (%s); again in %d s"
+                         % (req["version"], why, d))
+                self._set("failed", req["version"], reason="%s; again in %d s" % (why, d))
+                await self.report()
+                await self._wait_change(d)
+
+    async def _update(self, req):
+        window = req["window_s"]
+        delay = self.rnd.uniform(0, window)
+        self.log("I", "update to version %d: download in %d s" % (req["version"], delay))
+        if await self._wait_change(delay):
+            raise _Changed()
+        m = await self._download(req)
+        if self.want is not req:
+            raise _Changed()  # a newer request came during the download
+        self._set("staged", req["version"], name=m.get("name"))
+        await self.report()
+        delay = 0 if req["reboot"] == "now" else self.rnd.uniform(0, window)
+        self.log("I", "version %d staged: switching in %d s" % (req["version"], delay))
+        if await self._wait_change(delay):
+            raise _Changed()
+        trial = {"floor": m.get("floor", 1)}
+        if m.get("keys"):
+            trial["keys"] = m["keys"]
+        otaboot.switch(self.fs, self.slot, req["version"], m.get("name"),
+                       req["manifest_sha256"], self.deadline_s, trial)
+        await self.reset("update to version %d" % req["version"])
 
     def _wanted(self, req):
         """Whether to act on `req`; sets and reports the state when not."""
         rec = otaboot.read(self.fs)
-        if req["manifest_sha256"] in (rec.get("bad") or ()):
-            return False  # refused or rolled back already: its state stands
         v = req["version"]
         if v == BUNDLE_VERSION:
             if self.state["state"] != "confirmed":
                 self._set("confirmed", BUNDLE_VERSION)
             return False
-        if v < BUNDLE_VERSION and not req["downgrade"]:
-            # Refused without a download, and not noted: the same bundle with `downgrade`
-            # is a request to act on.
+        if req["manifest_sha256"] in (rec.get("bad") or ()):
+            return False  # its signature failed already: its state stands
+        if otaboot.refused(rec, v):
+            # Crashed, rolled back or refused for its content: however often it is asked.
+            if self.state.get("version") != v or self.state["state"] not in (
+                    "rolled_back", "failed"):
+                self._refused(v, "version %d was refused on this device before (it crashed,"
+                                 " rolled back or was refused for its content)" % v)
+            return False
+        fl = otaboot.floor(rec)
+        why = None
+        if v < fl:
+            why = "version %d is below this device's security floor %d" % (v, fl)
+        elif v < BUNDLE_VERSION and not req["downgrade"]:
             why = "version %d is not newer than the running %d" % (v, BUNDLE_VERSION)
+        if why:
+            # Refused without a download, and not noted: a request is not a release.
             if self.state.get("reason") != why:
                 self._refused(v, why)
             return False
@@ -210,12 +326,15 @@ class Updater:
         self.log("E", "update to version %d refused: %s" % (version, why))
         self._set("failed", version, reason=why, refused=True)
 
-    async def _refuse(self, req, why):
-        """A refusal kept on flash: this manifest is not tried again."""
+    async def _refuse(self, req, why, release):
+        """A refusal kept on flash: the release (by version, once its signature verified)
+        or this manifest (by sha256) is not tried again."""
         self._refused(req["version"], why)
         try:
             otaboot.note(self.fs, {"state": "failed", "version": req["version"],
-                                   "reason": why, "refused": True}, req["manifest_sha256"])
+                                   "reason": why, "refused": True},
+                         bad_sha=None if release else req["manifest_sha256"],
+                         bad_version=req["version"] if release else None)
         except OSError as e:
             self.log("E", "ota record not written: %r" % (e,))
         await self.report()
@@ -248,54 +367,59 @@ class Updater:
 
     async def _small(self, url):
         out = bytearray()
-
-        def keep(mv):
-            if len(out) + len(mv) > MANIFEST_MAX:
-                raise Refused("%s is larger than %d bytes" % (url, MANIFEST_MAX))
-            out.extend(mv)
-
         # Resumed like a file: from the bytes already kept.
-        await self._retrying(lambda: otahttp.get(url, len(out), keep, self.buf, self.ssl))
+        await self._retrying(lambda: otahttp.get(url, len(out), out.extend, self.buf,
+                                                 self.ssl, limit=SIG_MAX - len(out)))
         return bytes(out)
 
     async def _retrying(self, attempt):
+        """attempt() until it succeeds, at most FETCH_TRIES times, with jittered backoff
+        between: a server that lags, restarts, answers 404 for a while or sends what was not
+        asked is waited for, not taken at its word."""
         n = 0
         while True:
             try:
                 return await attempt()
             except otahttp.Transient as e:
-                d = full_jitter(n, 1, 60, self.rnd)
                 n += 1
                 self.stats["retries"] += 1
+                if n >= FETCH_TRIES:
+                    raise
+                d = full_jitter(n - 1, 1, 60, self.rnd)
                 self.log("W", "ota download: %s; again in %.1f s" % (e, d))
                 self.state["reason"] = "retrying: %s" % e
                 await self.report()
-                await asyncio.sleep(d)
-            except ValueError as e:
-                if isinstance(e, Refused):
-                    raise
-                raise Refused(str(e))
+                if await self._wait_change(d):
+                    raise _Changed()
 
     async def _download(self, req):
         base = req["url"] if req["url"].endswith("/") else req["url"] + "/"
-        if not self.keys:
-            raise Refused("no trusted keys provisioned (ota.keys)")
+        rec = otaboot.read(self.fs)
+        keys = self.keys(rec)
+        if not keys:
+            raise Refused("no trusted keys provisioned (ota.keys)", release=False)
         self._set("downloading", req["version"], progress=0)
         await self.report()
-        rec = otaboot.read(self.fs)
         self.slot = "b" if rec.get("active") == "a" else "a"
         d = otaboot.slot_dir(self.slot)
         mpath = d + "/manifest.json"
         self._prepare(d, req["manifest_sha256"])
-        # The manifest goes to flash as it arrives and is parsed from there: the text is
-        # never held in RAM beside its parsed form (a download's peak heap).
-        h = await self._retrying(lambda: self._fetch(base + "manifest.json", mpath, None))
-        digest = h.digest()  # once: a MicroPython hash is final after it
-        if _hex(digest) != req["manifest_sha256"]:
-            self._remove(mpath)
-            raise Refused("manifest.json does not have the requested sha256")
+        sha = req["manifest_sha256"]
+
+        async def manifest():
+            # To flash as it arrives, parsed from there: the text is never held in RAM
+            # beside its parsed form (a download's peak heap). A server still serving an
+            # older manifest (an upload racing the push) is retried like a lost link.
+            h = await self._fetch(base + "manifest.json", mpath, None)
+            digest = h.digest()  # once: a MicroPython hash is final after it
+            if _hex(digest) != sha:
+                self._remove(mpath)
+                raise otahttp.BadReply("manifest.json does not have the requested sha256")
+            return digest
+
+        digest = await self._retrying(manifest)
         sig = await self._small(base + "manifest.sig")
-        check_signature(digest, sig, self.keys)
+        check_signature(digest, sig, keys)
         self._write(d + "/manifest.sig", sig)
         sig = None
         try:
@@ -303,7 +427,7 @@ class Updater:
                 m = json.load(f)
         except ValueError:
             raise Refused("manifest.json is not JSON")
-        check_manifest(m, req)
+        check_manifest(m, req, floor=otaboot.floor(rec))
         need = m["total"] + 512 * len(m["files"]) + self.reserve
         st = self.fs.statvfs("/")
         free = st[0] * st[4]
@@ -311,47 +435,70 @@ class Updater:
             raise Refused("the bundle needs %d bytes of flash, %d are free" % (need, free))
         done = 0
         step = m["total"] // 5 or 1
-        for path, size, sha in m["files"]:
-            await self._file(base + "files/" + path, d + "/" + path, size, sha)
+        for path, size, fsha in m["files"]:
+            await self._file(base + "files/" + path, d + "/" + path, size, fsha)
             done += size
             if done // step != (done - size) // step:
                 pct = min(100, done * 100 // (m["total"] or 1))
                 self._set("downloading", req["version"], progress=pct)
                 await self.report()
         # Everything again from flash, as the loader will run it; the manifest by its hash,
-        # the one the signature was checked over.
+        # the one the signature was checked over. A file at a time, the loop served between.
         got = self._hash(mpath)
-        if got is None or got[1] != req["manifest_sha256"]:
-            self._remove(mpath)
-            raise Refused("manifest.json changed on flash after its download")
-        for path, size, sha in m["files"]:
-            if self._hash(d + "/" + path) != (size, sha):
-                self._remove(d + "/" + path)
-                raise Refused("%s changed on flash after its download" % path)
+        if got is None or got[1] != sha:
+            raise otahttp.BadReply("manifest.json changed on flash after its download")
+        for path, size, fsha in m["files"]:
+            await asyncio.sleep(0)
+            if self._hash(d + "/" + path) != (size, fsha):
+                raise otahttp.BadReply("%s changed on flash after its download" % path)
         self._write(d + "/ok", b"1")
         return m
 
     def _prepare(self, d, sha):
         """The slot ready for this bundle: kept when it holds its manifest already (a
-        download resumed after a reboot: its files resume one by one), else emptied."""
+        download resumed after a reboot: its files resume one by one), else emptied. The
+        record stops naming it as the slot to fall back to: it is not that any more."""
         self._remove(d + "/ok")  # nothing in it is bootable until checked again
+        rec = otaboot.read(self.fs)
+        if rec.get("prev") == self.slot:
+            rec["prev"] = rec["prev_version"] = rec["prev_name"] = rec["prev_sha"] = None
+            otaboot.write(self.fs, rec)
         got = self._hash(d + "/manifest.json")
         if got is None or got[1] != sha:
             self._rmtree(d)
             self._mkdirs(d)
 
+    def _free_slot(self):
+        """Empty the inactive slot unless the record keeps it to fall back to: a refused or
+        abandoned download leaves nothing behind to fill the flash."""
+        rec = otaboot.read(self.fs)
+        slot = "b" if rec.get("active") == "a" else "a"
+        if rec.get("prev") == slot:
+            return
+        d = otaboot.slot_dir(slot)
+        try:
+            self.fs.stat(d)
+        except OSError:
+            return
+        self._rmtree(d)
+        self.log("I", "ota: slot %s freed" % slot)
+
     async def _file(self, url, path, size, sha):
         """One file into the slot, hashed as it streams; retried like every download, each
         attempt resuming from what the flash has."""
         self._mkdirs(path.rpartition("/")[0])
-        h = await self._retrying(lambda: self._fetch(url, path, size))
-        if _hex(h.digest()) != sha:
-            self._remove(path)
-            raise Refused("%s does not have the sha256 of the manifest" % path)
+
+        async def attempt():
+            h = await self._fetch(url, path, size)
+            if _hex(h.digest()) != sha:
+                self._remove(path)
+                raise otahttp.BadReply("%s does not have the sha256 of the manifest" % path)
+
+        await self._retrying(attempt)
 
     async def _fetch(self, url, path, size):
         """One attempt at the rest of a file (`size` None: not known, at most MANIFEST_MAX):
-        the sha256 over all of it on flash."""
+        the sha256 over all of it on flash. Never more than the manifest allows is written."""
         have, h = self._partial(path, size)
         if have == size:
             return h
@@ -369,8 +516,8 @@ class Updater:
             f.close()
         if size is not None and total != size:
             self._remove(path)
-            raise Refused("%s is %d bytes on the server, the manifest says %d"
-                          % (path, total, size))
+            raise otahttp.BadReply("%s is %d bytes on the server, the manifest says %d"
+                                   % (path, total, size))
         return h
 
     def _partial(self, path, size):

@@ -24,18 +24,18 @@ class Releases:
         os.makedirs(tmp_path / "srv", exist_ok=True)
         self.srv = FileServer(str(tmp_path / "srv")).start()
 
-    def source(self, name, edit=None):
-        """A copy of the firmware's source with `edit(text of app.py) -> text` applied."""
+    def source(self, name, edit=None, path="firmware/app.py"):
+        """A copy of the firmware's source with `edit(text of path) -> text` applied."""
         src = self.tmp / ("src-" + name)
         if not src.exists():
             for d in ("firmware", "lib"):
                 shutil.copytree(os.path.join(ROOT, d), src / d,
                                 ignore=shutil.ignore_patterns("__pycache__"))
             if edit:
-                app = src / "firmware" / "app.py"
+                app = src / path
                 text = app.read_text()
                 edited = edit(text)
-                assert edited != text, "the edit found nothing to change in app.py"
+                assert edited != text, "the edit found nothing to change in " + path
                 app.write_text(edited)
         return str(src)
 
@@ -56,12 +56,13 @@ def releases(tmp_path):
     r.close()
 
 
-def ota_device(fleet, tmp_path, dev, releases, confirm_s=60, reserve=65536, **over):
+def ota_device(fleet, tmp_path, dev, releases, confirm_s=60, reserve=65536, margin=300,
+               **over):
     ctl = tmp_path / (dev + ".ctl")
     ctl.write_text("")
     cfg = fleet.config(dev, broker=FAST, telemetry_interval=0.3,
                        ota={"keys": [releases.pub], "confirm_s": confirm_s,
-                            "flash_reserve": reserve}, **over)
+                            "deadline_margin_s": margin, "flash_reserve": reserve}, **over)
     return Spec(str(tmp_path / (dev + ".img")), config=cfg, control=str(ctl))
 
 
@@ -78,8 +79,28 @@ def request(observer, req, layer="fleet/all/config/desired", version=1, **extra)
     observer.publish(layer, json.dumps(doc), retain=True)
 
 
+# v2 prints where each module it runs came from (a namespace package: its path), once its
+# devices are built.
+_ORIGINS = """
+    import json, sys
+    print("modules: " + json.dumps(dict(
+        (n, getattr(m, "__file__", None) or getattr(m, "__path__", None))
+        for n, m in sys.modules.items())))
+"""
+
+
+def _app_modules(line):
+    """{name: file} of the application's modules (firmware and lib/) in a `modules:` line."""
+    mods = json.loads(line.split("modules: ", 1)[1])
+    libs = set(os.listdir(os.path.join(ROOT, "lib")))
+    return {n: f for n, f in mods.items()
+            if n.split(".")[0] == "firmware" or n.split(".")[0] in libs}
+
+
 def test_one_device_moves_to_v2_and_confirms(fleet, observer, tmp_path, releases):
-    v2 = releases.build("v2", 2)
+    v2 = releases.build("v2", 2, src=releases.source("origins", lambda t: t.replace(
+        "    devices[0].heap_reserve = reserve\n",
+        "    devices[0].heap_reserve = reserve\n" + _ORIGINS, 1), "firmware/run.py"))
     p = fleet.start(ota_device(fleet, tmp_path, "u1", releases))
     observer.wait(lambda m: births(observer, "u1"), 20, "online on v1")
     assert births(observer, "u1")[0]["fw"] == "0.1.0"
@@ -91,6 +112,13 @@ def test_one_device_moves_to_v2_and_confirms(fleet, observer, tmp_path, releases
                   "v2 confirmed")
     out = p.output()
     assert "runner: board reset" in out
+    # The device booted as a board does (boot.py, then main.py), and every module of the
+    # application that runs is the slot's, none the factory image's.
+    mods = _app_modules(p.wait_line(r"modules: ")[0])
+    assert {"firmware", "firmware.run", "firmware.app", "firmware.version", "firmware.boards",
+            "mqtt.client", "outbox"} <= set(mods), sorted(mods)
+    assert not [n for n, f in mods.items() if not (f and f.startswith("/flash/ota/a/"))], mods
+    assert "boot" not in mods
     b2 = [b for b in births(observer, "u1") if b["fw"] == "2.0.0"][0]
     assert b2["cause"] == "soft" and b2["boot"] == births(observer, "u1")[0]["boot"] + 1
 
@@ -141,6 +169,56 @@ def test_a_version_that_crashes_at_boot_is_rolled_back_by_the_loader(
     assert not no_gaps(observer, "c1")
     # The request still stands; the device does not try v3 again.
     assert p.output().count("update to version 3: download") == 1
+    # Ten requests whose manifests are signed by a key it does not trust (each noted by its
+    # sha256, more than that list keeps), then v3 again: still refused, never downloaded.
+    bogus = bogus_requests(releases, tmp_path, 10)
+    for i, req in enumerate(bogus):
+        request(observer, req, version=2 + i)
+        _refused(observer, "c1", req["version"], "which this device does not trust")
+    request(observer, v3, version=20, reboot="now")
+    st = _refused(observer, "c1", 3, "refused on this device before")
+    assert p.output().count("update to version 3: download") == 1
+    assert births(observer, "c1")[-1]["fw"] == "0.1.0"
+
+
+def bogus_requests(releases, tmp_path, n):
+    """n requests for versions 4.. whose manifests (each its own) are signed by a key the
+    devices do not trust."""
+    bundle.keygen("bogus", str(tmp_path / "keys"))
+    base = releases.build("bogus", 4, key=str(tmp_path / "keys" / "bogus.pem"))
+    out = []
+    for i in range(n):
+        name = "bogus%d" % i
+        d = tmp_path / "srv" / name
+        shutil.copytree(tmp_path / "srv" / "bogus", d)
+        doc = json.loads((d / "manifest.json").read_text())
+        doc.update(version=4 + i, floor=4 + i)
+        (d / "manifest.json").write_bytes(bundle.canonical(doc))
+        sha = bundle.sign(str(d), str(tmp_path / "keys" / "bogus.pem"))
+        out.append({"version": 4 + i, "url": releases.srv.url + name + "/",
+                    "manifest_sha256": sha})
+    return out
+
+
+def test_a_release_whose_update_code_does_nothing_is_rolled_back_by_the_loaders_deadline(
+        fleet, observer, tmp_path, releases):
+    # v3 neither confirms nor rolls itself back: only the loader's deadline can end its trial.
+    v3 = releases.build("v3", 3, src=releases.source("idle", lambda t: t.replace(
+        "    async def _trial(self):\n",
+        "    async def _trial(self):\n        await asyncio.Event().wait()\n", 1),
+        "firmware/ota.py"))
+    p = fleet.start(ota_device(fleet, tmp_path, "t1", releases, confirm_s=5, margin=3))
+    observer.wait(lambda m: births(observer, "t1"), 20, "online on v1")
+    request(observer, v3, reboot="now")
+    st = state_of(observer, "t1", "rolled_back", 3, p)
+    assert "not confirmed after 3 boots" in st["reason"], st
+    out = p.output()
+    assert out.count("runner: board reset by the trial deadline") == 3, out[-3000:]
+    assert out.count("loader: version 3 on trial") == 3
+    # v3 did run (online on 3.0.0) and never judged itself; then v1 again, for good.
+    fws = [b["fw"] for b in births(observer, "t1")]
+    assert "3.0.0" in fws and fws[-1] == "0.1.0", fws
+    assert "version 3 rolled back" not in out and "version 3 confirmed" not in out
 
 
 def test_a_version_that_never_reaches_the_broker_rolls_back_after_confirm_s(
@@ -166,7 +244,16 @@ def _refused(observer, dev, version, says):
     return st
 
 
-def test_bad_bundles_are_refused_before_any_switch(fleet, observer, tmp_path, releases):
+def _retrying(observer, dev, version, says):
+    """The device's state once it retries `version`'s download for a reason saying `says`."""
+    return observer.wait(lambda m: [s for s in ota_states(observer, dev)
+                                    if s.get("version") == version and not s.get("refused")
+                                    and says in (s.get("reason") or "")],
+                         90, "%s retrying %s: %s" % (dev, version, says))[-1]
+
+
+def test_bad_bundles_are_refused_or_retried_before_any_switch(
+        fleet, observer, tmp_path, releases):
     other, _ = bundle.keygen("other", str(tmp_path / "keys"))
     p = fleet.start(ota_device(fleet, tmp_path, "r1", releases))
     q = fleet.start(ota_device(fleet, tmp_path, "r2", releases, reserve=4 << 20))
@@ -174,25 +261,29 @@ def test_bad_bundles_are_refused_before_any_switch(fleet, observer, tmp_path, re
     srv = tmp_path / "srv"
     n = 1
     cases = []
-    # Signed by a key the device does not trust.
+    # Signed by a key the device does not trust: refused for good.
     cases.append((releases.build("wrongkey", 2, key=str(tmp_path / "keys" / "other.pem")),
-                  "which this device does not trust"))
-    # A file changed after signing.
+                  "which this device does not trust", True))
+    # A file changed after signing: what the server sends is not what was signed, which a
+    # lagging mirror or an upload in progress also does; retried, never taken.
     req = releases.build("changed", 3)
     f = srv / "changed" / "files" / "firmware" / "app.mpy"
     f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
-    cases.append((req, "does not have the sha256 of the manifest"))
-    # A file cut short on the server.
+    cases.append((req, "does not have the sha256 of the manifest", False))
+    # A file cut short on the server: likewise.
     req = releases.build("truncated", 4)
     f = srv / "truncated" / "files" / "firmware" / "app.mpy"
     f.write_bytes(f.read_bytes()[:100])
-    cases.append((req, "is 100 bytes on the server"))
-    # Native code for another architecture.
-    cases.append((releases.build("armv6m", 5, arch="armv6m"), "native code for armv6m"))
-    for req, says in cases:
+    cases.append((req, "is 100 bytes on the server", False))
+    # Native code for another architecture: refused for good.
+    cases.append((releases.build("armv6m", 5, arch="armv6m"), "native code for armv6m", True))
+    for req, says, refused in cases:
         n += 1
         request(observer, req, version=n)
-        _refused(observer, "r1", req["version"], says)
+        if refused:
+            _refused(observer, "r1", req["version"], says)
+        else:
+            _retrying(observer, "r1", req["version"], says)
     # Larger than the flash this device has free (it keeps 4 MiB in reserve).
     big = releases.build("big", 6)
     request(observer, big, layer="devices/r2/config/desired")
@@ -203,8 +294,9 @@ def test_bad_bundles_are_refused_before_any_switch(fleet, observer, tmp_path, re
     assert "board reset" not in p.output() + q.output()
 
 
-def test_an_older_version_is_refused_unless_asked(fleet, observer, tmp_path, releases):
-    v2 = releases.build("v2", 2)
+def test_an_older_version_is_refused_unless_asked_and_never_below_the_floor(
+        fleet, observer, tmp_path, releases):
+    v2 = releases.build("v2", 2, floor=1)  # its signed manifest allows going back to 1
     v1 = releases.build("v1", 1)
     p = fleet.start(ota_device(fleet, tmp_path, "o1", releases))
     observer.wait(lambda m: births(observer, "o1"), 20, "online on v1")
@@ -216,6 +308,16 @@ def test_an_older_version_is_refused_unless_asked(fleet, observer, tmp_path, rel
     request(observer, v1, version=3, downgrade=True, reboot="now")
     observer.wait(lambda m: births(observer, "o1")[-1]["fw"] == "1.0.0", 60, "back on 1.0.0")
     state_of(observer, "o1", "confirmed", 1)
+    # v3 says nothing older than itself may follow it: once confirmed, a downgrade to v2 is
+    # refused whatever the request says, without a download.
+    v3 = releases.build("v3", 3)
+    request(observer, v3, version=4, reboot="now")
+    state_of(observer, "o1", "confirmed", 3, p)
+    fetched = len(releases.srv.requests)
+    request(observer, v2, version=5, downgrade=True, reboot="now")
+    _refused(observer, "o1", 2, "below this device's security floor 3")
+    assert births(observer, "o1")[-1]["fw"] == "3.0.0"
+    assert len(releases.srv.requests) == fetched
 
 
 def test_a_download_cut_by_the_server_resumes_where_it_stopped(

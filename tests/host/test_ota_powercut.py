@@ -47,12 +47,13 @@ async def nothing(*a):
 
 
 async def update(fs):
-    u = Updater(fs, {"keys": [PUB], "confirm_s": 300, "flash_reserve": 0}, None, Rng(1),
+    u = Updater(fs, {"keys": [PUB], "confirm_s": 300, "deadline_margin_s": 300,
+                    "flash_reserve": 0}, None, Rng(1),
                 lambda l, m: None, nothing, nothing, lambda: ([], None), lambda: 0)
     req = {"version": 2, "url": URL, "manifest_sha256": SHA, "window_s": 0,
            "downgrade": False, "reboot": "now"}
     m = await u._download(req)
-    otaboot.switch(fs, u.slot, 2, m["name"], SHA)
+    otaboot.switch(fs, u.slot, 2, m["name"], SHA, 600)
     otaboot.boot(fs)  # the first boot of the new slot
     otaboot.confirm(fs)
 
