@@ -59,7 +59,9 @@ def test_compiled_build_runs_on_the_unix_port(tmp_path, fleet, observer):
         out.parent.mkdir(parents=True, exist_ok=True)
         r = mpy_cross(path, str(out))
         assert r.returncode == 0, r.stderr
-    (build / "main.py").write_text(open(os.path.join(ROOT, "main.py")).read())
-    assert not list(build.rglob("*.py"))[1:], "only main.py may stay source"
+    for f in ("boot.py", "main.py"):  # a board runs both, boot.py first (tools/deploy.py)
+        (build / f).write_text(open(os.path.join(ROOT, f)).read())
+    assert sorted(p.name for p in build.rglob("*.py")) == ["boot.py", "main.py"], \
+        "only boot.py and main.py may stay source"
     fleet.start(fleet.spec("built", telemetry_interval=0.2), main=str(build / "main.py"))
     observer.wait(lambda m: len(observer.json("built/telemetry")) >= 2, 15, "telemetry from build/")
