@@ -6,7 +6,8 @@ Serves the files under ROOT (GET and HEAD, `Range: bytes=A-`, `bytes=A-B`, `byte
 directory listing), one request per connection. A test drives the link's faults from outside
 while devices download: stop() cuts every transfer mid-body, restart() comes back on the
 same port, stall() holds bodies after the headers, throttle() slows them, cut_after() drops
-every connection after N body bytes. `requests` logs every response; `active` and
+every connection after N body bytes, missing_for() answers 404 for a while, lie() answers as a
+broken or hostile server would (LIES). `requests` logs every response; `active` and
 `concurrent_max` count bodies in flight.
 """
 import argparse
@@ -25,6 +26,22 @@ import urllib.parse
 
 CHUNK = 65536
 SLOW_CHUNK = 512  # throttled bodies go out in small pieces, so a cut can land mid-body
+OVERSIZE = 200000  # the body of an "oversized" lie
+ENDLESS_MAX = 16 << 20  # an endless header line ends here, or after ENDLESS_S, or at a hang-up
+ENDLESS_S = 20
+# What lie(mode) makes every GET or HEAD of an existing file answer:
+LIES = (
+    "wrong-range-start",  # a 206 of a range that starts elsewhere than asked (from 0, or
+                          # from 1 when no Range was asked), consistent in itself
+    "oversized",  # the right Content-Range, but Content-Length and body OVERSIZE bytes
+    "overlong-body",  # honest headers, then the body goes on to OVERSIZE bytes
+    "no-content-range",  # a 206 without Content-Range
+    "ignore-range",  # a 200 with the whole file, whatever the Range asked
+    "bulky-headers",  # valid, but ~3 KB of headers in 29 lines, sent in one write with
+                      # the body
+    "many-headers",  # 100 short header lines
+    "endless-header",  # a header line that never ends (until a bound above)
+)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -46,34 +63,85 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = fs.resolve(self.path)
         entry = {"t": time.time(), "path": self.path, "range": None,
                  "client": self.client_address[1], "status": None, "bytes_sent": 0,
-                 "done": False}
+                 "done": False, "lie": fs._lie}
         fs.log(entry)
         try:
-            if path is None:
+            if path is None or time.monotonic() < fs._missing_until:
                 return self._status(entry, 404)
             size = os.path.getsize(path)
+            lie = entry["lie"]
             rng = parse_range(self.headers.get("Range"), size)
-            if rng == "unsatisfiable":
+            entry["range"] = None if rng == "unsatisfiable" else rng
+            if lie == "endless-header":
+                return self._endless(entry)
+            if rng == "unsatisfiable" and lie is None:
                 self._status(entry, 416, {"Content-Range": "bytes */%d" % size})
                 return
+            if lie == "ignore-range" or rng == "unsatisfiable":
+                rng = None
             start, end = rng or (0, size - 1)
-            entry["range"] = rng
-            entry["status"] = 206 if rng else 200
-            self.send_response(entry["status"])
+            status = 206 if rng else 200
+            crange = rng and "bytes %d-%d/%d" % (start, end, size)
+            length = sent = end - start + 1
+            if lie == "wrong-range-start":
+                status, start, end = 206, 0 if start else 1, size - 1
+                crange = "bytes %d-%d/%d" % (start, end, size)
+                length = sent = end - start + 1
+            elif lie == "oversized":
+                length = sent = OVERSIZE
+            elif lie == "overlong-body":
+                sent = OVERSIZE
+            elif lie == "no-content-range":
+                status, crange = 206, None
+            entry["status"] = status
+            self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(end - start + 1))
+            self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes")
-            if rng:
-                self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
+            if crange:
+                self.send_header("Content-Range", crange)
+            if lie == "bulky-headers":
+                for i in range(20):
+                    self.send_header("X-Filler-%02d" % i, "%03d" % i * 40)
+            elif lie == "many-headers":
+                for i in range(100):
+                    self.send_header("X-%d" % i, "1")
             self.send_header("Connection", "close")
+            if lie == "bulky-headers" and body:
+                # Headers and body in one write: the body starts in the client's header read.
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(sent)
+                self._end_headers_with(data)
+                entry["bytes_sent"] = len(data)
+                return
             self.end_headers()
             self.wfile.flush()
-            if body and end >= start:
-                self._body(fs, entry, path, start, end - start + 1)
+            if body and sent > 0:
+                self._body(fs, entry, path, start, sent)
         except OSError:
             pass  # the peer went away, or stop()/cut_after() cut the link: nothing to tell
         finally:
             entry["done"] = True
+
+    def _end_headers_with(self, data):
+        """end_headers(), and `data` in the same write."""
+        self._headers_buffer.append(b"\r\n")
+        self.wfile.write(b"".join(self._headers_buffer) + data)
+        self._headers_buffer = []
+
+    def _endless(self, entry):
+        """A 200 whose one header line never ends: sent until the client hangs up, ENDLESS_MAX
+        bytes or ENDLESS_S seconds, whichever comes first."""
+        entry["status"] = 200
+        self.connection.settimeout(ENDLESS_S)  # a client that stops reading cannot hold us
+        until = time.monotonic() + ENDLESS_S
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Endless: ")
+        piece = b"a" * 4096
+        while (entry["bytes_sent"] < ENDLESS_MAX and time.monotonic() < until
+               and not self.server.dead.is_set()):
+            self.wfile.write(piece)
+            entry["bytes_sent"] += len(piece)
 
     def _status(self, entry, code, headers=None):
         entry["status"] = code
@@ -104,7 +172,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                             return
                     data = f.read(n)
                     if not data:
-                        return  # the file shrank under us: a short body, as a cut would be
+                        if not entry["lie"]:
+                            return  # the file shrank under us: a short body, as a cut would be
+                        data = b"\xa5" * n  # a lie's body past the end of the file
                     self.wfile.write(data)
                     entry["bytes_sent"] += len(data)
                     left -= len(data)
@@ -195,6 +265,8 @@ class FileServer:
         self._stall = None
         self._throttle = None
         self._cut_after = None
+        self._lie = None
+        self._missing_until = 0.0
         self._httpd = None
         self._thread = None
 
@@ -252,6 +324,16 @@ class FileServer:
 
     def cut_after(self, nbytes):
         self._cut_after = nbytes
+
+    def lie(self, mode):
+        """Answer every request for an existing file as LIES describes MODE; None: honestly."""
+        if mode is not None and mode not in LIES:
+            raise ValueError("no such lie: %r (one of %s)" % (mode, ", ".join(LIES)))
+        self._lie = mode
+
+    def missing_for(self, seconds):
+        """404 for every request until SECONDS from now (a file not uploaded yet)."""
+        self._missing_until = time.monotonic() + seconds
 
     # ---- bookkeeping, called by the handlers ----
 
