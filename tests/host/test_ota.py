@@ -344,3 +344,45 @@ def test_a_download_cut_by_the_server_resumes_where_it_stopped(
     fetched = sum(r.get("bytes_sent", 0) for r in srv.requests if "/files/" in r["path"])
     total = json.loads((tmp_path / "srv" / "v2" / "manifest.json").read_text())["total"]
     assert fetched == total, (fetched, total)
+
+
+def test_a_file_server_that_answers_404_at_first_is_waited_for(
+        fleet, observer, tmp_path, releases):
+    # The push raced the upload: for 10 s every file is missing. Not a refusal: the device
+    # retries with backoff and completes once the files are there.
+    v2 = releases.build("v2", 2)
+    p = fleet.start(ota_device(fleet, tmp_path, "m1", releases))
+    observer.wait(lambda m: births(observer, "m1"), 20, "online on v1")
+    releases.srv.missing_for(10)
+    request(observer, v2, reboot="now")
+    state_of(observer, "m1", "confirmed", 2, p)
+    codes = [r["status"] for r in releases.srv.requests]
+    assert 404 in codes and codes[-1] in (200, 206), codes
+    assert not [s for s in ota_states(observer, "m1") if s.get("refused")]
+
+
+def test_a_lying_file_server_is_refused_without_a_task_death_or_a_leftover_slot(
+        fleet, observer, tmp_path, releases):
+    v2 = releases.build("v2", 2)
+    p = fleet.start(ota_device(fleet, tmp_path, "l1", releases))
+    observer.wait(lambda m: births(observer, "l1"), 20, "online on v1")
+    srv = releases.srv
+    lies = ("wrong-range-start", "oversized", "no-content-range", "endless-header")
+    for k, lie in enumerate(lies, 1):
+        srv.lie(lie)
+        request(observer, v2, version=2 * k)
+        # Its reply is refused (the download retries), then the request is withdrawn: the
+        # download is abandoned and its slot emptied.
+        p.wait_line(r"l1 W ota download: ", 60, count=k)
+        assert [r for r in srv.requests if r["lie"] == lie]
+        observer.publish("fleet/all/config/desired", json.dumps({"version": 2 * k + 1}),
+                         retain=True)
+        p.wait_line(r"l1 I ota: slot a freed", 60, count=k)
+    out = p.output()
+    assert "Traceback" not in out and "MemoryError" not in out, out[-3000:]
+    assert not [l for l in out.splitlines() if "died" in l]
+    assert not [s for s in ota_states(observer, "l1") if s.get("refused")]
+    # The task lives on: an honest server's update goes through.
+    srv.lie(None)
+    request(observer, v2, version=200, reboot="now")
+    state_of(observer, "l1", "confirmed", 2, p)
