@@ -183,3 +183,14 @@ def test_a_request_for_a_version_refused_before_is_not_acted_on():
     assert not u._wanted(req)
     assert "security floor" in u.state["reason"], u.state
     assert json.dumps(u.state)
+
+
+def test_the_keys_of_the_last_confirmed_release_replace_the_provisioned_ones():
+    fs = _fs()
+    u, _ = _updater(fs)
+    assert u.keys(otaboot.read(fs)) == [KEY]
+    other = "04" + "22" * 64
+    _trial_of(fs, "a", BUNDLE_VERSION + 1, keys=[KEY, other])
+    assert u.keys(otaboot.read(fs)) == [KEY]  # not before the confirm
+    otaboot.confirm(fs)
+    assert u.keys(otaboot.read(fs)) == [KEY, other]
