@@ -92,6 +92,12 @@ def bad_entry(f):
     return None
 
 
+def key_ok(k):
+    """An update key as devices hold it: an uncompressed P-256 point, 130 lowercase hex."""
+    return (isinstance(k, str) and len(k) == 130 and k.startswith("04")
+            and not [c for c in k if c not in _HEX])
+
+
 def read(fs):
     """The record, or the factory image's one when there is none (or it is unreadable)."""
     try:

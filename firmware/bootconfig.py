@@ -4,6 +4,7 @@
 import json
 
 from firmware.twin import check_text
+from otaboot import key_ok
 
 PATH = "/config.json"
 MAX_BYTES = 4096
@@ -199,8 +200,7 @@ def _ota(o):
     if not isinstance(keys, list) or len(keys) > 2:
         raise ConfigError("ota.keys must be a list of at most two public keys")
     for k in keys:
-        if not isinstance(k, str) or len(k) != 130 or not k.startswith("04") or [
-                c for c in k if c not in "0123456789abcdef"]:
+        if not key_ok(k):
             raise ConfigError("ota.keys: each an uncompressed P-256 point, 130 lowercase hex "
                               "digits starting 04 (tools/bundle.py keygen)")
     out["keys"] = keys

@@ -21,9 +21,10 @@ CHUNK = 1024
 # Attempts at one file (each resuming it) before the download is abandoned, its slot freed,
 # and the whole request tried again after a longer jittered pause.
 FETCH_TRIES = 8
-# Free heap a P-256 verify needs to run at its normal cost (bench ota_verify_heap_min_bytes:
-# below about this its cost grows several times, and some KB lower it fails); a download
-# that finds less waits and tries again rather than blocking the loop for seconds.
+# Free heap, after a collect, for a P-256 verify to start: bench ota_verify_heap_min_bytes
+# (9.4 KB on the 64-bit wheel; less fails) plus p256's bytecode (~4.5 KB, imported after
+# this check) and a margin for a 32-bit heap; below 16 KB its cost also grows. A download
+# that finds less waits and tries again rather than holding the loop for seconds.
 VERIFY_HEAP_MIN = 16384
 # .mpy architectures by the index in sys.implementation._mpy >> 10 (py/persistentcode.h).
 _ARCHES = (None, "x86", "x64", "armv6", "armv6m", "armv7m", "armv7em", "armv7emsp",
@@ -67,11 +68,6 @@ def running_slot():
     return None
 
 
-def _key_ok(k):
-    return (isinstance(k, str) and len(k) == 130 and k.startswith("04")
-            and not [c for c in k if c not in "0123456789abcdef"])
-
-
 def check_manifest(m, req, running=BUNDLE_VERSION, floor=1):
     """The manifest is one this version may switch to, or Refused saying why."""
     if not isinstance(m, dict) or m.get("format") != 1 or not isinstance(m.get("files"), list):
@@ -90,7 +86,7 @@ def check_manifest(m, req, running=BUNDLE_VERSION, floor=1):
         raise Refused("the manifest's floor %r is not a version from 1 to its own" % (f,))
     keys = m.get("keys")
     if keys is not None and (not isinstance(keys, list) or not 1 <= len(keys) <= 2
-                             or [k for k in keys if not _key_ok(k)]):
+                             or [k for k in keys if not otaboot.key_ok(k)]):
         raise Refused("the manifest's keys are not one or two P-256 public keys")
     major, sub, arch = abi()
     if m.get("mpy") != [major, sub]:
