@@ -4,7 +4,7 @@
 import json
 
 import otaboot
-from firmware import ota
+from firmware import ota, otacheck
 from firmware.version import BUNDLE_VERSION
 from mpyutil import fresh_image, raises
 from unixflash import open_flash
@@ -101,7 +101,7 @@ def test_manifest_paths_that_are_not_the_applications_are_refused():
 
 
 def _manifest(files, version=BUNDLE_VERSION + 1, **kw):
-    major, sub, _ = ota.abi()
+    major, sub, _ = otacheck.abi()
     m = {"format": 1, "version": version, "floor": version, "mpy": [major, sub],
          "arch": None, "files": files, "total": sum(f[1] for f in files)}
     m.update(kw)
@@ -114,16 +114,16 @@ def _req(version=BUNDLE_VERSION + 1, downgrade=False):
 
 def test_the_device_refuses_the_manifests_bundle_py_would_not_build():
     f = ["firmware/app.mpy", 10, SHA]
-    ota.check_manifest(_manifest([f]), _req())
+    otacheck.check_manifest(_manifest([f]), _req())
     for files in ([["ok", 1, SHA]], [["", 1, SHA]], [["./x", 1, SHA]],
                   [["manifest.json", 1, SHA]], [["otaboot.mpy", 1, SHA]],
                   [["lib/otaboot.mpy", 1, SHA]], [f, f], [["lib/a.mpy", 1, SHA], f],
                   [["firmware/app.mpy", -5, SHA]]):
-        e = raises(ota.Refused, ota.check_manifest, _manifest(files), _req())
+        e = raises(otacheck.Refused, otacheck.check_manifest, _manifest(files), _req())
         assert "bad file entry" in str(e) and e.release, (files, e)
-    e = raises(ota.Refused, ota.check_manifest, _manifest([f], floor=BUNDLE_VERSION + 2), _req())
+    e = raises(otacheck.Refused, otacheck.check_manifest, _manifest([f], floor=BUNDLE_VERSION + 2), _req())
     assert "floor" in str(e)
-    e = raises(ota.Refused, ota.check_manifest, _manifest([f], keys=["04zz"]), _req())
+    e = raises(otacheck.Refused, otacheck.check_manifest, _manifest([f], keys=["04zz"]), _req())
     assert "keys" in str(e)
 
 
@@ -131,13 +131,13 @@ def test_the_floor_refuses_a_downgrade_whatever_the_request_says():
     f = ["firmware/app.mpy", 10, SHA]
     old = BUNDLE_VERSION + 1
     # A downgrade below the floor; and one the floor allows.
-    e = raises(ota.Refused, ota.check_manifest, _manifest([f], version=old),
+    e = raises(otacheck.Refused, otacheck.check_manifest, _manifest([f], version=old),
                _req(old, downgrade=True), old + 5, old + 1)
     assert "below this device's security floor" in str(e), e
-    ota.check_manifest(_manifest([f], version=old, floor=1), _req(old, downgrade=True),
+    otacheck.check_manifest(_manifest([f], version=old, floor=1), _req(old, downgrade=True),
                        old + 5, old)
     # A manifest for another version than the request names blames the request only.
-    e = raises(ota.Refused, ota.check_manifest, _manifest([f]), _req(BUNDLE_VERSION + 2))
+    e = raises(otacheck.Refused, otacheck.check_manifest, _manifest([f]), _req(BUNDLE_VERSION + 2))
     assert not e.release
 
 
@@ -160,7 +160,7 @@ def test_the_factory_image_never_confirms_a_trial_the_loader_did_not_start():
     # (e.g. ENOSPC writing the record): this code, the factory image, is running.
     fs = _fs()
     _trial_of(fs, "a", BUNDLE_VERSION + 1)
-    assert ota.running_slot() is None
+    assert otacheck.running_slot() is None
     u, logs = _updater(fs)
     u.start()
     assert not u.trial and u.stray, u.state
