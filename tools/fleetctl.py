@@ -9,7 +9,8 @@ over-the-air update (ota push) and follow it (ota status).
     python tools/fleetctl.py [--broker HOST:PORT] [--user U] [--prefix P] [--timeout S] \
         {tail,cmd,set,status,ota} ...
 
-A rollout, canary group first (OTA_HELP below, `fleetctl.py ota --help`):
+A rollout, canary group first (OTA_HELP below, `fleetctl.py ota --help`); push publishes
+only once --url serves the bundle's manifest.json and manifest.sig (--no-url-check: anyway):
 
     fleetctl.py ota push --group canary --bundle out/b2 --url http://files:8080/b2/ --pub rel.pub
     fleetctl.py ota status --group canary        # until every canary is confirmed
@@ -19,11 +20,15 @@ Exit codes are listed in EPILOG (shown by --help) and are meant for scripts.
 """
 import argparse
 import fnmatch
+import hashlib
+import http.client
 import json
 import os
 import queue
 import re
 import secrets
+import socket
+import ssl
 import sys
 import textwrap
 import threading
@@ -39,7 +44,7 @@ sys.path.insert(0, ROOT)
 # what a device of this firmware revision accepts.
 from firmware import settings, twin  # noqa: E402
 
-OK, DEVICE_ERROR, INVALID, TIMEOUT, BROKER = 0, 1, 2, 3, 4
+OK, DEVICE_ERROR, INVALID, TIMEOUT, BROKER, URL_CHECK = 0, 1, 2, 3, 4, 5
 INTERRUPTED = 130
 
 EPILOG = """\
@@ -51,6 +56,8 @@ exit codes:
   3    timeout: no command result within --timeout, tail --duration ended before --count,
        or set: an online device did not report the layer within --wait
   4    broker problem: unreachable, connection or subscription refused, connection lost
+  5    ota push: the bundle is not served as it is at --url (unreachable, HTTP error, another
+       manifest.json or manifest.sig); nothing was published (--no-url-check skips it)
   130  interrupted (Ctrl-C) other than in tail
 
 The password is taken from --password or, better (not visible in ps), $FLEETCTL_PASSWORD.
@@ -66,7 +73,9 @@ examples:
 
 OTA_HELP = """\
 an update rollout, step by step:
-  1. build and sign the bundle, and serve its directory over HTTP:
+  1. build and sign the bundle, and serve its directory over HTTP (upload it first: push
+     fetches URL/manifest.json and URL/manifest.sig and refuses to publish unless they are
+     the bundle's own):
        tools/bundle.py build --out out/b2 --version 2 --name 2.0.0
        tools/bundle.py sign --bundle out/b2 --key secrets/ota/release.pem
   2. ask a small canary group first (devices with `canary` among their bootstrap groups):
@@ -815,6 +824,107 @@ def check_bundle(path, pubs):
     return doc, digest
 
 
+# What the URL check reads of a served file, at most (a device reads at most 16 KiB of a
+# manifest: firmware/ota.py MANIFEST_MAX; more is another file anyway).
+URL_CHECK_MAX = 1 << 20
+
+
+def split_url(url):
+    """(tls, host, port, path) of an http:// or https:// URL, read as a device reads its
+    update URL (firmware/otahttp.py split_url)."""
+    tls = url.startswith("https://")
+    rest = url[8:] if tls else url[7:]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    return tls, host, int(port) if port else (443 if tls else 80), "/" + path
+
+
+def http_get(url, deadline, ctx):
+    """(status, body) of one GET of `url` made as a device makes it: directly (no proxy),
+    no redirect followed, an https server's certificate and host name verified with `ctx`.
+    The body (at most URL_CHECK_MAX + 1 bytes) only with status 200, else None. Each socket
+    operation waits at most until `deadline` (time.monotonic()), as it was at the connect."""
+    tls, host, port, path = split_url(url)
+    timeout = deadline - time.monotonic()
+    if timeout <= 0:
+        raise TimeoutError("timed out")
+    if tls:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return resp.status, None
+        body = bytearray()
+        while len(body) <= URL_CHECK_MAX:
+            if time.monotonic() > deadline:
+                raise TimeoutError("timed out")
+            chunk = resp.read1(65536)
+            if not chunk:
+                break
+            body += chunk
+        return 200, bytes(body)
+    finally:
+        conn.close()
+
+
+def _http_reason(e, timeout):
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return "TLS: the server's certificate does not verify (%s; a private CA: set " \
+               "SSL_CERT_FILE to its PEM file)" % (e.verify_message or e.reason)
+    if isinstance(e, ssl.SSLError):
+        return "TLS handshake failed: %s (is it an https server?)" % (e.reason or e)
+    if isinstance(e, (TimeoutError, socket.timeout)):
+        return "no answer within %g s" % timeout
+    if isinstance(e, socket.gaierror):
+        return "cannot resolve the host name: %s" % _reason(e)
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (is the file server up?)"
+    if isinstance(e, http.client.HTTPException):
+        return "not an HTTP answer (%s)" % (type(e).__name__,)
+    if isinstance(e, ValueError):
+        return "not a URL a device can use: %s" % e
+    return _reason(e)
+
+
+def check_url(url, bundle_dir, digest, timeout):
+    """Fail(URL_CHECK) unless `url` serves the bundle `bundle_dir` as a device will fetch
+    it: URL/manifest.json whose SHA-256 is `digest` (the one the request names) and
+    URL/manifest.sig with the bundle's own bytes. Catches a push that races the upload, a
+    wrong URL and an older bundle left at it, before any device is asked."""
+    ctx = ssl.create_default_context() if url.startswith("https://") else None
+    deadline = time.monotonic() + timeout
+    with open(os.path.join(bundle_dir, "manifest.sig"), "rb") as f:
+        sig = f.read()
+    for name in ("manifest.json", "manifest.sig"):
+        where = url + name
+        why = None
+        try:
+            status, body = http_get(where, deadline, ctx)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            why = _http_reason(e, timeout)
+        else:
+            if 300 <= status < 400:
+                why = "HTTP %d: devices do not follow redirects" % status
+            elif status == 404:
+                why = "HTTP 404 (not uploaded yet, or a wrong URL?)"
+            elif status != 200:
+                why = "HTTP %d" % status
+            elif name == "manifest.json":
+                got = hashlib.sha256(body).hexdigest()
+                if got != digest:
+                    why = "SHA-256 %s, not the bundle's %s (another bundle, or an upload in " \
+                          "progress?)" % (got[:16] + "...", digest[:16] + "...")
+            elif body != sig:
+                why = "not the bundle's manifest.sig (%d bytes served, %d in the bundle)" \
+                      % (len(body), len(sig))
+        if why:
+            raise Fail(URL_CHECK, "the bundle is not served at %s, nothing published: GET %s: "
+                       "%s; --no-url-check publishes without this check" % (url, where, why))
+
+
 def cmd_ota_push(args):
     topic = desired_topic(args)
     path = os.path.abspath(args.bundle)
@@ -828,6 +938,9 @@ def cmd_ota_push(args):
         req["reboot"] = args.reboot
     # The firmware's own check of a request, before any connection (bad URL, version...).
     validate({"ota": req}, "update request")
+    # Then what devices will download, before the broker hears of it (also with --dry-run).
+    if not args.no_url_check:
+        check_url(url, path, digest, args.timeout)
     # The request replaces the layer's previous one whole; its other settings are kept.
     layer, _ = publish_layer(args, topic, {"ota": req}, False,
                              "\nfix the layer's other settings with fleetctl set first")
@@ -954,8 +1067,8 @@ def parser():
                    help="MQTT password (default: $FLEETCTL_PASSWORD; never printed)")
     p.add_argument("--prefix", default="", help="topic prefix of the fleet (default none)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                   help="seconds to wait for the broker, and for a command result "
-                        "(default %(default)s)")
+                   help="seconds to wait for the broker, for a command result, and "
+                        "(ota push) for the bundle's URL (default %(default)s)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
@@ -1085,10 +1198,21 @@ def parser():
             "--url, \"manifest_sha256\": SHA-256 of manifest.json, \"window_s\": --window} "
             "(plus \"downgrade\": true, \"reboot\": \"now\" when asked). Devices refuse a "
             "bundle older than the one they run unless --downgrade.",
+            "Before publishing (and with --dry-run) it fetches URL/manifest.json and "
+            "URL/manifest.sig as a device would (directly, no redirects followed; https "
+            "verified against the system's CA certificates, or the PEM file $SSL_CERT_FILE "
+            "names), both within --timeout: unless they are the bundle's own (manifest.json "
+            "of the same SHA-256, manifest.sig of the same bytes) it prints why in one line "
+            "and exits 5, nothing published: the upload is not finished, the URL is wrong, or "
+            "another bundle is there. --no-url-check skips this, to publish before the upload "
+            "on purpose: a device that comes for the bundle before it is there retries with "
+            "backoff (a 404 or another manifest.json is not a refusal), but each device "
+            "downloads at a random moment from the push on, so early ones waste attempts.",
             "Prints the layer as published, then one line: layer version, bundle version and "
             "name, manifest SHA-256."),
         epilog=OTA_HELP + "\nexit codes: 0 published, 2 bundle or request refused (nothing "
-                          "published), 4 broker problem")
+                          "published), 4 broker problem,\n            5 the bundle is not "
+                          "served at --url (nothing published)")
     who = op.add_mutually_exclusive_group(required=True)
     who.add_argument("--group", metavar="G", help="a group of the devices' bootstrap config "
                                                   "(canary first), or 'all' for every device")
@@ -1108,6 +1232,10 @@ def parser():
                     help="now: switch as soon as the bundle is staged")
     op.add_argument("--downgrade", action="store_true",
                     help="allow a bundle older than the one a device runs")
+    op.add_argument("--no-url-check", action="store_true",
+                    help="publish without first checking that --url serves this bundle's "
+                         "manifest.json and manifest.sig (to push before the upload on "
+                         "purpose)")
     _publish_options(op)
     os_ = osub.add_parser(
         "status", formatter_class=fmt, help="count the devices' update states",

@@ -15,10 +15,12 @@ FLEETCTL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.
 FAST = {"reconnect": {"first_window": 0.3}}
 
 
-def fleetctl(broker, *args, timeout=30):
+def fleetctl(broker, *args, timeout=30, env=None):
+    """The CLI's run; `env`: variables added to this process's environment."""
     return subprocess.run(
         [sys.executable, FLEETCTL, "--broker", "%s:%d" % (broker.host, broker.port)] + list(args),
-        capture_output=True, text=True, timeout=timeout)
+        capture_output=True, text=True, timeout=timeout,
+        env=None if env is None else dict(os.environ, **env))
 
 
 def reported(observer, dev):

@@ -5,11 +5,15 @@ Waits are for events (messages, a marker published after the run), never fixed s
 import json
 import os
 import shutil
+import time
 
 import pytest
 
 from tests.host.test_fleetctl import fleetctl
+from tests.host.test_tls import _ca, _leaf
 from tools import bundle
+from tools.broker import free_port
+from tools.fileserver import FileServer
 from tools.observer import Observer
 
 
@@ -32,6 +36,24 @@ def signed(tmp_path_factory, keys):
     return str(d), bundle.sign(str(d), keys["release"]["pem"])
 
 
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    """A CA and a server certificate for 127.0.0.1 it signed, and a CA that signed nothing
+    here."""
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
+    return d
+
+
+@pytest.fixture
+def files(signed):
+    """The bundle's parent directory over HTTP: the bundle is at files.url + "b2/"."""
+    with FileServer(os.path.dirname(signed[0])) as srv:
+        yield srv
+
+
 def retained_doc(broker, topic):
     """The retained document on `topic`, read by a new subscriber."""
     o = Observer(broker.host, broker.port, topics=(topic,))
@@ -52,20 +74,24 @@ def settle(observer):
 
 
 def test_push_publishes_the_request_into_the_layer_keeping_its_other_keys(
-        broker, observer, signed, keys):
+        broker, observer, signed, keys, files, certs):
     path, digest = signed
+    url = files.url + "b2/"
     topic = "fleet/canary/config/desired"
     old = {"version": 1, "url": "http://old/b1/", "manifest_sha256": "0" * 64,
            "window_s": 60, "downgrade": True}
     observer.publish(topic, json.dumps({"version": 4, "telemetry_interval": 30,
                                         "reconnect": {"cap": 300}, "ota": old}), retain=True)
     r = fleetctl(broker, "ota", "push", "--group", "canary", "--bundle", path,
-                 "--url", "http://127.0.0.1:8080/b2", "--pub", keys["release"]["pubfile"],
+                 "--url", url[:-1], "--pub", keys["release"]["pubfile"],
                  "--window", "600", "--reboot", "now")
     assert r.returncode == 0, r.stderr
     want = {"version": 5, "telemetry_interval": 30, "reconnect": {"cap": 300},
-            "ota": {"version": 2, "url": "http://127.0.0.1:8080/b2/", "manifest_sha256": digest,
+            "ota": {"version": 2, "url": url, "manifest_sha256": digest,
                     "window_s": 600, "reboot": "now"}}
+    # It fetched what devices will, first: the manifest, then its signature.
+    assert [q["path"] for q in files.requests] == ["/b2/manifest.json", "/b2/manifest.sig"]
+    assert [q["status"] for q in files.requests] == [200, 200]
     # The layer's next version, its other keys kept, the old request replaced whole.
     assert retained_doc(broker, topic) == want
     lines = r.stdout.splitlines()
@@ -74,20 +100,25 @@ def test_push_publishes_the_request_into_the_layer_keeping_its_other_keys(
     assert digest in lines[1]
 
     # One device's layer, no key given (signature file present, files checked), default
-    # window; the layer's version goes past the one the device reports as applied.
+    # window; the layer's version goes past the one the device reports as applied. Served
+    # over https, by a certificate of a CA that the system's CA file ($SSL_CERT_FILE) holds.
     observer.publish("devices/d1/config/reported",
                      json.dumps({"effective": {}, "versions": {"device": 7}}), retain=True)
-    r = fleetctl(broker, "ota", "push", "--device", "d1", "--bundle", path,
-                 "--url", "https://files.example/b2/", "--downgrade")
-    assert r.returncode == 0, r.stderr
+    with FileServer(os.path.dirname(path), tls=(str(certs / "server.pem"),
+                                               str(certs / "server.key"))) as https:
+        r = fleetctl(broker, "ota", "push", "--device", "d1", "--bundle", path,
+                     "--url", https.url + "b2/", "--downgrade",
+                     env={"SSL_CERT_FILE": str(certs / "ca.pem")})
+        assert r.returncode == 0, r.stderr
+        assert [q["status"] for q in https.requests] == [200, 200]
     assert retained_doc(broker, "devices/d1/config/desired") == {
-        "version": 8, "ota": {"version": 2, "url": "https://files.example/b2/",
+        "version": 8, "ota": {"version": 2, "url": https.url + "b2/",
                               "manifest_sha256": digest, "window_s": 3600, "downgrade": True}}
 
     # --dry-run prints the next layer and publishes nothing.
     n = len(observer.matching(topic))
     r = fleetctl(broker, "ota", "push", "--group", "canary", "--bundle", path,
-                 "--url", "http://127.0.0.1:8080/b2/", "--dry-run")
+                 "--url", url, "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "(dry run, not published)" in r.stdout and '"version": 6' in r.stdout
     settle(observer)
@@ -144,6 +175,75 @@ def test_push_refuses_a_bad_bundle_and_publishes_nothing(broker, observer, signe
     assert r.returncode == 2 and "ota.url must be" in r.stderr, r.stderr
     settle(observer)
     assert observer.matching("config/desired") == []
+
+
+def test_push_publishes_nothing_unless_the_url_serves_the_bundle(
+        broker, observer, signed, keys, files, certs, tmp_path):
+    """A push racing the upload, a wrong URL, another bundle left there, an untrusted https
+    server: exit 5 with the reason in one line, and the retained layers as they were."""
+    path, digest = signed
+    topic = "fleet/canary/config/desired"
+    before = {"version": 4, "telemetry_interval": 30}
+    observer.publish(topic, json.dumps(before), retain=True)
+    settle(observer)
+
+    def refused(url, *extra, env=None, target=("--group", "canary"), pre=()):
+        r = fleetctl(broker, *pre, "ota", "push", *target, "--bundle", path, "--url", url,
+                     "--pub", keys["release"]["pubfile"], *extra, env=env)
+        assert r.returncode == 5, (r.returncode, r.stdout, r.stderr)
+        assert r.stdout == "" and len(r.stderr.splitlines()) == 1, (r.stdout, r.stderr)
+        assert "nothing published" in r.stderr and "--no-url-check" in r.stderr, r.stderr
+        return r.stderr
+
+    # Nothing listens there (the file server is down).
+    dead = "http://127.0.0.1:%d/b2/" % free_port()
+    assert "GET %smanifest.json: connection refused" % dead in refused(dead)
+    # The server is up but the bundle is not uploaded yet (or the URL is wrong), also for
+    # one device's layer and with --dry-run.
+    assert "manifest.json: HTTP 404" in refused(files.url + "b3/")
+    assert "HTTP 404" in refused(files.url + "b3/", target=("--device", "d9"))
+    assert "HTTP 404" in refused(files.url + "b3/", "--dry-run")
+    # Another manifest is served there: an older bundle left at that URL, or an upload
+    # that has not replaced it yet.
+    other = tmp_path / "srv" / "b2"
+    shutil.copytree(path, str(other))
+    doc = json.load(open(other / "manifest.json"))
+    doc["version"] = 1
+    (other / "manifest.json").write_bytes(bundle.canonical(doc))
+    with FileServer(str(tmp_path / "srv")) as srv:
+        err = refused(srv.url + "b2/")
+        assert "manifest.json: SHA-256 " in err and "not the bundle's %s" % digest[:16] in err
+        assert [q["path"] for q in srv.requests] == ["/b2/manifest.json"]
+        # The manifest but no signature yet (uploaded in that order), or another one.
+        shutil.copy(os.path.join(path, "manifest.json"), str(other))
+        os.remove(str(other / "manifest.sig"))
+        assert "manifest.sig: HTTP 404" in refused(srv.url + "b2/")
+        (other / "manifest.sig").write_bytes(b'{"key": "00", "sig": "00"}')
+        assert "manifest.sig: not the bundle's manifest.sig" in refused(srv.url + "b2/")
+        # A server that sends its headers and then nothing: bounded by --timeout.
+        shutil.copy(os.path.join(path, "manifest.sig"), str(other))
+        srv.stall(30)
+        t = time.monotonic()
+        assert "no answer within 1 s" in refused(srv.url + "b2/", pre=("--timeout", "1"))
+        assert time.monotonic() - t < 10
+        srv.stall(None)
+    # https whose certificate no trusted CA signed.
+    with FileServer(os.path.dirname(path), tls=(str(certs / "server.pem"),
+                                               str(certs / "server.key"))) as https:
+        err = refused(https.url + "b2/", env={"SSL_CERT_FILE": str(certs / "rogue-ca.pem")})
+        assert "TLS: the server's certificate does not verify" in err, err
+
+    settle(observer)
+    assert [json.loads(m[2]) for m in observer.matching("config/desired")] == [before]
+    assert retained_doc(broker, topic) == before
+
+    # --no-url-check: published before the upload, on purpose.
+    n = len(files.requests)
+    r = fleetctl(broker, "ota", "push", "--group", "canary", "--bundle", path,
+                 "--url", files.url + "b3/", "--no-url-check")
+    assert r.returncode == 0, r.stderr
+    assert retained_doc(broker, topic)["ota"]["url"] == files.url + "b3/"
+    assert len(files.requests) == n
 
 
 def fake_device(observer, dev, ota=None, versions=None, state="online"):
