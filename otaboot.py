@@ -217,8 +217,14 @@ def arm_deadline(s):
         import machine
 
         # A soft one-shot timer: its callback runs between bytecodes, where a reset is safe.
-        t = machine.Timer(0) if sys.platform == "esp32" else machine.Timer()
-        t.init(mode=machine.Timer.ONE_SHOT, period=ms, callback=lambda _: machine.reset())
+        # ESP32: a hardware timer, soft by default; RP2: a virtual one, hard unless told.
+        reset = lambda _: machine.reset()  # noqa: E731
+        if sys.platform == "esp32":
+            t = machine.Timer(0)
+            t.init(mode=machine.Timer.ONE_SHOT, period=ms, callback=reset)
+        else:
+            t = machine.Timer()
+            t.init(mode=machine.Timer.ONE_SHOT, period=ms, callback=reset, hard=False)
         _deadline = t
     return _deadline is not None
 
