@@ -426,30 +426,32 @@ class DeviceProcess:
         return None  # the loop is in one long step: wait for its tick, which says how long
 
     def _reset(self, image, starved, why=""):
-        with self._lock:
-            if self._closed or not self.alive():
-                return
-            self.proc.kill()
-            self.proc.wait()
+        def starved_one():
             self.resets.append(image)
-            self._note("runner: watchdog reset of %s after %.1f s without a feed%s"
-                       % (image, starved, why))
             if self.on_watchdog:
                 self.on_watchdog(image)
-            self.causes = {s.image: "power-on" for s in self.specs}
-            self.causes[image] = "watchdog"
-            self._spawn()
+            return dict({s.image: "power-on" for s in self.specs}, **{image: "watchdog"})
+
+        self._respawn("runner: watchdog reset of %s after %.1f s without a feed%s"
+                      % (image, starved, why), starved_one)
 
     def _timer_reset(self):
         """The loader's trial deadline expired: machine.reset() on a board, here the process
         killed and started again, its boards told `soft` as after any reset of their own."""
+        self._respawn("runner: board reset by the trial deadline",
+                      lambda: {s.image: "soft" for s in self.specs})
+
+    def _respawn(self, note, causes):
+        """A reset the runner plays (watchdog, timer): the running process killed, `note`
+        logged, and a new one started at once with causes() as the boards' reset causes.
+        Nothing when the process is gone or stopping."""
         with self._lock:
             if self._closed or not self.alive():
                 return
             self.proc.kill()
             self.proc.wait()
-            self._note("runner: board reset by the trial deadline")
-            self.causes = {s.image: "soft" for s in self.specs}
+            self._note(note)
+            self.causes = causes()
             self._spawn()
 
     def output(self):
