@@ -68,6 +68,11 @@ def slot_dir(slot):
     return "/ota/" + slot
 
 
+def inactive(rec):
+    """The slot an update goes into: the one not running."""
+    return "b" if rec.get("active") == "a" else "a"
+
+
 def bad_entry(f):
     """Why a manifest's file entry [path, size, sha256] may not be installed, or None. The
     one rule of the device (firmware/ota.py) and of tools/bundle.py: .mpy files under

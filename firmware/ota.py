@@ -282,24 +282,17 @@ class Updater:
             raise Refused("no trusted keys provisioned (ota.keys)", release=False)
         self._set("downloading", req["version"], progress=0)
         await self.report()
-        self.slot = "b" if rec.get("active") == "a" else "a"
+        self.slot = otaboot.inactive(rec)
         d = otaboot.slot_dir(self.slot)
         mpath = d + "/manifest.json"
         self._prepare(d, req["manifest_sha256"])
         sha = req["manifest_sha256"]
-
-        async def manifest():
-            # To flash as it arrives, parsed from there: the text is never held in RAM
-            # beside its parsed form (a download's peak heap). A server still serving an
-            # older manifest (an upload racing the push) is retried like a lost link.
-            h = await self._fetch(base + "manifest.json", mpath, None)
-            digest = h.digest()  # once: a MicroPython hash is final after it
-            if hexstr(digest) != sha:
-                self._remove(mpath)
-                raise otahttp.BadReply("manifest.json does not have the requested sha256")
-            return digest
-
-        digest = await self._retrying(manifest)
+        # To flash as it arrives, parsed from there: the text is never held in RAM beside its
+        # parsed form (a download's peak heap). A server still serving an older manifest (an
+        # upload racing the push) is retried like a lost link.
+        digest = await self._retrying(lambda: self._checked(
+            base + "manifest.json", mpath, None, sha,
+            "manifest.json does not have the requested sha256"))
         sig = await self._small(base + "manifest.sig")
         check_signature(digest, sig, keys)
         self._write(d + "/manifest.sig", sig)
@@ -354,7 +347,7 @@ class Updater:
         """Empty the inactive slot unless the record keeps it to fall back to: a refused or
         abandoned download leaves nothing behind to fill the flash."""
         rec = otaboot.read(self.fs)
-        slot = "b" if rec.get("active") == "a" else "a"
+        slot = otaboot.inactive(rec)
         if rec.get("prev") == slot:
             return
         d = otaboot.slot_dir(slot)
@@ -369,14 +362,18 @@ class Updater:
         """One file into the slot, hashed as it streams; retried like every download, each
         attempt resuming from what the flash has."""
         self._mkdirs(path.rpartition("/")[0])
+        await self._retrying(lambda: self._checked(
+            url, path, size, sha, "%s does not have the sha256 of the manifest" % path))
 
-        async def attempt():
-            h = await self._fetch(url, path, size)
-            if hexstr(h.digest()) != sha:
-                self._remove(path)
-                raise otahttp.BadReply("%s does not have the sha256 of the manifest" % path)
-
-        await self._retrying(attempt)
+    async def _checked(self, url, path, size, sha, why):
+        """One attempt at a file whose sha256 is known: its digest, or BadReply(why) (the
+        file removed, to be fetched whole again) when it is not that."""
+        h = await self._fetch(url, path, size)
+        digest = h.digest()  # once: a MicroPython hash is final after it
+        if hexstr(digest) != sha:
+            self._remove(path)
+            raise otahttp.BadReply(why)
+        return digest
 
     async def _fetch(self, url, path, size):
         """One attempt at the rest of a file (`size` None: not known, at most MANIFEST_MAX):
