@@ -12,7 +12,7 @@ setup:
 	@bash tools/setup.sh
 
 sim: setup
-	$(PY) tools/sim.py --devices 1
+	$(PY) testbed/sim.py --devices 1
 
 test: setup
 	$(PY) -m pytest -q -m "not chaos" tests
@@ -20,10 +20,10 @@ test: setup
 # Chaos suite, faults (tests/host/test_chaos.py): broker restarts, partition, black hole,
 # slow link, SIGKILL during a drain, a full flash, wall-clock jumps, long variants included
 # (-k chaos: that file and every test marked chaos); writes bench/chaos.json, rendered as
-# a table by tools/chaos_table.py.
+# a table by testbed/chaos_table.py.
 chaos: setup
 	CHAOS_REPORT=bench/chaos.json $(PY) -m pytest -q -k chaos tests; s=$$?; \
-	$(PY) tools/chaos_table.py bench/chaos.json; exit $$s
+	$(PY) testbed/chaos_table.py bench/chaos.json; exit $$s
 
 # The MicroPython unit tests (tests/mpy); MICROPYTHON=PATH runs them on another binary, e.g.
 # build/board-model/micropython (32-bit: small ints end at 2**30).
@@ -40,14 +40,14 @@ bench: setup
 # baseline profile; writes bench/storm.json and bench/storm.png.
 DEVICES ?= 1000
 storm: setup
-	$(PY) tools/storm.py --devices $(DEVICES)
+	$(PY) testbed/storm.py --devices $(DEVICES)
 
-# Staged OTA rollout (tools/ota_demo.py): DEVICES devices (default 20 here, not storm's
+# Staged OTA rollout (testbed/ota_demo.py): DEVICES devices (default 20 here, not storm's
 # 1000), each its own process, get v2 (confirmed), v3 (crashes at boot: rolled back) and v4
 # (untrusted key: refused), spread over WINDOW s (default 20); prints one JSON line, exit 0
 # only if every device did all three and no telemetry was lost.
 ota-demo: setup
-	$(PY) tools/ota_demo.py $(if $(filter file,$(origin DEVICES)),,--devices $(DEVICES)) $(if $(WINDOW),--window $(WINDOW))
+	$(PY) testbed/ota_demo.py $(if $(filter file,$(origin DEVICES)),,--devices $(DEVICES)) $(if $(WINDOW),--window $(WINDOW))
 
 # Bytecode for the boards: firmware/, lib/ and the loader's otaboot.py (unixflash.py: the
 # Unix port's) compiled with mpy-cross into build/ (mpy v6.3,
@@ -73,9 +73,9 @@ deploy: mpy
 # The Unix port of a MicroPython checkout built 32-bit, a model of a board's heap, into
 # build/board-model/ (firmware frozen, manifest_unix.py) and build/board-model-plain/ (runs
 # build/'s .mpy): `make board-model MPY_DIR=/path/to/micropython`. Not run by CI; without
-# MPY_DIR it says what it needs (tools/board_model/build.sh). `make bench` then measures it.
+# MPY_DIR it says what it needs (testbed/board_model/build.sh). `make bench` then measures it.
 board-model:
-	MPY_DIR="$(MPY_DIR)" bash tools/board_model/build.sh
+	MPY_DIR="$(MPY_DIR)" bash testbed/board_model/build.sh
 
 clean:
 	rm -rf build .pytest_cache

@@ -194,7 +194,7 @@ def boot(fs, tries=TRIES):
 # ---- the trial deadline: a timer the application cannot move ----------------------------
 
 def _runner(text):
-    """The Unix port's stand-in for a timer: the runner (tools/devices.py) that plays the
+    """The Unix port's stand-in for a timer: the runner (testbed/devices.py) that plays the
     board's watchdog plays its timers too, over the same UDP address (--wdt HOST:PORT)."""
     import socket
 

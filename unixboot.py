@@ -1,6 +1,6 @@
 # The Unix port's stand-in for a board's start-up: a board's firmware runs boot.py and then
 # main.py from the root of its flash, in one interpreter with one set of globals, and the
-# runner (tools/devices.py) starts every simulated board this way, never at main.py: a
+# runner (testbed/devices.py) starts every simulated board this way, never at main.py: a
 # process started at main.py once hid a loader defect that every update would have hit.
 #
 #   micropython unixboot.py ROOT [board arguments...]

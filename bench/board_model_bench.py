@@ -32,11 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from firmware.bootconfig import validate  # noqa: E402
-from tools.broker import Mosquitto, free_port  # noqa: E402
-from tools.devices import DeviceProcess, Spec, binary_info, device_config  # noqa: E402
-from tools.observer import Observer  # noqa: E402
-from tools.proxy import FaultProxy  # noqa: E402
-from tools.sim import build_mpy, slope_per_hour  # noqa: E402
+from testbed.broker import Mosquitto, free_port  # noqa: E402
+from testbed.devices import DeviceProcess, Spec, binary_info, device_config  # noqa: E402
+from testbed.observer import Observer  # noqa: E402
+from testbed.proxy import FaultProxy  # noqa: E402
+from testbed.sim import build_mpy, slope_per_hour  # noqa: E402
 
 HEAP_JSON = os.path.join(ROOT, "bench", "board_model_heap.json")
 SOAK_HEAP_KB = 96

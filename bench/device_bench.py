@@ -1,5 +1,5 @@
 """Device benchmarks, host side (CPython driving Unix-port devices), run by bench/run.py:
-boot to first publish with a cached config, and the memory soak through tools/sim.py.
+boot to first publish with a cached config, and the memory soak through testbed/sim.py.
 Prints progress on stderr and one JSON line of figures on stdout.
 
 boot_to_first_publish_ms: a device whose /config.json is already on its flash (it booted
@@ -15,7 +15,7 @@ part up to the CONNECT packet (process start, imports, flash, config, session st
 boot_min_heap_kb: the smallest heap, in 8 KiB steps from 128k, in which the compiled
 firmware boots, connects and runs 3 s without a MemoryError (target: 128).
 
-soak_*: `tools/sim.py --build --heapsize 184k --devices 1 --interval 1 --duration 600
+soak_*: `testbed/sim.py --build --heapsize 184k --devices 1 --interval 1 --duration 600
 --outage-every 60 --outage-for 10 --health-interval 5 --quiet` (QUICK=1: 90 s, an outage
 every 20 s for 5 s, health every 2 s; SOAK_HEAP=128k for another heap); its last JSON line gives memory_errors and the heap
 figures from the device's health messages (heap_alloc after gc.collect()).
@@ -36,12 +36,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import (DeviceProcess, Spec, binary_info, device_config,  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+from testbed.devices import (DeviceProcess, Spec, binary_info, device_config,  # noqa: E402
                            micropython_path)
-from tools.observer import Observer  # noqa: E402
-from tools.proxy import UP, FaultProxy  # noqa: E402
-from tools.sim import build_mpy  # noqa: E402
+from testbed.observer import Observer  # noqa: E402
+from testbed.proxy import UP, FaultProxy  # noqa: E402
+from testbed.sim import build_mpy  # noqa: E402
 
 BOOT_REPS = 5
 # The soak's heap. The target is 128k, but the firmware does not fit there yet on this
@@ -178,7 +178,7 @@ def boot_min_heap_kb(tmp, main_py):
 
 def soak(tmp, quick, build=True):
     args = SOAK_QUICK if quick else SOAK_FULL
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--heapsize", HEAP,
+    cmd = [sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--heapsize", HEAP,
            "--devices", "1", "--interval", "1", "--quiet", "--workdir", os.path.join(tmp, "soak")]
     if build:
         cmd.insert(2, "--build")
@@ -226,7 +226,7 @@ def main():
                         "venv's); one with the firmware frozen in runs it instead of build/")
     a = p.parse_args()
     if a.micropython:
-        # Read by every DeviceProcess here and by the soak's tools/sim.py.
+        # Read by every DeviceProcess here and by the soak's testbed/sim.py.
         os.environ["MICROPYTHON"] = os.path.abspath(a.micropython)
     quick = os.environ.get("QUICK") == "1"
     figures = build_figures(micropython_path())

@@ -1,6 +1,6 @@
 """OTA download benchmark, host side (CPython), run by bench/run.py: what one over-the-air
 update costs a device. It builds a bundle of this checkout's firmware (tools/bundle.py, in a
-temporary directory, with a throwaway key), serves it on loopback (tools/fileserver.py),
+temporary directory, with a throwaway key), serves it on loopback (testbed/fileserver.py),
 and runs a small MicroPython script (DEVICE below; cwd the repo, sys.path laid out as main.py
 sets it) that opens a fresh flash image (unixflash.open_flash), builds a
 firmware.ota.Updater and awaits its _download(req): every file into slot /ota/a, then all
@@ -37,8 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tools import bundle  # noqa: E402
-from tools.devices import micropython_path, venv_tool  # noqa: E402
-from tools.fileserver import FileServer  # noqa: E402
+from testbed.devices import micropython_path, venv_tool  # noqa: E402
+from testbed.fileserver import FileServer  # noqa: E402
 
 FLASH_SIZE = 1048576  # the Unix board's default flash (unixflash.DEFAULT_FLASH)
 HEAP_MAX = 4 << 20  # bisection gives up above this

@@ -6,7 +6,7 @@ mqtt_bench.py, outbox_bench.py and ota_verify.py run inside MicroPython (ota_ver
 the time of one signature check, and, in a board's heap (OTA_VERIFY_HEAP), the smallest free
 heap one needs, bisected, and its time there; on the board model too); device_bench.py
 (CPython) times a device's boot to its first publish and runs the memory soak through
-tools/sim.py (10 min; QUICK=1: 90 s); ota_bench.py (CPython) times a whole OTA download of
+testbed/sim.py (10 min; QUICK=1: 90 s); ota_bench.py (CPython) times a whole OTA download of
 the firmware over loopback and bisects the heap it adds, on the board model's plain build
 too when there is one. board_model_bench.py adds the board_model_* figures
 when `make board-model` has built the 32-bit binary (or BOARD_MODEL=PATH names one); without
@@ -25,8 +25,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import micropython_path  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+from testbed.devices import micropython_path  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results.json")
 TARGETS = {
@@ -62,7 +62,7 @@ def run_bench(script, broker, n):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# The heap ota_verify.py bisects a verify's free heap in: a board's, as tools/sim.py gives
+# The heap ota_verify.py bisects a verify's free heap in: a board's, as testbed/sim.py gives
 # each. The collector scans the whole live heap each time it runs, and a verify short of heap
 # runs it often: in the Unix port's default 2 MB, nearly all of it ballast then, the time
 # would be mostly scanning the ballast (with 8 KB free: 470 ms, against 12 ms in 2 MB free).
@@ -109,7 +109,7 @@ def run_script(name, quick, args=(), timeout=1500):
 
 
 def run_device_bench(quick):
-    """bench/device_bench.py: boot to first publish, the memory soak through tools/sim.py."""
+    """bench/device_bench.py: boot to first publish, the memory soak through testbed/sim.py."""
     return run_script("device_bench.py", quick)
 
 

@@ -12,10 +12,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import DeviceProcess, Spec, device_config, micropython_path  # noqa: E402
-from tools.observer import Observer  # noqa: E402
-from tools.proxy import FaultProxy  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+from testbed.devices import DeviceProcess, Spec, device_config, micropython_path  # noqa: E402
+from testbed.observer import Observer  # noqa: E402
+from testbed.proxy import FaultProxy  # noqa: E402
 
 MPY_RUNNER = os.path.join(ROOT, "tests", "mpy", "runner.py")
 MARK = "@@MPY "

@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import otaboot  # noqa: E402  (the loader's rule for what a bundle may install)
-from tools.devices import venv_tool  # noqa: E402
+from tools.venv import venv_tool  # noqa: E402
 
 FORMAT = 1
 SOURCES = ("firmware", "lib")

@@ -54,7 +54,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.devices import venv_tool  # noqa: E402
+from tools.venv import venv_tool  # noqa: E402
 
 # Runs on the board (mpremote exec: raw REPL after a soft reset, so boot.py has run and
 # main.py has not): the free heap first, then the current identity, the hashes of the files

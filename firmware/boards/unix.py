@@ -1,6 +1,6 @@
 # Unix-port board: flash is a littlefs2 image in a host file, so storage limits and
 # filesystem behaviour match a real board; one process can drive many such boards.
-# What the host lacks is modelled: the watchdog lives in the runner (tools/devices.py) and
+# What the host lacks is modelled: the watchdog lives in the runner (testbed/devices.py) and
 # is fed over UDP, the radio link is simulated, and a host-side control file lets tests take
 # the link down or make a task hang (test hooks exist on this board only).
 import asyncio
@@ -17,7 +17,7 @@ from unixflash import DEFAULT_FLASH, MOUNT, FileBlockDevice, open_flash  # noqa:
 # A board's ticks wrap every 12.4 days; the emulated ones start this close to a wrap, so
 # every run longer than a minute crosses one.
 TICKS_BEFORE_WRAP_MS = const(60000)
-# A lone board's reset ends its process with this code (tools/devices.py starts it again).
+# A lone board's reset ends its process with this code (testbed/devices.py starts it again).
 RESET_EXIT = const(75)
 
 
@@ -116,7 +116,7 @@ class LoopTicker:
     """Tells the runner's watchdog every 200 ms that this process's loop runs, and how late
     it ran. Boards sharing a process wait for each other's turns on the loop, which boards
     with their own CPUs would not: the runner does not count that lateness against their
-    watchdogs (tools/devices.py). One per process of several boards, started by the first arm."""
+    watchdogs (testbed/devices.py). One per process of several boards, started by the first arm."""
 
     def __init__(self):
         self.task = None
@@ -134,7 +134,7 @@ class LoopTicker:
 
 class Board(BaseBoard):
     name = "unix"
-    # The 32-bit board-model build (tools/board_model) puts mbedTLS in the GC heap, as RP2
+    # The 32-bit board-model build (testbed/board_model) puts mbedTLS in the GC heap, as RP2
     # does; the 64-bit wheel's mbedTLS uses the C heap.
     tls_room = 21504 if sys.maxsize < 0x80000000 else 0
 

@@ -6,7 +6,7 @@ mosquitto 2.0's acl_file checks only the delivery of messages: a denied SUBSCRIB
 granted (nothing ever arrives on it), so a device could not tell. The dynamic-security
 plugin (shipped with mosquitto 2.0) checks subscriptions too and answers a denied one with
 SUBACK 0x80; its ACL topics take no %c/%u patterns in 2.0, so each device gets a role of its
-own (tools/broker.py writes the plugin's file). With MQTT 3.1.1 a denied QoS 1 PUBLISH is
+own (testbed/broker.py writes the plugin's file). With MQTT 3.1.1 a denied QoS 1 PUBLISH is
 acknowledged (PUBACK) and dropped, under either mechanism: the publisher cannot tell.
 """
 import json
@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from firmware.topics import Topics
-from tools.broker import Mosquitto
-from tools.observer import Observer
+from testbed.broker import Mosquitto
+from testbed.observer import Observer
 
 OPERATOR = ("operator", "op-Vv7q-secret")
 PASSWORDS = {"acl-a": "pw-a-3Jq9", "acl-b": "pw-b-8Kd2", "acl-c": "pw-c-1Lm5"}

@@ -9,8 +9,8 @@ import shutil
 import subprocess
 import sys
 
-from tools.devices import ROOT, binary_info, frozen_main, micropython_path
-from tools.sim import build_mpy
+from testbed.devices import ROOT, binary_info, frozen_main, micropython_path
+from testbed.sim import build_mpy
 
 
 def fake_frozen(tmp_path):
@@ -31,7 +31,7 @@ def test_board_model_without_a_checkout_says_what_it_needs():
 
 
 def test_board_model_refuses_a_directory_that_is_not_micropython(tmp_path):
-    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "board_model", "build.sh")],
+    r = subprocess.run(["bash", os.path.join(ROOT, "testbed", "board_model", "build.sh")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, MPY_DIR=str(tmp_path)))
     assert r.returncode == 2
@@ -81,7 +81,7 @@ def test_a_frozen_build_refuses_a_main_py_beside_firmware(tmp_path, fleet):
 
 
 def test_sim_refuses_build_with_a_frozen_binary(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--build",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--build",
                         "--micropython", fake_frozen(tmp_path), "--duration", "1",
                         "--workdir", str(tmp_path / "w")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -90,7 +90,7 @@ def test_sim_refuses_build_with_a_frozen_binary(tmp_path):
 
 
 def test_sim_runs_another_binary(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--quiet",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--quiet",
                         "--micropython", fake_frozen(tmp_path), "--duration", "4",
                         "--interval", "0.2", "--workdir", str(tmp_path / "w")],
                        cwd=ROOT, capture_output=True, text=True, timeout=90)

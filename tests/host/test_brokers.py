@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from tools.broker import Amqtt, amqtt_path
-from tools.observer import Observer
-from tools.proxy import DOWN, UP
+from testbed.broker import Amqtt, amqtt_path
+from testbed.observer import Observer
+from testbed.proxy import DOWN, UP
 
 try:
     amqtt_path()
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 FLEETCTL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "tools", "fleetctl.py")
 # A user name gives a kept session on amqtt (its anonymous clients get none); amqtt as set up
-# by tools.broker.Amqtt checks no password.
+# by testbed.broker.Amqtt checks no password.
 OP = ("operator", "secret")
 
 

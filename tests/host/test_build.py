@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tools.devices import ROOT
+from testbed.devices import ROOT
 
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 DEVICE_FILES = sorted(

@@ -1,5 +1,5 @@
 """OTA bundles (tools/bundle.py: build, sign, keygen, verify) and the loopback file server
-devices download them from (tools/fileserver.py: Range, and the faults tests inject).
+devices download them from (testbed/fileserver.py: Range, and the faults tests inject).
 Waits are for events, polled with a deadline, never a fixed sleep."""
 import hashlib
 import http.client
@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 
 from tools import bundle
-from tools.devices import ROOT, micropython_path
-from tools.fileserver import FileServer
+from testbed.devices import ROOT, micropython_path
+from testbed.fileserver import FileServer
 
 BUNDLE_PY = os.path.join(ROOT, "tools", "bundle.py")
 DEADLINE_S = 60.0  # generous: CI machines are slow and busy

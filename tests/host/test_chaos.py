@@ -1,10 +1,10 @@
 """Chaos suite, faults (issue 9): real Unix-port devices against a real mosquitto, with the
-broker restarted, the network partitioned, black-holed and slowed (tools/proxy.py), the
+broker restarted, the network partitioned, black-holed and slowed (testbed/proxy.py), the
 device SIGKILLed while it drains its backlog, its flash full, its wall clock jumping.
 
 Every scenario checks the same things afterwards:
 - no telemetry lost that the device's own `dropped` counter does not explain
-  (tools/ledger.py), and never two different messages under one (boot, seq), which a
+  (testbed/ledger.py), and never two different messages under one (boot, seq), which a
   consumer deduplicating by (device, boot, seq) would silently throw away;
 - duplicates are allowed (at least once): counted and reported, not failed;
 - the device recovers by itself: telemetry arrives again after the fault is removed
@@ -12,7 +12,7 @@ Every scenario checks the same things afterwards:
   until everything produced before the removal has arrived).
 
 Each scenario reports a row through the `chaos_report` fixture (tests/conftest.py);
-`make chaos` writes the rows to bench/chaos.json and tools/chaos_table.py renders them.
+`make chaos` writes the rows to bench/chaos.json and testbed/chaos_table.py renders them.
 The short variants run in `make test` (but for a broker restart and a black hole, which
 test_device.py and test_session.py cover there already); everything marked `chaos` runs in
 `make chaos` only.
@@ -24,10 +24,10 @@ import time
 
 import pytest
 
-from tools.devices import ROOT, Spec, micropython_path
-from tools.ledger import Ledger
-from tools.observer import Observer
-from tools.proxy import FaultProxy
+from testbed.devices import ROOT, Spec, micropython_path
+from testbed.ledger import Ledger
+from testbed.observer import Observer
+from testbed.proxy import FaultProxy
 
 # Reconnect settings of every scenario: the policy of the firmware, scaled down so that a
 # scenario takes seconds (the defaults wait up to 5 s before the first attempt, and only a

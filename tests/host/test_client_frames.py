@@ -4,7 +4,7 @@ byte for byte intact; a frame above max_frame is refused before it is read."""
 import os
 import subprocess
 
-from tools.devices import ROOT, micropython_path
+from testbed.devices import ROOT, micropython_path
 
 SCRIPT = r'''
 import sys

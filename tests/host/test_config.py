@@ -5,9 +5,9 @@ import re
 import threading
 import time
 
-from tools.devices import Spec
-from tools.observer import Observer
-from tools.proxy import DOWN, UP
+from testbed.devices import Spec
+from testbed.observer import Observer
+from testbed.proxy import DOWN, UP
 
 FAST = {"reconnect": {"first_window": 0.3}}
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tools import deploy
-from tools.devices import ROOT, micropython_path, venv_tool
+from testbed.devices import ROOT, micropython_path, venv_tool
 
 PORT = "/dev/ttyUSB9"
 

@@ -4,8 +4,8 @@ import os
 import signal
 import time
 
-from tools.devices import Spec
-from tools.observer import Observer
+from testbed.devices import Spec
+from testbed.observer import Observer
 
 
 def telemetry(observer, dev):

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from tools.broker import Mosquitto
-from tools.devices import Spec
-from tools.observer import Observer
+from testbed.broker import Mosquitto
+from testbed.devices import Spec
+from testbed.observer import Observer
 
 FLEETCTL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "tools", "fleetctl.py")

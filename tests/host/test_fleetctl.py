@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tools.broker import free_port
+from testbed.broker import free_port
 from tools.fleetctl import VERSION_EPOCH
 
 FLEETCTL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(

@@ -12,9 +12,9 @@ import pytest
 from tests.host.test_fleetctl import fleetctl
 from tests.host.test_tls import _ca, _leaf
 from tools import bundle
-from tools.broker import free_port
-from tools.fileserver import FileServer
-from tools.observer import Observer
+from testbed.broker import free_port
+from testbed.fileserver import FileServer
+from testbed.observer import Observer
 
 
 @pytest.fixture(scope="module")

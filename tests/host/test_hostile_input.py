@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings as hsettings, strateg
 
 import hostile
 from firmware import settings
-from tools.devices import ROOT, micropython_path
+from testbed.devices import ROOT, micropython_path
 
 BATCH = os.path.join(ROOT, "tests", "mpy", "hostile_batch.py")
 FRAME = 4096  # the device's default max_frame

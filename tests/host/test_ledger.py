@@ -1,5 +1,5 @@
 """The consumer-side gap/duplicate rule that sim.py and the README's contract rely on."""
-from tools.ledger import Ledger
+from testbed.ledger import Ledger
 
 
 def test_gaps_duplicates_and_explained_drops():

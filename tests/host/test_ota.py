@@ -1,5 +1,5 @@
 """Over-the-air updates end to end: signed bundles (tools/bundle.py) served over HTTP
-(tools/fileserver.py) to real Unix-port devices on a real mosquitto, each board in a process
+(testbed/fileserver.py) to real Unix-port devices on a real mosquitto, each board in a process
 of its own (its flash mounted, so the loader can import a slot from it)."""
 import json
 import os
@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 from tools import bundle
-from tools.devices import ROOT, Spec
-from tools.fileserver import FileServer
+from testbed.devices import ROOT, Spec
+from testbed.fileserver import FileServer
 
 FAST = {"keepalive": 5, "reconnect": {"first_window": 0.5, "base": 0.2, "cap": 1}}
 

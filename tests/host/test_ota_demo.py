@@ -1,5 +1,5 @@
 """`make ota-demo` at test size: 20 real devices (one process each) through a staged rollout
-(tools/ota_demo.py): v2 confirmed everywhere, v3 (crashes at boot) rolled back everywhere,
+(testbed/ota_demo.py): v2 confirmed everywhere, v3 (crashes at boot) rolled back everywhere,
 v4 (signed by an untrusted key) refused everywhere, no telemetry lost on the way.
 
 Slow (about a minute and a half on 2 cores): every phase waits for the devices' own reports,

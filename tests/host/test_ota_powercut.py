@@ -7,8 +7,8 @@ import os
 import subprocess
 
 from tools import bundle
-from tools.devices import ROOT, micropython_path
-from tools.fileserver import FileServer
+from testbed.devices import ROOT, micropython_path
+from testbed.fileserver import FileServer
 
 SCRIPT = r"""
 import sys

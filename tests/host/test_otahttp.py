@@ -1,4 +1,4 @@
-"""firmware/otahttp.get against a lying or broken file server (tools/fileserver.py's lie()):
+"""firmware/otahttp.get against a lying or broken file server (testbed/fileserver.py's lie()):
 the real code in the real Unix port (tests/mpy/otahttp_get.py), on a small heap. Whatever the
 server sends, the sink (the flash) gets at most `limit` bytes and only those asked for, and
 what comes out is Transient (BadReply when the server misbehaved) or, when the sink fails,
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tools.devices import ROOT, micropython_path
-from tools.fileserver import FileServer
+from testbed.devices import ROOT, micropython_path
+from testbed.fileserver import FileServer
 
 SCRIPT = os.path.join(ROOT, "tests", "mpy", "otahttp_get.py")
 HEAP = "64k"  # a board's heap is ~100 KB; the old unbounded readline died in this one

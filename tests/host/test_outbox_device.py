@@ -6,7 +6,7 @@ import random
 import signal
 import time
 
-from tools.devices import Spec
+from testbed.devices import Spec
 
 FAST = {"reconnect": {"first_window": 0.3, "base": 0.3, "cap": 2, "flap_limit": 100}}
 

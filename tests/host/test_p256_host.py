@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from tools.devices import ROOT, micropython_path
+from testbed.devices import ROOT, micropython_path
 
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 import p256  # noqa: E402  (the device library, under CPython)

@@ -4,7 +4,7 @@ import glob
 import json
 import os
 
-from tools.devices import ROOT
+from testbed.devices import ROOT
 
 
 def packages():
@@ -96,7 +96,7 @@ def test_unix_manifest_freezes_the_same_firmware_plus_the_unix_board():
     rel = [os.path.relpath(p, ROOT) for p in named]
     assert len(rel) == len(set(rel)), "a file frozen twice"
     boards = {os.path.relpath(p, ROOT) for p in frozen_files()[0]}
-    assert set(rel) == boards | UNIX_BOARD | {os.path.join("tools", "board_model", "ssl.py")}
+    assert set(rel) == boards | UNIX_BOARD | {os.path.join("testbed", "board_model", "ssl.py")}
     assert _device_files() <= set(rel)
     with open(os.path.join(ROOT, "manifest_unix.py")) as f:
         assert "FIRMWARE = " not in f.read()  # the list lives in manifest_common.py only

@@ -12,7 +12,7 @@ import pytest
 
 from firmware.bootconfig import validate
 from tools import provision
-from tools.devices import ROOT
+from testbed.devices import ROOT
 
 TOOL = os.path.join(ROOT, "tools", "provision.py")
 PASSWORD = "pw-Zq8r!never-printed"

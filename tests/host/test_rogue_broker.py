@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tools.devices import Spec, device_config
+from testbed.devices import Spec, device_config
 
 CONNACK = b"\x20\x02\x00\x00"
 

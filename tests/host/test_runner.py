@@ -1,4 +1,4 @@
-"""The runner (tools/devices.py) as a board's hardware: a watchdog that resets a board that
+"""The runner (testbed/devices.py) as a board's hardware: a watchdog that resets a board that
 hangs but not one whose shared host process is busy with other boards, and a power supply
 that brings a dead process back after a power cut, a crash or a kill from outside."""
 import os
@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from tools.devices import Spec
+from testbed.devices import Spec
 
 FAST = {"keepalive": 5, "reconnect": {"first_window": 0.5, "base": 0.2, "cap": 1}}
 BOOT_S = 60  # a boot and its connect, on a host that may be busy with other work

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from test_tls import _ca, _leaf
-from tools.broker import Mosquitto, free_port
-from tools.devices import Spec
-from tools.observer import Observer
+from testbed.broker import Mosquitto, free_port
+from testbed.devices import Spec
+from testbed.observer import Observer
 
 PW = "Brk-pw-7f3Qz9xVw2"
 WRONG_PW = "Wrong-pw-K8d1Lp0"

@@ -8,10 +8,10 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from tools.broker import Mosquitto
-from tools.observer import Observer
-from tools.devices import Spec
-from tools.proxy import DOWN, UP, FaultProxy
+from testbed.broker import Mosquitto
+from testbed.observer import Observer
+from testbed.devices import Spec
+from testbed.proxy import DOWN, UP, FaultProxy
 
 FAST = {"reconnect": {"first_window": 0.5}}
 

@@ -1,4 +1,4 @@
-"""tools/sim.py as an operator runs it: its own broker, a fleet, a JSON summary at the end;
+"""testbed/sim.py as an operator runs it: its own broker, a fleet, a JSON summary at the end;
 settings from the command line, a consumer that survives its own lost connection, power
 cuts, a broker that requires a login."""
 import json
@@ -12,22 +12,22 @@ import time
 
 import pytest
 
-from tools.broker import Mosquitto
-from tools.devices import ROOT
-from tools.proxy import FaultProxy
+from testbed.broker import Mosquitto
+from testbed.devices import ROOT
+from testbed.proxy import FaultProxy
 
 
 # ---- a run that an operator watches and stops ------------------------------------------
 
 
 class SimRun:
-    """tools/sim.py in the background, its output lines collected as they come."""
+    """testbed/sim.py in the background, its output lines collected as they come."""
 
     def __init__(self, tmp_path, *args, env=None):
         self.lines = []
         self.cond = threading.Condition()
         self.p = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--workdir", str(tmp_path),
+            [sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--workdir", str(tmp_path),
              *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -122,7 +122,7 @@ def test_sim_runs_a_fleet_and_prints_a_summary(tmp_path, sim_run):
 
 def test_sim_rejects_bad_arguments(tmp_path):
     r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--devices", "0"],
+        [sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--devices", "0"],
         capture_output=True, text=True, timeout=30,
     )
     assert r.returncode == 2 and "--devices must be at least 1" in r.stderr
@@ -165,7 +165,7 @@ def test_sim_outages_and_health_give_heap_figures(sim_run):
 
 
 def test_set_parses_dotted_keys_and_json_values():
-    from tools.sim import parse_set, set_path
+    from testbed.sim import parse_set, set_path
 
     doc = {"broker": {"host": "h", "keepalive": 30}}
     for text in ("broker.reconnect.first_window=2", "safe_mode.boots=10", "groups=[\"a\"]",
@@ -197,7 +197,7 @@ def test_sim_set_reaches_every_device_and_a_bad_one_stops_before_the_start(sim_r
     assert summary["online"] == 2 and summary["telemetry"] >= 2 and summary["gaps"] == 0
     assert not [l for l in sim.lines if l.startswith("devices/")], "no topic without it"
     r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "sim.py"), "--set", "watchdog_ms=5"],
+        [sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--set", "watchdog_ms=5"],
         capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "invalid config: watchdog_ms must be in" in r.stderr
     assert "mosquitto on" not in r.stdout, "nothing started"

@@ -6,7 +6,7 @@ import socket
 import subprocess
 import threading
 
-from tools.devices import ROOT, micropython_path
+from testbed.devices import ROOT, micropython_path
 
 SCRIPT = r'''
 import sys

@@ -153,7 +153,7 @@ def test_the_proxy_stops_listening_so_a_bare_tcp_connect_is_refused(broker):
     import socket
     import time
 
-    from tools.proxy import FaultProxy
+    from testbed.proxy import FaultProxy
 
     with FaultProxy(broker.host, broker.port) as proxy:
         kept = socket.create_connection((proxy.host, proxy.port), timeout=5)
@@ -182,7 +182,7 @@ def test_the_proxy_cuts_the_share_it_is_asked_to_and_names_the_clients(broker):
 
     import paho.mqtt.client as mqtt
 
-    from tools.proxy import FaultProxy
+    from testbed.proxy import FaultProxy
 
     with FaultProxy(broker.host, broker.port, record="control") as proxy:
         clients = []

@@ -1,11 +1,11 @@
 """The supervisor on a real broker with real Unix-port devices: a hung task ends in a
-watchdog reset by the runner (tools/devices.py) with the queue intact, a crash loop ends in
+watchdog reset by the runner (testbed/devices.py) with the queue intact, a crash loop ends in
 safe mode and comes out of it, a link outage is recovered end to end, a graceful stop loses
 nothing."""
 import json
 import time
 
-from tools.devices import Spec
+from testbed.devices import Spec
 
 FAST = {"keepalive": 5, "reconnect": {"first_window": 0.5, "base": 0.2, "cap": 1}}
 

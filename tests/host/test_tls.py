@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from tools.broker import Mosquitto, free_port
-from tools.devices import ROOT, Spec, micropython_path
-from tools.observer import Observer
+from testbed.broker import Mosquitto, free_port
+from testbed.devices import ROOT, Spec, micropython_path
+from testbed.observer import Observer
 
 
 def _ssl(*args, cwd):
@@ -169,7 +169,7 @@ def test_an_update_downloads_over_https_verified_like_the_broker(
     import json
 
     from tools import bundle
-    from tools.fileserver import FileServer
+    from testbed.fileserver import FileServer
 
     pub, _ = bundle.keygen("k", str(tmp_path / "keys"))
     out = str(tmp_path / "srv" / "v2")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tools import provision
-from tools.devices import Spec
+from testbed.devices import Spec
 
 # (field, value, what the error line must say); a bytes value is put raw into the JSON text.
 BAD = [

@@ -6,7 +6,7 @@ right; on the 64-bit port without the emulation none of this could be seen."""
 import json
 import re
 
-from tools.devices import Spec
+from testbed.devices import Spec
 
 STEP = 1 << 28  # 3.1 days: each step within what a board's ticks_diff spans
 FAST = {"keepalive": 4, "reconnect": {"first_window": 0.5, "base": 0.2, "cap": 1}}

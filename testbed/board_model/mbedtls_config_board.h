@@ -1,4 +1,4 @@
-// mbedTLS configuration of the board-model build (tools/board_model/build.sh): the Unix
+// mbedTLS configuration of the board-model build (testbed/board_model/build.sh): the Unix
 // port's own, but with mbedTLS allocating from the MicroPython GC heap, as it does on the
 // RP2 (Pico W) and other bare-metal ports. The Unix port's default takes it from libc's
 // malloc, where the heap figures of a TLS device would not see the ~30 KB it holds.

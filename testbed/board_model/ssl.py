@@ -1,4 +1,4 @@
-# `ssl` for the board-model build of the Unix port (tools/board_model/build.sh): CPython's
+# `ssl` for the board-model build of the Unix port (testbed/board_model/build.sh): CPython's
 # names over MicroPython's C module `tls`. The ESP32 and RP2 builds get an `ssl` module from
 # micropython-lib through their port manifests; this build freezes no micropython-lib, so it
 # freezes this instead. It covers what firmware/tlsctx.py and asyncio call, nothing more.

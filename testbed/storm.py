@@ -1,14 +1,14 @@
 """Reconnect-storm simulator: a fleet of the real firmware through a mass disconnect.
 
-    python tools/storm.py [--devices N]
+    python testbed/storm.py [--devices N]
                           [--scenarios mass-disconnect,overloaded-broker,region-failover]
                           [--profiles firmware,baseline] [--refuse S] [--fraction F]
                           [--rate R] [--down S] [--after-s S] [--probe-s S]
                           [--failback-window S] [--interval S] [--out FILE] [--plot FILE]
 
-For each scenario and profile: a fresh mosquitto, the fault proxy (tools/proxy.py) in front
+For each scenario and profile: a fresh mosquitto, the fault proxy (testbed/proxy.py) in front
 of it, N devices of the firmware on the Unix port packed into a few MicroPython processes
-(tools/devices.start_fleet, as tools/sim.py does), an observer on the broker itself. Once
+(testbed/devices.start_fleet, as testbed/sim.py does), an observer on the broker itself. Once
 every device is connected and its connection has been up longer than the firmware's
 `stable_s`, the proxy cuts a `--fraction` of the connections and then either refuses every
 new one for `--refuse` s (mass-disconnect) or admits at most `--rate` per second
@@ -50,12 +50,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.broker import Mosquitto  # noqa: E402
-from tools.devices import (ROOT, device_config, error_counts, start_fleet,  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+from testbed.devices import (ROOT, device_config, error_counts, start_fleet,  # noqa: E402
                            stop_fleet)
-from tools.ledger import Ledger  # noqa: E402
-from tools.observer import Observer  # noqa: E402
-from tools.proxy import FaultProxy  # noqa: E402
+from testbed.ledger import Ledger  # noqa: E402
+from testbed.observer import Observer  # noqa: E402
+from testbed.proxy import FaultProxy  # noqa: E402
 
 SCENARIOS = ("mass-disconnect", "overloaded-broker", "region-failover")
 PROFILES = ("firmware", "baseline")

@@ -1,7 +1,7 @@
 """Render the chaos suite's report (bench/chaos.json, written by `make chaos`) as the
 Markdown table of README's "Chaos suite": one row per scenario run.
 
-    .venv/bin/python tools/chaos_table.py [bench/chaos.json] [--variant long|short]
+    .venv/bin/python testbed/chaos_table.py [bench/chaos.json] [--variant long|short]
 """
 import argparse
 import json
