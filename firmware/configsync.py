@@ -17,7 +17,8 @@ from firmware.twin import Twin
 
 
 class ConfigSync:
-    def __init__(self, fs, topics, groups, client, rnd, log, apply, base=None, renew=()):
+    def __init__(self, fs, topics, groups, client, rnd, log, apply, base=None, renew=(),
+                 extra=()):
         self.fs = fs
         self.topics = topics
         self.client = client
@@ -25,7 +26,7 @@ class ConfigSync:
         self.log = log
         self.apply = apply  # fn(changed names, effective) -> names that wait for a reboot
         names = ["all"] + [g for g in groups if g != "all"]
-        self.twin = Twin(names + ["device"], base)
+        self.twin = Twin(names + ["device"], base, extra)
         self.layer_of = {topics.group_desired(g): g for g in names}
         self.layer_of[topics.desired] = "device"
         self.renew = list(renew)  # other subscriptions (the commands') a refresh renews

@@ -1,10 +1,13 @@
 # The settings an operator may change through the desired-config layers (README "Config
 # twin"): name, kind, default, limits, and whether a change applies live or at the next
-# boot. Anything not declared here is reported as unknown and never applied.
+# boot. Anything not declared here, or by the device's application (`extra`: its `app.*`
+# settings, firmware/apphost.py), is reported as unknown and never applied.
 
 NUM = "num"
 INT = "int"
 CHOICE = "choice"
+BOOL = "bool"  # application settings only
+STR = "str"  # application settings only: high is the longest length
 # A JSON object taken whole: a layer's object replaces a lower layer's, never merged key by
 # key (an update request from a group must not mix with one from the device's own layer).
 OBJ = "obj"
@@ -58,20 +61,26 @@ def check_ota(v):
 
 
 
-def find(name):
+def find(name, extra=()):
     for s in SETTINGS:
+        if s[0] == name:
+            return s
+    for s in extra:
         if s[0] == name:
             return s
     return None
 
 
-def defaults():
-    return {s[0]: s[2] for s in SETTINGS}
+def defaults(extra=()):
+    d = {s[0]: s[2] for s in SETTINGS}
+    for s in extra:
+        d[s[0]] = s[2]
+    return d
 
 
-def check(name, value):
+def check(name, value, extra=()):
     """The value, normalised, or ValueError saying why it is not acceptable."""
-    s = find(name)
+    s = find(name, extra)
     kind, lo, hi = s[1], s[3], s[4]
     if kind == OBJ:
         return None if value is None else check_ota(value)
@@ -79,8 +88,17 @@ def check(name, value):
         if value not in lo:
             raise ValueError("%s must be one of %s" % (name, "|".join(lo)))
         return value
+    if kind == BOOL:
+        if not isinstance(value, bool):
+            raise ValueError("%s must be true or false" % name)
+        return value
+    if kind == STR:
+        if not isinstance(value, str) or len(value) > hi:
+            raise ValueError("%s must be a string of at most %d characters" % (name, hi))
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind == NUM else int):
         raise ValueError("%s must be %s" % (name, "a number" if kind == NUM else "an integer"))
-    if not lo <= value <= hi:
+    # An application's number may leave out either limit.
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError("%s must be in %s..%s" % (name, lo, hi))
     return value

@@ -74,8 +74,9 @@ def loads(text):
         raise Rejected("not valid JSON")
 
 
-def parse_layer(text):
-    """(version, {dotted name: value}, [unknown names]) or Rejected."""
+def parse_layer(text, extra=()):
+    """(version, {dotted name: value}, [unknown names]) or Rejected. `extra`: the
+    application's settings (settings.find)."""
     doc = loads(text)
     if not isinstance(doc, dict):
         raise Rejected("not a JSON object")
@@ -84,33 +85,34 @@ def parse_layer(text):
         raise Rejected("version must be a non-negative integer")
     flat = {}
     unknown = []
-    _flatten(doc, "", flat, unknown)
+    _flatten(doc, "", flat, unknown, extra)
     for name in flat:
         try:
-            flat[name] = settings.check(name, flat[name])
+            flat[name] = settings.check(name, flat[name], extra)
         except ValueError as e:
             raise Rejected(str(e), version)
     return version, flat, unknown
 
 
-def _flatten(d, prefix, out, unknown):
+def _flatten(d, prefix, out, unknown, extra):
     for k, v in d.items():
         if not isinstance(k, str):  # MicroPython's json reads {1: 2}
             raise Rejected("keys must be strings")
         if not prefix and k == "version":
             continue
         name = prefix + k
-        if isinstance(v, dict) and not settings.find(name):
-            _flatten(v, name + ".", out, unknown)
-        elif settings.find(name):
+        if isinstance(v, dict) and not settings.find(name, extra):
+            _flatten(v, name + ".", out, unknown, extra)
+        elif settings.find(name, extra):
             out[name] = v
         elif len(unknown) < 8:  # reported: bounded, so the report still fits a frame
             unknown.append(name[:64])
 
 
 class Twin:
-    def __init__(self, layer_names, base=None):
+    def __init__(self, layer_names, base=None, extra=()):
         self.order = list(layer_names)  # most general first, "device" last
+        self.extra = extra  # the application's settings (settings.find)
         # Values from the bootstrap config: below every layer, above the declared defaults.
         self.base = base or {}
         self.layers = {}  # name -> (version, flat)
@@ -140,7 +142,7 @@ class Twin:
             self.stale.pop(layer, None)
             return self._changes(before)
         try:
-            version, flat, unknown = parse_layer(text)
+            version, flat, unknown = parse_layer(text, self.extra)
         except Rejected as e:
             self._reject(layer, e.version, str(e))
             return []
@@ -172,7 +174,7 @@ class Twin:
         return [k for k in after if after[k] != before.get(k)]
 
     def effective(self):
-        eff = settings.defaults()
+        eff = settings.defaults(self.extra)
         eff.update(self.base)
         for name in self.order:
             got = self.layers.get(name)
@@ -183,6 +185,8 @@ class Twin:
     def sources(self):
         """For each setting, the layer its effective value came from ("default" if none)."""
         src = {s[0]: "default" for s in settings.SETTINGS}
+        for s in self.extra:
+            src[s[0]] = "default"
         for k in self.base:
             src[k] = "bootstrap"
         for name in self.order:
@@ -226,9 +230,13 @@ class Twin:
             try:
                 flat = {}
                 for k, v in layer["settings"].items():
-                    if not settings.find(k):
+                    if not settings.find(k, self.extra):
+                        if k.startswith("app."):
+                            # The application's, and this boot runs without it (none, or
+                            # its setup failed): the layer's other settings still hold.
+                            continue
                         raise Rejected("%s is not a setting of this firmware" % k)
-                    flat[k] = settings.check(k, v)
+                    flat[k] = settings.check(k, v, self.extra)
                 self.layers[name] = (int(layer["version"]), flat)
             except (Rejected, ValueError, KeyError, TypeError, AttributeError) as e:
                 self._reject(name, None, "cached layer: %s" % e)

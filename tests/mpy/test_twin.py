@@ -166,3 +166,35 @@ def test_the_size_limit_is_on_bytes_not_characters():
     assert len(text) < 2048 < len(text.encode())
     e = raises(Rejected, parse_layer, text.encode())
     assert "larger" in str(e)
+
+
+def test_application_settings_merge_validate_and_survive_their_apps_absence():
+    extra = (("app.threshold", "num", 50, 0, 100, True),
+             ("app.mode", "choice", "eco", ("eco", "boost"), None, True),
+             ("app.on", "bool", False, None, None, True),
+             ("app.label", "str", "", None, 8, True),
+             ("app.any", "num", 1, None, None, True))
+    t = Twin(["all", "device"], extra=extra)
+    assert t.effective()["app.threshold"] == 50
+    assert t.sources()["app.mode"] == "default"
+    assert set(t.offer("all", '{"version": 1, "app": {"threshold": 60, "on": true}}')) == {
+        "app.threshold", "app.on"}
+    assert set(t.offer("device", '{"version": 1, "app": {"label": "pump", "any": -7e9}}')) == {
+        "app.label", "app.any"}
+    for bad, why in (('{"threshold": 101}', "app.threshold must be in 0..100"),
+                     ('{"mode": "turbo"}', "app.mode must be one of eco|boost"),
+                     ('{"on": 1}', "app.on must be true or false"),
+                     ('{"label": "far too long"}', "app.label must be a string of at most 8"),
+                     ('{"threshold": "60"}', "app.threshold must be a number")):
+        assert t.offer("device", '{"version": 2, "app": %s}' % bad) == []
+        assert t.rejections[-1][2].startswith(why), t.rejections[-1]
+    eff = t.effective()
+    assert eff["app.threshold"] == 60 and eff["app.label"] == "pump" and eff["app.on"] is True
+    # A cached layer read by a boot whose app did not start keeps its other settings.
+    snap = {"device": {"version": 3, "settings": {"app.label": "x", "telemetry_interval": 7}}}
+    bare = Twin(["all", "device"])
+    bare.restore(snap)
+    assert bare.effective()["telemetry_interval"] == 7 and bare.rejected == 0
+    # ...while a firmware setting that no longer exists still drops the layer.
+    bare.restore({"device": {"version": 4, "settings": {"nosuch": 1}}})
+    assert bare.rejected == 1
