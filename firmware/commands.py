@@ -34,6 +34,10 @@ class Commands:
         self.handled = 0
         self.rejected = 0
         self.duplicates = 0
+        self.errors = 0  # handlers that raised: answered with an error
+        # Commands whose ids are remembered on flash: a reboot, and the application's
+        # (whose effects the firmware cannot know); the others' for this boot only.
+        self.durable = ["reboot"]
         self.done = self._load()  # "name/id" of the last requests executed, oldest first
 
     def _load(self):
@@ -102,8 +106,17 @@ class Commands:
             if rid is not None:
                 # Remembered (on flash for commands with effects beyond this boot) before
                 # it runs: a reboot must find it done when it is redelivered.
-                self._remember(key, name == "reboot")
-            await self._answer(name, rid, "ok", await self.handlers[name](body))
+                self._remember(key, name in self.durable)
+            try:
+                data = await self.handlers[name](body)
+            except Exception as e:
+                # A handler's failure is the requester's answer, never the connection's.
+                self.errors += 1
+                if self.log:
+                    self.log("E", "command %s (id %s) failed: %r" % (name, rid, e))
+                await self._answer(name, rid, "error", {"error": str(e)[:120] or repr(e)[:120]})
+                return
+            await self._answer(name, rid, "ok", data)
         else:
             self.rejected += 1
             await self._answer(name, rid, "error", {"error": "unknown command"})

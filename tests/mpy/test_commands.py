@@ -58,3 +58,19 @@ async def test_a_bad_exp_is_a_bad_body():
         _, res = await r.send("reboot", id="b", exp=bad)
         assert res["status"] == "error" and "exp must be a number" in res["data"]["error"]
     assert r.runs == []
+
+
+async def test_a_handler_that_raises_answers_an_error_and_is_counted():
+    r = Rig(None)
+
+    async def broken(body):
+        raise ValueError("relay stuck")
+
+    r.c.handlers["relay"] = broken
+    r.c.durable.append("relay")
+    _, res = await r.send("relay", id="a", on=True)
+    assert res == {"id": "a", "status": "error", "data": {"error": "relay stuck"}}
+    assert r.c.errors == 1 and r.logs[-1][0] == "E"
+    # Run once: the id is done even though it failed (its effect may have begun).
+    _, res = await r.send("relay", id="a", on=True)
+    assert res["data"] == {"duplicate": True} and r.c.errors == 1
