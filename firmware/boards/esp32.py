@@ -1,13 +1,34 @@
-# ESP32 board: the die temperature sensor as the built-in reading; the rest is McuBoard.
+# ESP32-family board: the chip's die temperature sensor as the built-in reading; the rest is
+# McuBoard.
 import esp32
 
 from firmware.boards.mcu import McuBoard
+
+
+def _die_sensor():
+    """A function giving the die temperature in Celsius, or None: mcu_temperature() on the
+    S2, S3, C3, C6 (an int, Celsius), raw_temperature() on the classic ESP32 (Fahrenheit);
+    MicroPython has one or the other (ports/esp32/modesp32.c)."""
+    f = getattr(esp32, "mcu_temperature", None)
+    raw = getattr(esp32, "raw_temperature", None)
+    if f is None and raw is not None:
+        f = lambda: (raw() - 32) / 1.8  # noqa: E731
+    return f
 
 
 class Board(McuBoard):
     name = "esp32"
     # tls_room stays 0: ESP-IDF's mbedTLS allocates from the system heap, not the GC heap.
 
+    def __init__(self):
+        super().__init__()
+        self.die_c = _die_sensor()
+
     def read_sensors(self, rnd):
-        # raw_temperature() is the classic ESP32's die sensor, in Fahrenheit.
-        return {"temp_c": round((esp32.raw_temperature() - 32) / 1.8, 1)}
+        # No sensor, or a failed read: telemetry without temp_c rather than none at all.
+        if self.die_c is not None:
+            try:
+                return {"temp_c": round(float(self.die_c()), 1)}
+            except OSError:
+                pass
+        return {}
