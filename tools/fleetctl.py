@@ -3,11 +3,12 @@
 Talks to the broker with paho-mqtt, using only the topic contract of README "Topic contract":
 watch what devices publish (tail), run a device command and wait for its answer (cmd),
 change a desired config layer after checking it against the firmware's declared settings
-(set), list devices from their retained status and recent health (status), and roll out an
-over-the-air update (ota push) and follow it (ota status).
+(set), show a device's effective config (config), list devices from their retained status
+and recent health (status), and roll out an over-the-air update (ota push) and follow it
+(ota status).
 
     python tools/fleetctl.py [--broker HOST:PORT] [--user U] [--prefix P] [--timeout S] \
-        {tail,cmd,set,status,ota} ...
+        {tail,cmd,set,config,status,ota} ...
 
 A rollout, canary group first (OTA_HELP below, `fleetctl.py ota --help`); push publishes
 only once --url serves the bundle's manifest.json and manifest.sig (--no-url-check: anyway):
@@ -54,7 +55,8 @@ exit codes:
        set: a device ignored the layer as not newer than its own (stale) or rejected it
   2    bad arguments, or a desired document refused by validation (nothing was published)
   3    timeout: no command result within --timeout, tail --duration ended before --count,
-       or set: an online device did not report the layer within --wait
+       set: an online device did not report the layer within --wait, or config: no
+       config/reported retained for the device
   4    broker problem: unreachable, connection or subscription refused, connection lost
   5    ota push: the bundle is not served as it is at --url (unreachable, HTTP error, another
        manifest.json or manifest.sig); nothing was published (--no-url-check skips it)
@@ -64,8 +66,11 @@ The password is taken from --password or, better (not visible in ps), $FLEETCTL_
 
 examples:
   fleetctl.py tail 'pump-*' --kind telemetry --count 10
+  fleetctl.py tail 'pump-*' --kind event,state
   fleetctl.py cmd pump-0042 logs --body '{"n": 5}'
   fleetctl.py set --group model-x telemetry_interval=30 reconnect.cap=300
+  fleetctl.py set --device pump-0042 app.threshold=60
+  fleetctl.py config pump-0042 'app.*'
   fleetctl.py status 'pump-*' --wait 3
   fleetctl.py ota push --group canary --bundle out/b2 --url http://files:8080/b2/
   fleetctl.py ota status --group canary
@@ -92,7 +97,13 @@ an update rollout, step by step:
        fleetctl.py ota status
 """
 
-KINDS = ("telemetry", "status", "health")
+# What devices publish that tail and status read: devices/{id}/{kind}, and for events
+# devices/{id}/event/{name} (README "Topic contract"; events and state come from the app).
+KINDS = ("telemetry", "status", "health", "event", "state")
+# An app setting's name: app settings are the app's own, not declared in firmware/settings.py,
+# so fleetctl checks the name and the kind of value and the device checks the rest (it
+# reports a rejection in config/reported).
+APP_NAME_RE = re.compile(r"^app\.[a-z_][a-z0-9_]{0,31}$")
 # Device ids and group names as the bootstrap config allows them: they become topic levels,
 # so anything else could address another device's topics or a wildcard. No ".": RabbitMQ's
 # MQTT plugin delivers it as "/", so such a device or group would not work on every broker.
@@ -289,13 +300,24 @@ def is_pattern(text):
 
 
 def device_of(prefix, topic):
-    """(device id, kind) of a devices/{id}/{kind} topic under the prefix, else None."""
+    """(device id, kind, event name) of a devices/{id}/{kind} topic under the prefix (event
+    name None), or of devices/{id}/event/{name}; else None."""
     if not topic.startswith(prefix):
         return None
     parts = topic[len(prefix):].split("/")
-    if len(parts) != 3 or parts[0] != "devices":
+    if parts[0] != "devices":
         return None
-    return parts[1], parts[2]
+    if len(parts) == 3:
+        return parts[1], parts[2], None
+    if len(parts) == 4 and parts[2] == "event":
+        return parts[1], "event", parts[3]
+    return None
+
+
+def kind_filters(prefix, level, kinds):
+    """Subscription filters of those kinds for `level` (a device id or +)."""
+    return ["%sdevices/%s/%s" % (prefix, level, "event/+" if k == "event" else k)
+            for k in kinds]
 
 
 def target_filter(target):
@@ -319,6 +341,16 @@ def _json(payload):
 # ---- tail ------------------------------------------------------------------------------------
 
 
+def event_text(payload):
+    """An event's body as tail prints it: "boot=B seq=N DATA" (DATA as JSON), or None when
+    the payload is not an event document (then it is printed as it came)."""
+    doc = _json(payload)
+    if not isinstance(doc, dict) or "data" not in doc or "seq" not in doc:
+        return None
+    return "boot=%s seq=%s %s" % (_cell(doc.get("boot")), _cell(doc.get("seq")),
+                                  json.dumps(doc["data"]))
+
+
 def cmd_tail(args):
     kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -328,7 +360,7 @@ def cmd_tail(args):
     printed = 0
     deadline = time.monotonic() + args.duration if args.duration else None
     with Session(args) as s:
-        s.subscribe(["%sdevices/%s/%s" % (args.prefix, level, k) for k in kinds])
+        s.subscribe(kind_filters(args.prefix, level, kinds))
         while args.count is None or printed < args.count:
             m = s.get(deadline)
             if m is None:
@@ -341,12 +373,18 @@ def cmd_tail(args):
             text = payload.decode("utf-8", "replace")
             if args.json:
                 data = _json(payload)
-                line = json.dumps({"t": round(t, 3), "device": dk[0], "kind": dk[1],
-                                   "retained": retain, "data": text if data is None else data})
+                doc = {"t": round(t, 3), "device": dk[0], "kind": dk[1]}
+                if dk[1] == "event":
+                    doc["event"] = dk[2]
+                doc.update({"retained": retain, "data": text if data is None else data})
+                line = json.dumps(doc)
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(t)) + ".%03d" % (t % 1 * 1000)
-                line = "%s %s %s%s %s" % (stamp, dk[0], dk[1], " (retained)" if retain else "",
-                                           text)
+                kind, body = dk[1], text
+                if kind == "event":  # event NAME boot=B seq=N DATA
+                    kind, body = "event " + dk[2], event_text(payload) or text
+                line = "%s %s %s%s %s" % (stamp, dk[0], kind, " (retained)" if retain else "",
+                                           body)
             print(line, flush=True)
             printed += 1
     if args.count is not None and printed < args.count:
@@ -408,12 +446,12 @@ def cmd_cmd(args):
 def flatten(doc, prefix="", out=None):
     """{dotted name: value} of a desired document without its version (nested objects are
     dotted names, as the firmware's twin reads them; an object that is itself a setting,
-    like ota, stays whole)."""
+    like ota, stays whole; the app's settings are app.NAME)."""
     out = {} if out is None else out
     for k, v in doc.items():
         if not prefix and k == "version":
             continue
-        if isinstance(v, dict) and settings.find(prefix + k) is None:
+        if isinstance(v, dict) and (prefix + k == "app" or settings.find(prefix + k) is None):
             flatten(v, prefix + k + ".", out)
         else:
             out[prefix + k] = v
@@ -437,6 +475,11 @@ def validate(flat, what, hint=""):
     since they are typos or settings this firmware does not have."""
     errors = []
     for name in sorted(flat):
+        if name.startswith("app."):
+            why = check_app(name, flat[name])
+            if why:
+                errors.append(why)
+            continue
         if settings.find(name) is None:
             errors.append("%s: not a setting of this firmware" % name)
             continue
@@ -445,9 +488,23 @@ def validate(flat, what, hint=""):
         except ValueError as e:
             errors.append(str(e))
     if errors:
-        known = ", ".join(s[0] for s in settings.SETTINGS)
+        known = ", ".join([s[0] for s in settings.SETTINGS] + ["app.NAME"])
         raise Fail(INVALID, "%s refused, nothing published:\n  %s\n(settings: %s)%s"
                    % (what, "\n  ".join(errors), known, hint))
+
+
+def check_app(name, value):
+    """Why an app setting cannot be published, or None. The app declares its settings on the
+    device, so only the name and the kind of value are checked here; the device checks the
+    rest and reports a rejection in config/reported (fleetctl set says so)."""
+    if not APP_NAME_RE.match(name):
+        return "%s: an app setting is app.NAME, NAME 1 to 32 characters of a-z 0-9 _ not " \
+               "starting with a digit" % name
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        return "%s must be a finite number" % name
+    if not isinstance(value, (bool, int, float, str)):
+        return "%s must be a number, true, false or a string" % name
+    return None
 
 
 def parse_assignments(items):
@@ -555,8 +612,9 @@ def layer_view(rep, layer):
 
 
 def outcome(rep, layer, version):
-    """How a device's config/reported answers version `version` of `layer`: ("applied",),
-    ("stale", version it runs), ("rejected", reason) or None (not yet)."""
+    """How a device's config/reported answers version `version` of `layer`: ("applied",
+    [keys it did not know]), ("stale", version it runs), ("rejected", reason) or None (not
+    yet)."""
     if not isinstance(rep, dict):
         return None
     # Stale first: the version a device runs is higher then, which is not taking it.
@@ -566,7 +624,10 @@ def outcome(rep, layer, version):
         return ("stale", st[layer].get("have"))
     vs = rep.get("versions")
     if isinstance(vs, dict) and (_int(vs.get(layer)) or 0) >= version:
-        return ("applied",)
+        # The keys of the layer it did not know (an app setting its app does not declare).
+        unknown = rep.get("unknown")
+        unknown = unknown.get(layer) if isinstance(unknown, dict) else None
+        return ("applied", unknown if isinstance(unknown, list) else [])
     for r in rep.get("rejections") or []:
         if isinstance(r, dict) and r.get("layer") == layer and r.get("version") == version:
             return ("rejected", r.get("reason"))
@@ -696,6 +757,13 @@ def follow(s, args, layer, version, targets, reps, states, wait, again=False):
     if rejected:
         print("rejected: " + ", ".join("%s (%s)" % (d, done[d][1]) for d in rejected),
               flush=True)
+    unknown = [d for d in applied if done[d][1]]
+    if unknown:
+        # Applied without those keys: settings the device does not have (app settings are
+        # declared by the app on the device, so fleetctl cannot check their names).
+        print("applied without the keys it does not know: " + ", ".join(
+            "%s (%s)" % (d, ", ".join(str(k) for k in done[d][1])) for d in unknown),
+            flush=True)
     if silent:
         print("no answer within %g s (online): %s" % (wait, ", ".join(silent)), flush=True)
     if pending:
@@ -721,9 +789,10 @@ def _age(seconds):
 
 def cmd_status(args):
     level, match = target_filter(args.pattern)
-    devs = {}  # id -> {"status": doc, "health": doc, "seen": time of the latest live message}
+    # id -> {"status", "health", "state": doc, "seen": time of the latest live message}
+    devs = {}
     with Session(args) as s:
-        s.subscribe(["%sdevices/%s/%s" % (args.prefix, level, k) for k in KINDS])
+        s.subscribe(kind_filters(args.prefix, level, KINDS))
         deadline = time.monotonic() + args.wait
         asked = set()
         while True:
@@ -734,7 +803,8 @@ def cmd_status(args):
             dk = device_of(args.prefix, topic)
             if dk is None or not match(dk[0]):
                 continue
-            d = devs.setdefault(dk[0], {"status": None, "health": None, "seen": None})
+            d = devs.setdefault(dk[0], {"status": None, "health": None, "state": None,
+                                        "seen": None})
             if not retain:
                 # A retained status tells nothing about when it was sent; only messages
                 # that arrived live say the device was there.
@@ -749,8 +819,8 @@ def cmd_status(args):
                     asked.add(dk[0])
                     body = json.dumps({"id": "fleetctl-" + secrets.token_hex(6)})
                     s.c.publish("%sdevices/%s/cmd/report" % (args.prefix, dk[0]), body, 1)
-            elif dk[1] == "health":
-                d["health"] = doc
+            elif dk[1] in ("health", "state"):
+                d[dk[1]] = doc
     now = time.time()
     rows = []
     for dev in sorted(devs):
@@ -759,6 +829,9 @@ def cmd_status(args):
         h = d["health"] or {}
         ob = h.get("outbox")
         queued = ob.get("queued") if isinstance(ob, dict) else None
+        # The app's section: of the latest health, else of the status (which has one only
+        # when the app failed to set up).
+        app = h.get("app") if isinstance(h.get("app"), dict) else st.get("app")
         rows.append({
             "device": dev,
             "state": st.get("state", "?"),
@@ -770,22 +843,31 @@ def cmd_status(args):
             "queued": queued,
             # With several brokers (README "Broker failover"): the one it is connected to.
             "broker": st.get("broker") if st.get("state") == "online" else None,
+            "app": app if isinstance(app, dict) else None,
+            # The app's retained state document ({"v", "boot", "ts", "state"}), as published.
+            "app_state": d["state"],
         })
     if args.json:
         for r in rows:
             print(json.dumps(r))
         return OK
     brokers = any(r["broker"] for r in rows)
+    apps = any(r["app"] or r["app_state"] for r in rows)
     table = [("DEVICE", "STATE", "BOOT", "CAUSE", "FW", "LAST SEEN", "QUEUE")
-             + (("BROKER",) if brokers else ())]
+             + (("APP",) if apps else ()) + (("BROKER",) if brokers else ())]
+    notes = [[]]  # lines printed under each row: the app's problems, its state
     for r in rows:
         table.append((r["device"], r["state"] + (" (safe mode)" if r["safe_mode"] else ""),
                       _cell(r["boot"]), _cell(r["cause"]), _cell(r["fw"]),
                       _age(r["last_seen_s"]), _cell(r["queued"]))
+                     + ((app_cell(r["app"]),) if apps else ())
                      + ((_cell(r["broker"]),) if brokers else ()))
+        notes.append(app_notes(r["app"]) + state_notes(r["app_state"], r["boot"]))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
+    for row, extra in zip(table, notes):
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        for line in extra:
+            print("  " + line)
     if not rows:
         print("(no device matched %r within %g s)" % (args.pattern, args.wait), file=sys.stderr)
     return OK
@@ -793,6 +875,127 @@ def cmd_status(args):
 
 def _cell(v):
     return "-" if v is None else str(v)
+
+
+# A state line of status is cut at this many characters (--json has the whole document).
+STATE_LINE_MAX = 160
+
+
+def app_cell(app):
+    """The APP column: ok (loaded), failed (it did not set up: see the note), none (no app
+    on the device), - (not known: no health yet, and a status without an app section)."""
+    if not isinstance(app, dict):
+        return "-"
+    if app.get("loaded"):
+        return "ok"
+    return "failed" if app.get("error") else "none"
+
+
+def app_notes(app):
+    """Lines under a status row: the app's error, and what its counters say went wrong."""
+    if not isinstance(app, dict):
+        return []
+    out = []
+    if app.get("error"):
+        out.append("app error: %s" % app["error"])
+    problems = []
+    sensors = app.get("sensors")
+    for name in sorted(sensors) if isinstance(sensors, dict) else ():
+        c = sensors[name] if isinstance(sensors[name], dict) else {}
+        errors, timeouts = _int(c.get("errors")) or 0, _int(c.get("timeouts")) or 0
+        if errors or timeouts:
+            problems.append("sensor %s %d errors, %d timeouts of %s reads%s" % (
+                name, errors, timeouts, _cell(c.get("reads")),
+                " (last: %s)" % c["last_error"] if c.get("last_error") else ""))
+    cmds = app.get("commands")
+    if isinstance(cmds, dict) and _int(cmds.get("errors")):
+        problems.append("commands %d errors of %s handled" % (cmds["errors"],
+                                                              _cell(cmds.get("handled"))))
+    ev = app.get("events")
+    if isinstance(ev, dict) and _int(ev.get("dropped_q0")):
+        problems.append("events %d QoS 0 dropped" % ev["dropped_q0"])
+    if problems:
+        out.append("app: " + "; ".join(problems))
+    return out
+
+
+def state_notes(doc, boot):
+    """The line under a status row with the app's retained state: "state: KEY=VALUE ..."
+    (values as compact JSON, cut at STATE_LINE_MAX), "(boot B)" when it was published in
+    another boot than the one the row shows."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("state"), dict):
+        return []
+    line = "state: " + (" ".join("%s=%s" % (k, json.dumps(v, separators=(",", ":")))
+                                 for k, v in doc["state"].items()) or "{}")
+    if len(line) > STATE_LINE_MAX:
+        line = line[:STATE_LINE_MAX - 3] + "..."
+    if boot is not None and doc.get("boot") is not None and doc["boot"] != boot:
+        line += " (boot %s)" % doc["boot"]
+    return [line]
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def cmd_config(args):
+    check_name("device id", args.device)
+    topic = "%sdevices/%s/config/reported" % (args.prefix, args.device)
+    with Session(args) as s:
+        rep = _json(s.retained([topic], args.read_wait).get(topic) or b"null")
+    if not isinstance(rep, dict):
+        raise Fail(TIMEOUT, "no config/reported retained for %s (a device that never "
+                   "connected, or another --prefix?)" % args.device)
+    eff = rep.get("effective") if isinstance(rep.get("effective"), dict) else {}
+    src = rep.get("source") if isinstance(rep.get("source"), dict) else {}
+    names = sorted(n for n in eff if not args.names
+                   or any(fnmatch.fnmatchcase(n, p) for p in args.names))
+    if args.json:
+        doc = dict(rep, effective={n: eff[n] for n in names},
+                   source={n: src[n] for n in names if n in src})
+        print(json.dumps(doc), flush=True)
+        return OK
+    table = [("SETTING", "VALUE", "SOURCE")] + [
+        (n, json.dumps(eff[n]), _cell(src.get(n))) for n in names]
+    widths = [max(len(row[i]) for row in table) for i in range(2)]
+    for row in table:
+        print("%s  %s  %s" % (row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]))
+    for line in config_notes(rep):
+        print(line)
+    if not names and args.names:
+        print("(no setting of %s matched %s)" % (args.device, " ".join(args.names)),
+              file=sys.stderr)
+    return OK
+
+
+def config_notes(rep):
+    """The lines after the settings table of `config`: what the reported document says
+    about the layers (versions, rejections, unknown keys, stale versions), the settings
+    waiting for a reboot and the flash cache."""
+    out = []
+    vs = rep.get("versions")
+    if isinstance(vs, dict) and vs:
+        out.append("versions: " + ", ".join("%s %s" % (k, vs[k]) for k in vs))
+    if rep.get("rejected"):
+        out.append("rejected: %s" % rep["rejected"])
+    for r in rep.get("rejections") or []:
+        if isinstance(r, dict):
+            out.append("  rejection: %s version %s: %s" % (
+                r.get("layer"), _cell(r.get("version")), r.get("reason")))
+    unknown = rep.get("unknown")
+    for layer in unknown if isinstance(unknown, dict) else ():
+        if unknown[layer]:
+            out.append("unknown (not applied): %s: %s" % (
+                layer, ", ".join(str(k) for k in unknown[layer])))
+    stale = rep.get("stale")
+    for layer in stale if isinstance(stale, dict) else ():
+        if isinstance(stale[layer], dict):
+            out.append("stale: %s version %s ignored, runs %s" % (
+                layer, _cell(stale[layer].get("got")), _cell(stale[layer].get("have"))))
+    if rep.get("pending_reboot"):
+        out.append("pending reboot: " + ", ".join(str(k) for k in rep["pending_reboot"]))
+    if rep.get("cache") is not None:
+        out.append("cache: %s" % rep["cache"])
+    return out
 
 
 # ---- ota -------------------------------------------------------------------------------------
@@ -1057,9 +1260,9 @@ def parser():
     p = argparse.ArgumentParser(
         prog="fleetctl.py", formatter_class=fmt, epilog=EPILOG,
         description=_text("Operate a fleet over MQTT: watch devices (tail), run commands "
-                          "(cmd), change the desired config (set), list devices (status), "
-                          "roll out updates (ota push, ota status). COMMAND --help tells "
-                          "more."))
+                          "(cmd), change the desired config (set), show a device's effective "
+                          "config (config), list devices (status), roll out updates (ota "
+                          "push, ota status). COMMAND --help tells more."))
     p.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
                    help="broker address (default %(default)s)")
     p.add_argument("--user", help="MQTT user name")
@@ -1076,16 +1279,23 @@ def parser():
         description=_text(
             "Print the messages of one device, or of every device whose id matches a glob "
             "pattern (pump-*, sensor-?1; quote it for the shell), one line each as they arrive. "
-            "Retained status messages (old news: use status) are left out unless --retained."),
+            "Retained messages (status, an app's state: old news, use status) are left out "
+            "unless --retained.",
+            "A line is TIME DEVICE KIND PAYLOAD; an app's event is TIME DEVICE event NAME "
+            "boot=B seq=N DATA (DATA: the event's data as JSON). With --json: {\"t\", "
+            "\"device\", \"kind\", \"retained\", \"data\"}, and \"event\": NAME for an "
+            "event."),
         epilog="exit codes: 0 after --count messages or on Ctrl-C, 3 if --duration ends first")
     t.add_argument("target", metavar="TARGET", help="device id or glob pattern of ids")
     t.add_argument("--kind", default=",".join(KINDS),
-                   help="comma-separated message kinds (default %(default)s)")
+                   help="comma-separated message kinds (default %(default)s; event and "
+                        "state are an app's)")
     t.add_argument("--count", type=int, metavar="N", help="exit after N messages")
     t.add_argument("--duration", type=float, metavar="S", help="exit after S seconds")
     t.add_argument("--retained", action="store_true", help="also print retained messages")
     t.add_argument("--json", action="store_true",
-                   help='one JSON object per line: {"t", "device", "kind", "retained", "data"}')
+                   help='one JSON object per line: {"t", "device", "kind", "retained", "data"} '
+                        '(and "event" for an event)')
 
     c = sub.add_parser(
         "cmd", formatter_class=fmt, help="run a command on a device and print its result",
@@ -1139,11 +1349,21 @@ def parser():
             "2.5), else a string (log_level=warn). Dotted names (reconnect.cap) are published "
             "as nested objects. --file publishes the file's document as the whole layer (a "
             "version in it is ignored).",
+            "app.NAME=VALUE sets a setting of the device's application, published as "
+            "{\"app\": {\"NAME\": VALUE}}. The app declares its settings on the device, so "
+            "only the name (1 to 32 of a-z 0-9 _, not starting with a digit) and the kind of "
+            "VALUE (a number, true, false or a string) are checked here: a device that finds "
+            "the value wrong rejects the layer (exit 1), one whose app has no such setting "
+            "applies the rest and lists the key as unknown (printed; fleetctl config DEVICE "
+            "shows the effective app settings).",
             "Two operators changing the same layer at the same moment can both take the same "
             "version; devices keep the first one they get and report the other as stale."),
         epilog="settings of this firmware:\n" + "\n".join(
             "  %-24s %s" % (x[0], "|".join(x[3]) if x[1] == settings.CHOICE
                             else "%s %s..%s" % (x[1], x[3], x[4])) for x in settings.SETTINGS)
+        + "\n  %-24s %s" % ("app.NAME", "the app's own settings: a number, true, false or a "
+                                         "string,\n  %-24s checked by the device (rejections "
+                                         "in fleetctl config)" % "")
         + "\n\nexit codes: 0 published (and taken by every online target), 1 a device "
           "ignored it as stale or rejected it, 2 refused (nothing published), 3 an online "
           "target did not answer within --wait, 4 broker problem")
@@ -1168,7 +1388,17 @@ def parser():
             "reset cause of that boot, firmware, last seen (age of the newest live message; "
             "'-' if none arrived while collecting) and queue depth (outbox.queued of the "
             "latest health; '-' if none arrived: health comes every ~5 min, --report asks for "
-            "it now)."),
+            "it now).",
+            "When a device has an application: an APP column (ok, failed: it did not set up, "
+            "none: no app, -: not known yet), and under the row the app's error, its "
+            "problems as health counts them (\"app: sensor NAME E errors, T timeouts of N "
+            "reads (last: ERROR); commands E errors of N handled; events N QoS 0 dropped\") "
+            "and its retained state (\"state: KEY=VALUE ...\", values as compact JSON, cut "
+            "at %d characters; \"(boot B)\" when published in another boot)." % STATE_LINE_MAX,
+            "--json: one object per device with \"device\", \"state\", \"safe_mode\", "
+            "\"boot\", \"cause\", \"fw\", \"last_seen_s\", \"queued\", \"broker\", "
+            "\"app\" (the app section of health, else of status, or null) and "
+            "\"app_state\" (the state document as published, or null)."),
         epilog="exit codes: 0 (also when no device matched), 2 bad arguments, 4 broker problem")
     st.add_argument("pattern", nargs="?", default="*", metavar="PATTERN",
                     help="device id or glob pattern (default: every device)")
@@ -1177,6 +1407,27 @@ def parser():
     st.add_argument("--report", action="store_true",
                     help="ask each online device for health now (the report command)")
     st.add_argument("--json", action="store_true", help="one JSON object per device")
+
+    cf = sub.add_parser(
+        "config", formatter_class=fmt, help="a device's effective config, app settings included",
+        description=_text(
+            "Read the device's retained {prefix}devices/ID/config/reported and print its "
+            "effective settings, one per line: SETTING VALUE SOURCE (VALUE as JSON; SOURCE: "
+            "default, bootstrap or the layer it came from: all, a group, device). The app's "
+            "settings are app.NAME. Then what the document says about the layers: versions "
+            "applied, rejections (the app's refusals of its settings among them), unknown "
+            "keys (not applied), stale versions, settings pending a reboot, the flash cache.",
+            "NAME patterns ('app.*', quoted for the shell) keep the matching settings. --json "
+            "prints the reported document (effective and source kept to those settings)."),
+        epilog="exit codes: 0, 2 bad arguments, 3 no config/reported retained for DEVICE, "
+               "4 broker problem")
+    cf.add_argument("device", metavar="DEVICE")
+    cf.add_argument("names", nargs="*", metavar="NAME",
+                    help="setting name or glob pattern (default: every setting)")
+    cf.add_argument("--json", action="store_true", help="the reported document as JSON")
+    cf.add_argument("--read-wait", type=float, default=2.0, metavar="S",
+                    help="at most this long to read the retained document (default "
+                         "%(default)s; normally it takes a round trip)")
 
     o = sub.add_parser(
         "ota", formatter_class=fmt, help="roll out an over-the-air update and follow it",
@@ -1267,8 +1518,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.prefix and not args.prefix.endswith("/"):
         args.prefix += "/"  # as the firmware reads its bootstrap config's prefix
-    run = {"tail": cmd_tail, "cmd": cmd_cmd, "set": cmd_set, "status": cmd_status,
-           "ota": cmd_ota}[args.command]
+    run = {"tail": cmd_tail, "cmd": cmd_cmd, "set": cmd_set, "config": cmd_config,
+           "status": cmd_status, "ota": cmd_ota}[args.command]
     try:
         if set("+#\0") & set(args.prefix):
             raise Fail(INVALID, "--prefix must not contain MQTT wildcards")

@@ -3,11 +3,14 @@ Unix-port devices; what the devices do (reported config, results, status) is che
 observer, not with the CLI's own word."""
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 
 from testbed.broker import free_port
+from testbed.observer import Observer
 from tools.fleetctl import VERSION_EPOCH
 
 FLEETCTL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
@@ -262,3 +265,312 @@ def test_set_reports_devices_that_ignore_a_stale_version_and_offline_ones_as_pen
     rep = wait_reported(observer, "v1", lambda r: r["versions"].get("device") == 2 ** 29 + 1,
                         "2^29 + 1", timeout=1)[-1]
     assert "stale" not in rep and rep["effective"]["log_level"] == "debug"
+
+
+# ---- an application's events, state, health and settings -----------------------------------
+# Devices with an app are not ready yet: these tests publish the device-side documents
+# themselves, retained where a device retains them (README "Topic contract").
+
+
+class Tail:
+    """fleetctl tail running as a subprocess; its output lines as they come."""
+
+    def __init__(self, broker, *args):
+        self.p = subprocess.Popen(
+            [sys.executable, FLEETCTL, "--broker", "%s:%d" % (broker.host, broker.port), "tail"]
+            + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def line(self, timeout=15):
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no line from fleetctl tail within %g s" % timeout)
+        assert line is not None, "fleetctl tail ended: %s" % self.p.stderr.read()
+        return line
+
+    def end(self, timeout=15):
+        rc = self.p.wait(timeout)
+        return rc, self.p.stderr.read()
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def event(seq, data, boot=3):
+    return json.dumps({"v": 1, "seq": seq, "boot": boot, "up": 1000 * seq, "ts": 1767225600.5,
+                       "data": data})
+
+
+STATE = {"v": 1, "boot": 3, "ts": 1767225600.1,
+         "state": {"relay": {"on": True, "since": 123}, "env_alarm": False}}
+
+
+def test_tail_prints_app_events_and_state_of_the_matching_devices(broker, observer):
+    observer.publish("devices/pump-1/state", json.dumps(STATE), retain=True)
+    tail = Tail(broker, "pump-*", "--kind", "event,state", "--retained", "--count", "4")
+    try:
+        # The retained state comes first, once the subscription is made: then live messages.
+        first = tail.line()
+        assert first.split(" ", 1)[1] == "pump-1 state (retained) %s" % json.dumps(STATE), first
+        observer.publish("devices/fan-1/event/alarm", event(1, {"level": 9}))  # not matched
+        observer.publish("devices/pump-1/telemetry", json.dumps({"v": 1, "seq": 1}))  # kind
+        observer.publish("devices/pump-1/event/alarm", event(1, {"level": 7}))
+        observer.publish("devices/pump-2/event/door", event(2, "open", boot=5))
+        off = dict(STATE, state={"relay": {"on": False, "since": 456}, "env_alarm": False})
+        observer.publish("devices/pump-1/state", json.dumps(off), retain=True)
+        lines = [tail.line() for _ in range(3)]
+        assert tail.end() == (0, "")
+    finally:
+        tail.kill()
+    rest = [l.split(" ", 1)[1] for l in lines]
+    assert rest == ['pump-1 event alarm boot=3 seq=1 {"level": 7}',
+                    'pump-2 event door boot=5 seq=2 "open"',
+                    "pump-1 state %s" % json.dumps(off)], lines
+
+
+def test_tail_shows_events_by_default_and_as_json(broker, observer):
+    observer.publish("devices/v-1/status", json.dumps({"v": 1, "state": "online", "boot": 3}),
+                     retain=True)
+    tail = Tail(broker, "v-1", "--retained", "--json", "--count", "3")
+    try:
+        first = json.loads(tail.line())
+        assert first["kind"] == "status" and first["retained"] is True, first
+        observer.publish("devices/v-1/event/flow", event(4, [1.5, 2]))
+        observer.publish("devices/v-1/event/bad", b"not json")
+        lines = [json.loads(tail.line()) for _ in range(2)]
+        assert tail.end() == (0, "")
+    finally:
+        tail.kill()
+    for l in lines:
+        assert isinstance(l.pop("t"), float)
+    assert lines == [
+        {"device": "v-1", "kind": "event", "event": "flow", "retained": False,
+         "data": json.loads(event(4, [1.5, 2]))},
+        {"device": "v-1", "kind": "event", "event": "bad", "retained": False,
+         "data": "not json"}]
+    # A kind that is not one: refused, saying which there are.
+    r = fleetctl(broker, "tail", "v-1", "--kind", "events")
+    assert r.returncode == 2 and "telemetry,status,health,event,state" in r.stderr, r.stderr
+
+
+def _health(dev, app=None):
+    doc = {"v": 1, "boot": 4, "up": 60, "reset_cause": "power-on", "outbox": {"queued": 0}}
+    if app is not None:
+        doc["app"] = app
+    return json.dumps(doc)
+
+
+APP_HEALTH = {"loaded": True, "error": None,
+              "sensors": {"temp": {"reads": 120, "errors": 3, "timeouts": 1,
+                                   "last_error": "OSError: 19"},
+                          "hum": {"reads": 120, "errors": 0, "timeouts": 0}},
+              "commands": {"handled": 10, "errors": 2},
+              "events": {"queued": 0, "dropped_q0": 4}, "tasks": {}}
+
+
+def test_status_shows_the_app_its_problems_and_its_state(broker, observer):
+    def status(state, boot, **extra):
+        return json.dumps(dict({"v": 1, "state": state, "boot": boot, "fw": "1.2.0",
+                                "cause": "power-on", "prev_up_s": None}, **extra))
+
+    # a1: an app with trouble and a state; a2: an app that failed to set up (its status says
+    # so, and it sends no health); a3: no app; a4: offline, its state from an earlier boot.
+    observer.publish("devices/a1/status", status("online", 4), retain=True)
+    observer.publish("devices/a1/state", json.dumps(dict(STATE, boot=4)), retain=True)
+    observer.publish("devices/a2/status", status("online", 2, app={
+        "loaded": False, "error": "ImportError: no module named 'sensors'"}), retain=True)
+    observer.publish("devices/a3/status", status("online", 1), retain=True)
+    observer.publish("devices/a4/status", status("offline", 5), retain=True)
+    observer.publish("devices/a4/state", json.dumps(dict(STATE, boot=4, state={"n": 1})),
+                     retain=True)
+    observer.publish("devices/b1/status", status("online", 1), retain=True)
+    # The devices answer the report command (status --report) with health.
+    answers = {"a1": _health("a1", APP_HEALTH),
+               "a3": _health("a3", {"loaded": False, "error": None})}
+
+    def device(t, topic, payload, retain):
+        dev = topic.split("/")[1]
+        if topic.endswith("/cmd/report") and dev in answers:
+            fake.c.publish("devices/%s/health" % dev, answers[dev], 1)
+
+    fake = Observer(broker.host, broker.port, topics=("devices/+/cmd/report",),
+                    on_message=device)
+    try:
+        r = fleetctl(broker, "status", "a*", "--report", "--wait", "3")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].split() == ["DEVICE", "STATE", "BOOT", "CAUSE", "FW", "LAST", "SEEN",
+                                    "QUEUE", "APP"], r.stdout
+        assert _row(r.stdout, "a1")[-1] == "ok" and _row(r.stdout, "a2")[-1] == "failed"
+        assert _row(r.stdout, "a3")[-1] == "none" and _row(r.stdout, "a4")[-1] == "-"
+        i = {l.split()[0]: n for n, l in enumerate(lines) if not l.startswith(" ")}
+        assert lines[i["a1"] + 1:i["a2"]] == [
+            "  app: sensor temp 3 errors, 1 timeouts of 120 reads (last: OSError: 19); "
+            "commands 2 errors of 10 handled; events 4 QoS 0 dropped",
+            '  state: relay={"on":true,"since":123} env_alarm=false'], r.stdout
+        assert lines[i["a2"] + 1:i["a3"]] == [
+            "  app error: ImportError: no module named 'sensors'"], r.stdout
+        assert lines[i["a3"] + 1:i["a4"]] == [], r.stdout
+        assert lines[i["a4"] + 1:] == ["  state: n=1 (boot 4)"], r.stdout
+        # --json: the app section (health's, else the status's) and the state document.
+        r = fleetctl(broker, "status", "a*", "--report", "--wait", "3", "--json")
+        assert r.returncode == 0, r.stderr
+        rows = {d["device"]: d for d in map(json.loads, r.stdout.splitlines())}
+        assert rows["a1"]["app"] == APP_HEALTH and rows["a1"]["app_state"] == dict(STATE, boot=4)
+        assert rows["a2"]["app"]["error"].startswith("ImportError") \
+            and rows["a2"]["app_state"] is None
+        assert rows["a3"]["app"] == {"loaded": False, "error": None}
+        assert rows["a4"]["app"] is None and rows["a4"]["app_state"]["state"] == {"n": 1}
+        # No device with an app: the table as before, no APP column.
+        r = fleetctl(broker, "status", "b1", "--wait", "0.5")
+        assert r.returncode == 0 and "APP" not in r.stdout and "state:" not in r.stdout
+    finally:
+        fake.close()
+
+
+class AppDevice:
+    """Plays device d1 with an app declaring one setting, threshold (a number): it takes
+    its desired layer as the firmware would and reports it on config/reported."""
+
+    def __init__(self, broker, observer):
+        self.observer = observer
+        self.version = None
+        self.effective = {"telemetry_interval": 60, "app.threshold": 50}
+        self.source = {"telemetry_interval": "default", "app.threshold": "default"}
+        self.rejections = []
+        self.unknown = []
+        observer.publish("devices/d1/status", json.dumps({"v": 1, "state": "online",
+                                                          "boot": 1}), retain=True)
+        self.report()
+        self.c = Observer(broker.host, broker.port, topics=("devices/d1/config/desired",),
+                          on_message=self.on_layer)
+
+    def report(self, publish=None):
+        doc = {"effective": self.effective, "source": self.source,
+               "versions": {} if self.version is None else {"device": self.version},
+               "rejected": len(self.rejections), "rejections": self.rejections[-4:],
+               "groups": [], "cache": "ok", "pending_reboot": []}
+        if self.unknown:
+            doc["unknown"] = {"device": self.unknown}
+        (publish or self.observer.publish)("devices/d1/config/reported", json.dumps(doc),
+                                           retain=True)
+
+    def on_layer(self, t, topic, payload, retain):
+        if not payload:
+            return
+        layer = json.loads(payload)
+        app = layer.get("app", {})
+        if not isinstance(app.get("threshold", 0), (int, float)):
+            self.rejections.append({"layer": "device", "version": layer["version"],
+                                    "reason": "app.threshold must be a number"})
+        else:
+            self.version = layer["version"]
+            self.unknown = ["app." + k for k in app if k != "threshold"]
+            if "threshold" in app:
+                self.effective["app.threshold"] = app["threshold"]
+                self.source["app.threshold"] = "device"
+        # From paho's thread: published without waiting for the PUBACK.
+        self.report(lambda topic, text, retain: self.c.c.publish(topic, text, 1, retain))
+
+    def close(self):
+        self.c.close()
+
+
+def test_set_app_settings_nests_them_and_the_device_checks_them(broker, observer):
+    dev = AppDevice(broker, observer)
+    topic = "devices/d1/config/desired"
+    try:
+        r = fleetctl(broker, "set", "--device", "d1", "app.threshold=60", "app.mode=eco",
+                     "telemetry_interval=30")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        sent = observer.json(topic)
+        v = sent[-1]["version"]
+        # Dotted names nest: app.NAME goes into the layer's "app" object.
+        assert sent == [{"version": v, "app": {"mode": "eco", "threshold": 60},
+                         "telemetry_interval": 30}]
+        assert r.stdout.splitlines()[0] == "%s %s" % (topic, json.dumps(sent[-1]))
+        assert "applied by 1 of 1 device (version %d)" % v in r.stdout, r.stdout
+        # The device's app has no setting "mode": fleetctl could not know, the device says.
+        assert "applied without the keys it does not know: d1 (app.mode)" in r.stdout, r.stdout
+        # The next change keeps the layer's other keys (read back from the retained layer),
+        # KEY= removes one; a bool and a string are values too.
+        r = fleetctl(broker, "set", "--device", "d1", "app.mode=", "app.armed=true",
+                     "app.label=\"42\"")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert observer.json(topic)[-1] == {
+            "version": v + 1, "app": {"armed": True, "label": "42", "threshold": 60},
+            "telemetry_interval": 30}
+        # A value of the right shape that the app refuses: the device rejects the layer.
+        r = fleetctl(broker, "set", "--device", "d1", "app.threshold=high")
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert observer.json(topic)[-1]["app"]["threshold"] == "high"
+        assert "rejected: d1 (app.threshold must be a number)" in r.stdout, r.stdout
+        n = len(observer.matching(topic))
+        # What fleetctl can tell by itself: refused, exit 2, nothing published.
+        for bad, why in [("app.Threshold=1", "app.Threshold: an app setting is app.NAME"),
+                         ("app.1x=1", "app.1x: an app setting is app.NAME"),
+                         ("app.a.b=1", "app.a.b: an app setting is app.NAME"),
+                         ("app.x=[1, 2]", "app.x must be a number, true, false or a string"),
+                         ("app.x={\"y\": 1}", "app.x must be a number, true, false or a string"),
+                         ("app.x=NaN", "app.x must be a finite number")]:
+            r = fleetctl(broker, "set", "--device", "d1", bad)
+            assert r.returncode == 2, (bad, r.returncode, r.stderr)
+            assert why in r.stderr and "nothing published" in r.stderr, r.stderr
+        # fleetctl config shows the app's settings with where they come from.
+        r = fleetctl(broker, "config", "d1", "app.*")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert [l.split() for l in lines[:2]] == [["SETTING", "VALUE", "SOURCE"],
+                                                  ["app.threshold", "60", "device"]], r.stdout
+        assert "versions: device %d" % (v + 1) in lines
+        assert "  rejection: device version %d: app.threshold must be a number" % (v + 2) \
+            in lines, r.stdout
+        assert "unknown (not applied): device: app.armed, app.label" in lines, r.stdout
+    finally:
+        dev.close()
+    assert len(observer.matching(topic)) == n
+
+
+def test_config_prints_the_effective_settings_and_what_the_layers_did(broker, observer):
+    rep = {"effective": {"telemetry_interval": 30, "log_level": "info", "app.threshold": 60,
+                         "app.mode": "eco"},
+           "source": {"telemetry_interval": "model-x", "log_level": "default",
+                      "app.threshold": "device", "app.mode": "all"},
+           "versions": {"all": 3, "model-x": 7, "device": 12}, "rejected": 1,
+           "rejections": [{"layer": "device", "version": 11, "reason": "app.threshold must "
+                                                                        "be in 0..100"}],
+           "unknown": {"model-x": ["colour"]}, "stale": {"all": {"got": 2, "have": 3}},
+           "groups": ["model-x"], "cache": "ok", "pending_reboot": ["outbox.policy"]}
+    observer.publish("devices/c9/config/reported", json.dumps(rep), retain=True)
+    r = fleetctl(broker, "config", "c9")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "SETTING             VALUE   SOURCE",
+        'app.mode            "eco"   all',
+        "app.threshold       60      device",
+        'log_level           "info"  default',
+        "telemetry_interval  30      model-x",
+        "versions: all 3, model-x 7, device 12",
+        "rejected: 1",
+        "  rejection: device version 11: app.threshold must be in 0..100",
+        "unknown (not applied): model-x: colour",
+        "stale: all version 2 ignored, runs 3",
+        "pending reboot: outbox.policy",
+        "cache: ok"], r.stdout
+    r = fleetctl(broker, "config", "c9", "app.*", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == dict(
+        rep, effective={"app.mode": "eco", "app.threshold": 60},
+        source={"app.mode": "all", "app.threshold": "device"})
+    r = fleetctl(broker, "config", "ghost", "--read-wait", "1")
+    assert r.returncode == 3 and "no config/reported retained for ghost" in r.stderr
+    assert r.stdout == ""
