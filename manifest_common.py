@@ -8,7 +8,7 @@ package("outbox", base_path="lib")
 package("p256", base_path="lib")
 
 FIRMWARE = (
-    "__init__.py", "app.py", "bootconfig.py", "bootlog.py", "clock.py", "commands.py",
+    "__init__.py", "api.py", "app.py", "apphost.py", "bootconfig.py", "bootlog.py", "clock.py", "commands.py",
     "configcache.py", "configsync.py", "failover.py", "health.py", "ntp.py", "ota.py", "otacheck.py", "otahttp.py", "run.py",
     "settings.py", "supervisor.py", "telemetry.py", "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
     "boards/__init__.py", "boards/base.py", "boards/mcu.py", "boards/esp32.py", "boards/rp2.py",

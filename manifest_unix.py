@@ -9,6 +9,7 @@
 # Paths are relative to this file; tests/host/test_packaging.py checks that each exists.
 include("$(MPY_DIR)/extmod/asyncio")
 include("manifest_common.py")
-package("firmware", files=("boards/unix.py", "boards/unixargs.py"), base_path=".")
+package("firmware", files=("boards/unix.py", "boards/unixargs.py", "boards/unixhw.py"),
+        base_path=".")
 module("unixflash.py", base_path=".")
 module("ssl.py", base_path="testbed/board_model")

@@ -27,8 +27,9 @@ WDT_MAX_MS = {"esp32": 60000, "rp2": 8388}
 # Top-level module names of the loader. A slot's lib/ comes ahead of them on sys.path, so a
 # bundle file with one of these names would replace the loader: no bundle may have one.
 LOADER = ("otaboot", "unixflash", "unixboot", "main", "boot")
-# What a bundle installs: bytecode of the application package and of its libraries.
-TOPS = ("firmware", "lib")
+# What a bundle installs: bytecode of the firmware package, of its libraries and of the
+# user's application package (README "Writing your application").
+TOPS = ("firmware", "lib", "app")
 _HEX = "0123456789abcdef"
 
 # The trial deadline armed at this boot (loader state: one board per chip, one loader).
@@ -90,9 +91,9 @@ def bad_entry(f):
             or [p for p in parts if p in ("", ".", "..")]):
         return "%r: not a plain relative path" % path
     if parts[0] not in TOPS or not path.endswith(".mpy"):
-        return "%s: only .mpy files under firmware/ and lib/" % path
+        return "%s: only .mpy files under firmware/, lib/ and app/" % path
     name = parts[1].split(".")[0]
-    if parts[0] == "lib" and (name in LOADER or name == "firmware"):
+    if parts[0] == "lib" and (name in LOADER or name in ("firmware", "app")):
         return "%s: it would replace the loader's %s" % (path, name)
     return None
 
@@ -306,7 +307,7 @@ def note(fs, result, bad_sha=None, bad_version=None):
 def _forget_shadowed(d):
     """Drop every module the slot at `d` provides that is loaded already (boot.py's imports,
     a frozen copy): importing it again then finds the slot's."""
-    names = ["firmware"]
+    names = ["firmware", "app"]
     try:
         for e in os.ilistdir(d + "/lib"):
             names.append(e[0].split(".")[0])

@@ -46,6 +46,7 @@ class Device:
         self.health = None
         self.ota = None  # firmware/ota.py's Updater, on a board that can be updated
         self.failover = None  # firmware/failover.py's, with more than one broker
+        self.app = None  # firmware/apphost.py's AppHost, on a board with an application
         self._birth_acked = False
         self.logring = LogRing()
         self._min_level = 1  # index in _LEVELS: info
@@ -123,6 +124,10 @@ class Device:
         if outage:
             # Refusals and flaps since the previous connection, reported now that we can.
             d["outage"] = outage
+        if self.app:
+            d["app"] = {"loaded": self.app.loaded}
+            if self.app.error:
+                d["app"]["error"] = self.app.error
         return json.dumps(d)
 
     def build(self, cfg):
@@ -146,6 +151,9 @@ class Device:
              "reboot": self._cmd_reboot, "logs": self._cmd_logs},
             fs=self.board.fs, now=self.board.unix_time, log=self.log,
         )
+        # The user's application declares its settings, sensors and commands before the
+        # twin is built; in safe mode it does not run (it may be what crashed).
+        self.app = None if self.safe else self._load_app()
         self.link = LinkSupervisor(
             self.board.link, cfg["wifi"],
             Backoff(self.rnd, r["base"], r["cap"], r["first_window"], r["stable_s"],
@@ -203,7 +211,8 @@ class Device:
         # it does not have (session-present 1) would otherwise keep commands from us.
         self.sync = ConfigSync(self.board.fs, self.topics, cfg["groups"], self.client,
                                self.rnd, self.log, self._apply, base,
-                               renew=(self.topics.cmd_filter,))
+                               renew=(self.topics.cmd_filter,),
+                               extra=self.app.decl if self.app else ())
         self.sync.subscribe()
         eff = self.sync.load()  # the cached config, from the first moment of the boot
         # The outbox ring is the one large block: into the room reserved for it at start-up
@@ -224,6 +233,7 @@ class Device:
             self.board, self.rnd, self._enqueue, self.topics.telemetry, self.boot,
             eff["telemetry_interval"], dropped=self._dropped,
             beat=lambda ms: self._beat("telemetry", ms),
+            app=self.app if self.app and self.app.loaded else None,
         )
         self.health = Health(self, lambda: self.sync.twin.effective()["health_interval"],
                              self.rnd)
@@ -235,6 +245,29 @@ class Device:
                                self._uptime)
             self.ota.start()
         self._apply([s[0] for s in settings.SETTINGS if s[5]], eff)
+        if self.app:
+            # The cached values reach the app before its tasks start.
+            self.app.apply([d[0] for d in self.app.decl], eff, boot=True)
+
+    def _load_app(self):
+        """The user's application (README "Writing your application"), or None: a board
+        without one never loads the code that hosts it."""
+        err = None
+        try:
+            mod = self.board.load_app()
+        except Exception as e:  # the app's own import failed: the device goes on without
+            mod, err = None, "import: %r" % (e,)
+            self.log("E", "app not started: " + err)
+        if mod is None and err is None:
+            return None
+        from firmware.apphost import AppHost
+
+        host = AppHost(self, mod, err)
+        if host.setup(list(self.commands.handlers)):
+            for n in host.commands:
+                self.commands.handlers[n] = host.handler(n)
+                self.commands.durable.append(n)
+        return host
 
     def _apply(self, changed, eff):
         """Put new effective settings to work; returns those that wait for a reboot."""
@@ -245,13 +278,15 @@ class Device:
             bo.cap = eff["reconnect.cap"]
             bo.first_window = eff["reconnect.first_window"]
         self._min_level = "diwe".find(eff["log_level"][0])
+        if self.app:
+            self.app.apply(changed, eff)
         if "ota" in changed:
             if self.ota:
                 self.ota.request(eff["ota"])
             elif eff["ota"]:
                 self.log("W", "update requested, but this board cannot be updated (its "
                               "flash is not mounted: several boards share the process)")
-        return [k for k in changed if not settings.find(k)[5]]
+        return [k for k in changed if not settings.find(k, self.sync.twin.extra)[5]]
 
     async def _on_message(self, topic, payload, retain):
         try:
@@ -367,6 +402,9 @@ class Device:
         )
         if self.ota:
             self._fire(self.ota.report(), "ota state")
+        if self.app and self.app.state:
+            # Retained, but a broker may have lost it (restarted without persistence).
+            self._fire(self.app.publish_state(), "app state")
         if not self._reported_once:
             # Once per boot (a new boot's ConfigSync has sent nothing yet); after that
             # config/reported goes out only when it changes. Not forced: a retained layer
@@ -423,7 +461,12 @@ class Device:
         if not self.sync.reported_once():
             unmet.append("config applied")
         n = self.sup.stats["restarts"]
-        return unmet, ("tasks died %d times: %r" % (n, self.sup.restarts()) if n >= 3 else None)
+        why = "tasks died %d times: %r" % (n, self.sup.restarts()) if n >= 3 else None
+        if self.app:
+            more, app_why = self.app.trial()
+            unmet += more
+            why = why or app_why
+        return unmet, why
 
     async def _drain(self):
         """Hand queued records to the MQTT session, oldest first, pipelined through its
@@ -537,6 +580,8 @@ class Device:
         sup.spawn("spill", self._spill_loop, within_ms=1000)
         sup.spawn("health", self.health.run, critical=False)
         sup.spawn("lag", self.health.watch_lag, critical=False)
+        if self.app:
+            self.app.spawn(sup)
 
     async def stop(self, loop_restarted=False):
         """Graceful stop: unacknowledged telemetry to flash, retained offline status, then

@@ -130,6 +130,9 @@ class Health:
             doc["mqtt"]["broker"] = d.client.endpoint_name()
         if d.timesync:
             doc["ntp"] = d.timesync.stats
+        if d.app:
+            doc["app"] = d.app.health()
+        doc["commands"]["errors"] = d.commands.errors
         rssi = d.board.link.rssi()
         if rssi is not None:
             doc["rssi"] = rssi

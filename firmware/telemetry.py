@@ -7,7 +7,8 @@ from firmware.version import SCHEMA
 
 
 class Telemetry:
-    def __init__(self, board, rnd, publish, topic, boot, interval, dropped=None, beat=None):
+    def __init__(self, board, rnd, publish, topic, boot, interval, dropped=None, beat=None,
+                 app=None):
         self.board = board
         self.rnd = rnd
         self.publish = publish  # fn(topic, payload, boot, seq) that queues it, never blocks
@@ -17,6 +18,7 @@ class Telemetry:
         self.interval = interval
         self.seq = 0
         self.beat = beat or (lambda ms: None)  # watchdog check-in: fn(next within ms)
+        self.app = app  # firmware/apphost.py's AppHost: the application's sensors
 
     def payload(self, readings):
         """Build the next message (README "telemetry") around `readings`; advances seq."""
@@ -42,6 +44,8 @@ class Telemetry:
         # watchdog timeout) stops the check-ins.
         self.beat(0)
         readings = await self.board.sample(self.rnd)
+        if self.app:
+            await self.app.read_into(readings, self.beat)
         self.publish(self.topic, self.payload(readings), self.boot, self.seq)
 
     async def run(self):

@@ -139,28 +139,50 @@ def split(n, procs):
     return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
 
 
-def start_fleet(configs, workdir, processes=None, **kw):
+def start_fleet(configs, workdir, processes=None, app=None, **kw):
     """Start one board per bootstrap config (each with its own flash image in `workdir`,
     named after its device id), packed into a few processes: at least one per CPU core and
-    at most DEVICES_PER_PROCESS boards in each. kw goes to DeviceProcess. Returns the
-    started DeviceProcesses."""
+    at most DEVICES_PER_PROCESS boards in each; with `app` (the application package's
+    directory) every board runs it, each in a process of its own (an app may keep
+    module-level state, as on its board). kw goes to DeviceProcess. Returns the started
+    DeviceProcesses."""
     n = len(configs)
     procs = processes or min(n, max(os.cpu_count() or 1, math.ceil(n / DEVICES_PER_PROCESS)))
+    if app:
+        procs = n
     fleet = []
     i = 0
     for size in split(n, procs):
-        specs = [Spec(os.path.join(workdir, c["device_id"] + ".img"), config=c)
+        specs = [Spec(os.path.join(workdir, c["device_id"] + ".img"), config=c, app=app)
                  for c in configs[i:i + size]]
         i += size
         fleet.append(DeviceProcess(specs, workdir, **kw).start())
     return fleet
 
 
+def app_dir(image, app):
+    """A directory beside the flash image holding only `app`, a link to the app's source:
+    the board imports it as the package `app`, whatever its directory is called."""
+    d = image + ".app"
+    link = os.path.join(d, "app")
+    os.makedirs(d, exist_ok=True)
+    target = os.path.abspath(app)
+    if os.path.islink(link) and os.readlink(link) != target:
+        os.remove(link)
+    if not os.path.islink(link):
+        os.symlink(target, link)
+    return d
+
+
 class Spec:
     """One simulated board: flash image path and, optionally, files to put on it first."""
 
-    def __init__(self, image, config=None, raw_config=None, files=None, control=None):
+    def __init__(self, image, config=None, raw_config=None, files=None, control=None,
+                 app=None):
         self.image = image
+        # Host directory of the board's application package (it is imported as `app`),
+        # or None: the board has none. One board per process may have one.
+        self.app = app
         self.config = config
         self.raw_config = raw_config
         self.files = files or {}
@@ -172,6 +194,9 @@ class DeviceProcess:
     def __init__(self, specs, workdir, heapsize=None, flash_size=None, echo=None, env=None,
                  main=None, watchdog=True, on_watchdog=None, restart=False, off_s=OFF_S,
                  host_hang_s=HOST_HANG_S, rnd=None, micropython=None, ticks_before_wrap=None):
+        if len(specs) > 1 and [s for s in specs if s.app]:
+            # An app may keep module-level state, as it may on its board, where it is alone.
+            raise ValueError("a board with an app runs in a process of its own")
         self.specs = specs
         self.workdir = workdir
         # Seconds before the boards' emulated 2^30 ms ticks wrap (None: the board's 60 s).
@@ -240,6 +265,8 @@ class DeviceProcess:
                 args += ["--reset-cause", self.causes[s.image]]
             if s.control:
                 args += ["--control", s.control]
+            if s.app:
+                args += ["--app", app_dir(s.image, s.app)]
             files = dict(s.files)
             if s.config is not None or s.raw_config is not None:
                 text = s.raw_config if s.raw_config is not None else json.dumps(s.config)

@@ -11,7 +11,7 @@ def _usage(msg):
     print(
         "usage: micropython main.py [--flash-size BYTES] [--wdt HOST:PORT] "
         "[--ticks-before-wrap S] --flash IMAGE "
-        "[--put DEST=HOSTFILE]... [--reset-cause CAUSE] [--control HOSTFILE] "
+        "[--put DEST=HOSTFILE]... [--reset-cause CAUSE] [--control HOSTFILE] [--app DIR] "
         "[--flash IMAGE2 ...]"
     )
     sys.exit(2)
@@ -20,7 +20,8 @@ def _usage(msg):
 def boards_from_argv(argv, opened=None):
     """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
     flash before it boots (what `mpremote cp` does for a real board); --reset-cause and
-    --control also apply to the last --flash; --wdt is the runner's watchdog for all;
+    --control and --app (a directory holding the package `app`) also apply to the last
+    --flash; --wdt is the runner's watchdog for all;
     --ticks-before-wrap S starts every board's ticks S seconds before their 2^30 wrap.
     `opened`: the images the loader opened already (unixflash.mount_single)."""
     size = DEFAULT_FLASH
@@ -51,6 +52,8 @@ def boards_from_argv(argv, opened=None):
             out[-1].cause = v
         elif a == "--control":
             out[-1].control.path = v
+        elif a == "--app":
+            out[-1].app_dir = v
         elif a == "--put":
             dest, _, src = v.partition("=")
             with open(src, "rb") as f:

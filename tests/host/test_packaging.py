@@ -72,7 +72,8 @@ def _device_files():
 
 
 UNIX_BOARD = {os.path.join("firmware", "boards", "unix.py"),
-              os.path.join("firmware", "boards", "unixargs.py"), "unixflash.py"}
+              os.path.join("firmware", "boards", "unixargs.py"),
+              os.path.join("firmware", "boards", "unixhw.py"), "unixflash.py"}
 
 
 def test_manifest_names_existing_files_and_freezes_every_board_module():

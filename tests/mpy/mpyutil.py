@@ -19,12 +19,18 @@ def fresh_image(name):
     return path
 
 
-CREATED = []  # images to remove when the module's tests are done (runner.py)
+# Images to remove when the module's tests are done (runner.py); a directory is listed
+# before its files, so it is empty by its turn.
+CREATED = []
 
 
 def cleanup():
     while CREATED:
+        path = CREATED.pop()  # last first: a directory's files go before it
         try:
-            os.remove(CREATED.pop())
+            os.remove(path)
         except OSError:
-            pass
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
