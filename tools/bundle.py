@@ -2,12 +2,13 @@
 
     python tools/bundle.py keygen --name release [--dir secrets/ota]
     python tools/bundle.py build --out DIR --version N [--name S] [--src SRC] [--arch ARCH]
-                                 [--floor N] [--keys PUB [--keys PUB]]
+                                 [--floor N] [--keys PUB [--keys PUB]] [--app APPDIR]
     python tools/bundle.py sign --bundle DIR --key secrets/ota/release.pem
     python tools/bundle.py verify --bundle DIR --pub secrets/ota/release.pub [--pub ...]
 
 A bundle is a directory a device downloads over HTTP:
-    DIR/files/<path>.mpy   firmware/ and lib/ compiled with mpy-cross
+    DIR/files/<path>.mpy   firmware/ and lib/ compiled with mpy-cross, and app/ (the
+                           application package, from --app) when the release carries one
     DIR/manifest.json      canonical JSON: version, floor (the lowest version that may ever
                            replace it once confirmed), keys (the update keys devices trust
                            once it is confirmed, for key rotation; optional), needs, every
@@ -112,18 +113,32 @@ def version_source(text, version, name=None):
     return text, name
 
 
-def _sources(src):
+def _py_files(top):
+    """The .py files under `top`, relative to it."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                yield os.path.relpath(os.path.join(dirpath, fn), top).replace(os.sep, "/")
+
+
+def _sources(src, app=None):
+    """(directory to compile in, path there, path in the bundle) of every source file: SRC's
+    firmware/ and lib/, and the application package APP as app/."""
     for top in SOURCES:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(src, top)):
-            dirnames[:] = sorted(d for d in dirnames
-                                 if d != "__pycache__" and not d.startswith("."))
-            for fn in sorted(filenames):
-                if fn.endswith(".py"):
-                    yield os.path.relpath(os.path.join(dirpath, fn), src).replace(os.sep, "/")
+        for rel in _py_files(os.path.join(src, top)):
+            yield src, top + "/" + rel, top + "/" + rel
+    if app:
+        if not os.path.isfile(os.path.join(app, "__init__.py")):
+            raise ValueError("%s is not a package (no __init__.py): an app is one" % app)
+        for rel in _py_files(app):
+            yield app, rel, "app/" + rel
 
 
-def build(out, version, name=None, src=None, arch=None, floor=None, keys=None):
-    """Compile SRC's firmware/ and lib/ into OUT/files and write OUT/manifest.json.
+def build(out, version, name=None, src=None, arch=None, floor=None, keys=None, app=None):
+    """Compile SRC's firmware/ and lib/ (and the application package APP, as app/) into
+    OUT/files and write OUT/manifest.json. A release without APP leaves a board's own
+    /app as it is: an app-only update is a release of the same firmware with a new APP.
     `floor` (default: the version itself): once a device confirms this release, nothing
     older than it is installed there again. `keys` (hex points or .pub files, one or two):
     the update keys a device trusts from then on. Returns the manifest document."""
@@ -153,8 +168,8 @@ def build(out, version, name=None, src=None, arch=None, floor=None, keys=None):
     for stale in ("manifest.json", "manifest.sig"):
         if os.path.exists(os.path.join(out, stale)):
             os.remove(os.path.join(out, stale))
-    rels = list(_sources(src))
-    for rel in rels:
+    rels = list(_sources(src, app and os.path.abspath(app)))
+    for _, _, rel in rels:
         os.makedirs(os.path.dirname(os.path.join(files_dir, rel)), exist_ok=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,12 +177,13 @@ def build(out, version, name=None, src=None, arch=None, floor=None, keys=None):
         with open(gen, "w") as f:
             f.write(text)
 
-        def compile_one(rel):
+        def compile_one(item):
+            where, path, rel = item
             dst = os.path.join(files_dir, rel[:-3] + ".mpy")
-            # Relative input (cwd=src) or -s: the embedded source name is `make mpy`'s
+            # Relative input (cwd) or -s: the embedded source name is `make mpy`'s
             # whatever SRC is, so a bundle's bytes do not depend on where it was built.
-            inp = [gen, "-s", rel] if rel == VERSION_PY else [rel]
-            r = subprocess.run([tool] + march + ["-o", dst] + inp, cwd=src,
+            inp = [gen, "-s", rel] if rel == VERSION_PY else [path, "-s", rel]
+            r = subprocess.run([tool] + march + ["-o", dst] + inp, cwd=where,
                                capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError("mpy-cross %s failed: %s"
@@ -442,6 +458,8 @@ def main(argv=None):
     p.add_argument("--keys", action="append",
                    help="an update key (hex or .pub) devices trust once they confirm this "
                         "release, instead of their present ones; repeat for two (rotation)")
+    p.add_argument("--app", help="the application package (a directory with __init__.py) "
+                                 "the release carries as app/")
     p = sub.add_parser("sign", help="sign a bundle's manifest")
     p.add_argument("--bundle", required=True)
     p.add_argument("--key", required=True, help="private key PEM (keygen)")
@@ -454,7 +472,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
-            doc = build(a.out, a.version, a.name, a.src, a.arch, a.floor, a.keys)
+            doc = build(a.out, a.version, a.name, a.src, a.arch, a.floor, a.keys, a.app)
             print("bundle %s: version %d %s, %d files, %d bytes, manifest sha256 %s"
                   % (a.out, doc["version"], doc["name"], len(doc["files"]), doc["total"],
                      manifest_sha256(a.out)))
