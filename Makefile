@@ -50,7 +50,8 @@ ota-demo: setup
 	$(PY) testbed/ota_demo.py $(if $(filter file,$(origin DEVICES)),,--devices $(DEVICES)) $(if $(WINDOW),--window $(WINDOW))
 
 # Bytecode for the boards: firmware/, lib/ and the loader's otaboot.py (unixflash.py: the
-# Unix port's) compiled with mpy-cross into build/ (mpy v6.3,
+# Unix port's) compiled with mpy-cross into build/ (APP=PATH: that application package into
+# build/app/) (mpy v6.3,
 # MicroPython 1.23 or newer); ARCH=xtensawin / armv6m names the native emitter's target.
 # Everything in build/ is made again but build/board-model* (make board-model's binaries).
 mpy: setup
@@ -60,15 +61,23 @@ mpy: setup
 	  $(MPY_CROSS) $(if $(ARCH),-march=$(ARCH)) -o $$out $$f || exit 1; \
 	done
 	@cp boot.py main.py build/
-	@echo "build/: $$(find build/firmware build/lib -name '*.mpy' | wc -l) .mpy files"
+	@if [ -n "$(APP)" ]; then \
+	  test -f "$(APP)/__init__.py" || { echo "APP=$(APP): not a package (no __init__.py)"; exit 2; }; \
+	  for f in $$(cd "$(APP)" && find . -name '*.py' | sed 's|^\./||'); do \
+	    out=build/app/$${f%.py}.mpy; mkdir -p $$(dirname $$out); \
+	    (cd "$(APP)" && $(abspath $(MPY_CROSS)) $(if $(ARCH),-march=$(ARCH)) -o $(CURDIR)/$$out -s app/$$f $$f) || exit 1; \
+	  done; \
+	fi
+	@echo "build/: $$(find build/firmware build/lib build/app -name '*.mpy' 2>/dev/null | wc -l) .mpy files"
 
 # Flash the build and one provisioned device (secrets/DEVICE/, tools/provision.py) onto a
 # board over USB with mpremote: only changed files, refuses another device's board unless
 # FORCE=1; DRY_RUN=1 prints the mpremote commands; FROZEN=1 for a board whose firmware has
 # manifest.py frozen in (no .mpy copied); ROMFS=1 writes the .mpy as a ROMFS image to /rom
 # (MicroPython 1.25+ built with ROMFS). Warns when the board's free heap is too small.
+# APP=PATH also puts that application package on the board as /app.
 deploy: mpy
-	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run) $(if $(FROZEN),--frozen) $(if $(ROMFS),--romfs)
+	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run) $(if $(FROZEN),--frozen) $(if $(ROMFS),--romfs) $(if $(APP),--app)
 
 # The Unix port of a MicroPython checkout built 32-bit, a model of a board's heap, into
 # build/board-model/ (firmware frozen, manifest_unix.py) and build/board-model-plain/ (runs

@@ -2,12 +2,14 @@
 
     python tools/deploy.py --port /dev/ttyUSB0 --device pump-0042 [--force] [--dry-run]
                            [--frozen | --romfs] [--build build] [--secrets secrets]
-                           [--board-state FILE]
+                           [--board-state FILE] [--app]
 
 What goes onto the board's flash: build/firmware/**.mpy to /firmware, build/lib/**.mpy to
 /lib (on the board's import path), the loader (boot.py, main.py, otaboot.mpy) to /, and from provisioning
 (tools/provision.py, secrets/<device>/) config.json to /config.json plus the files its
-files.json names (TLS key and certificates). Then a reset.
+files.json names (TLS key and certificates). With --app, also build/app/**.mpy (the
+application package, `make mpy APP=PATH`) to /app, on the filesystem whatever the firmware's
+mode; without it a board's /app stays as it is. Then a reset.
 
 Where the bytecode lives instead of the filesystem:
 - --frozen: the board runs a MicroPython built with manifest.py frozen in; no .mpy copied.
@@ -191,15 +193,18 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def files_to_deploy(build, secrets, device, frozen=False):
+def files_to_deploy(build, secrets, device, frozen=False, app=False):
     """[(local path, remote path)] in copy order; raises FileNotFoundError naming what is
     missing (run `make mpy` / tools/provision.py first). frozen: the bytecode is not copied
-    to the filesystem (a build with manifest.py frozen in, or a ROMFS image)."""
+    to the filesystem (a build with manifest.py frozen in, or a ROMFS image). app: the
+    compiled application package too."""
     out = []
-    for top in () if frozen else ("firmware", "lib"):
+    tops = () if frozen else ("firmware", "lib")
+    for top in tops + (("app",) if app else ()):
         base = os.path.join(build, top)
         if not os.path.isdir(base):
-            raise FileNotFoundError("%s: no compiled firmware (run make mpy)" % base)
+            raise FileNotFoundError("%s: nothing compiled (run make mpy%s)"
+                                    % (base, " APP=PATH" if top == "app" else ""))
         for dirpath, dirnames, filenames in os.walk(base):
             dirnames.sort()
             for name in sorted(filenames):
@@ -389,6 +394,8 @@ def main(argv=None):
                        help="write the .mpy as a ROMFS image (/rom) instead of files; the "
                             "board's MicroPython must have ROMFS")
     p.add_argument("--board-state", help="with --dry-run: plan against this JSON state")
+    p.add_argument("--app", action="store_true",
+                   help="copy the application package build/app (make mpy APP=PATH) to /app")
     p.add_argument("--build", default=os.path.join(ROOT, "build"), help="compiled tree")
     p.add_argument("--secrets", default=os.path.join(ROOT, "secrets"),
                    help="provisioning output (default secrets/)")
@@ -397,7 +404,7 @@ def main(argv=None):
         p.error("--board-state needs --dry-run")
     mode = "frozen" if a.frozen else "romfs" if a.romfs else "mpy"
     try:
-        files = files_to_deploy(a.build, a.secrets, a.device, mode != "mpy")
+        files = files_to_deploy(a.build, a.secrets, a.device, mode != "mpy", a.app)
         stale = stale_paths(a.build) if mode != "mpy" else []
         image = romfs_image(a.build) if a.romfs else None
     except (FileNotFoundError, ValueError, RuntimeError, OSError,

@@ -293,3 +293,25 @@ def test_the_state_script_hashes_the_romfs_partition(tmp_path):
     state = json.loads(line[0][5:])
     assert state["rom_ioctl"] is True and state["romfs"] == len(image) + 4096
     assert state["romfs_hash"] == hashlib.sha256(image).hexdigest()
+
+
+def test_an_app_goes_to_slash_app_only_when_asked(tmp_path):
+    build, secrets = make_tree(tmp_path)
+    r, cmds = run(build, secrets, "--app")
+    assert r.returncode == 2 and "make mpy APP=PATH" in r.stderr
+    (build / "app").mkdir()
+    (build / "app" / "__init__.mpy").write_bytes(b"app")
+    (build / "app" / "sht3x.mpy").write_bytes(b"driver")
+    r, cmds = run(build, secrets, "--app")
+    assert r.returncode == 0, r.stderr
+    c = ["connect", PORT]
+    assert c + ["fs", "mkdir", ":/app"] in cmds
+    cps = [x[-1] for x in cmds if x[2:4] == ["fs", "cp"]]
+    assert cps.index(":/app/__init__.mpy") < cps.index(":/config.json")
+    assert ":/app/sht3x.mpy" in cps
+    # Without --app, a board's /app is left as it is (no copy, no removal).
+    r, cmds = run(build, secrets)
+    assert not [x for x in cmds if [a for a in x if a.startswith(":/app")]]
+    # With the firmware frozen the app still goes to the filesystem.
+    r, cmds = run(build, secrets, "--app", "--frozen")
+    assert ":/app/__init__.mpy" in [x[-1] for x in cmds]
