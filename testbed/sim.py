@@ -8,6 +8,7 @@
                         [--no-restart] [--health-interval S] [--first-window S]
                         [--ticks-before-wrap S]
                         [--stable-s S] [--processes N] [--prefix P] [--quiet]
+                        [--app PATH]
 
 Starts a private mosquitto on a free port unless --broker is given, packs the devices into a
 few MicroPython processes (each device has its own flash image and id), prints what they
@@ -191,6 +192,9 @@ def parse_args(argv=None):
     p.add_argument("--prefix", default="", help="topic prefix of the devices (default empty)")
     p.add_argument("--keepalive", type=int, default=30, help="MQTT keepalive in s (default 30)")
     p.add_argument("--quiet", action="store_true", help="do not print each message")
+    p.add_argument("--app", metavar="PATH",
+                   help="the devices' application package (e.g. examples/relay): each device "
+                        "then runs in a process of its own")
     p.add_argument("--outage-every", type=float, metavar="S",
                    help="every S s cut all device connections (through a fault proxy) ...")
     p.add_argument("--outage-for", type=float, default=10.0, metavar="S",
@@ -525,6 +529,9 @@ def main(argv=None):
 
     def on_msg(t, topic, payload, retain):
         parts = topic[len(a.topic_prefix):].split("/")
+        if len(parts) == 4 and parts[2] == "event" and not a.quiet:
+            emit("%s %s" % (topic, payload.decode("utf-8", "replace")))  # an app's events
+            return
         if len(parts) != 3 or parts[0] != "devices":
             return
         try:
@@ -562,7 +569,8 @@ def main(argv=None):
     consumer_id = "sim-consumer-%d-%06x" % (os.getpid(), random.getrandbits(24))
     obs = [Observer(
         obs_host, obs_port,
-        topics=(pre + "devices/+/telemetry", pre + "devices/+/status", pre + "devices/+/health"),
+        topics=(pre + "devices/+/telemetry", pre + "devices/+/status", pre + "devices/+/health")
+        + ((pre + "devices/+/state", pre + "devices/+/event/+") if a.app else ()),
         on_message=on_msg, client_id=consumer_id,
         clean=False, reconnect=CONSUMER_RECONNECT, keepalive=10, record=False,
         auth=(a.user, a.password or "") if a.user is not None else None,
@@ -574,7 +582,8 @@ def main(argv=None):
     up.begin(t_start[0], a.duration)
     fleet = start_fleet(configs, workdir, processes=a.processes, heapsize=a.heapsize,
                         echo=echo, main=main_py, restart=not a.no_restart,
-                        micropython=a.micropython, ticks_before_wrap=a.ticks_before_wrap)
+                        micropython=a.micropython, ticks_before_wrap=a.ticks_before_wrap,
+                        app=a.app)
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
