@@ -1,5 +1,6 @@
 # Helpers for the MicroPython unit tests (no unittest on the Unix port here).
 import os
+import sys
 
 
 def raises(exc, fn, *args):
@@ -34,3 +35,31 @@ def cleanup():
                 os.rmdir(path)
             except OSError:
                 pass
+
+
+def with_fake_modules(fakes, fresh, fn):
+    """fn() with the modules `fakes` ({name: module or None}) in sys.modules, which an import
+    takes before any built-in module (hardware modules the Unix port lacks), and the
+    modules named in `fresh` imported anew by it. sys.modules, and the attributes that those
+    imports add to their parent packages, are as they were afterwards, so no other test
+    sees the fakes or what was built with them."""
+    names = list(fakes) + [n for n in fresh if n not in fakes]
+    saved = {n: sys.modules.get(n) for n in names}
+    try:
+        for n in fresh:
+            sys.modules.pop(n, None)
+        for n, m in fakes.items():
+            if m is not None:
+                sys.modules[n] = m
+        return fn()
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+        for n in fresh:
+            parent, _, leaf = n.rpartition(".")
+            pkg = sys.modules.get(parent)
+            if pkg is not None and saved[n] is None and leaf in dir(pkg):
+                delattr(pkg, leaf)

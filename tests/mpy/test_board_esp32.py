@@ -6,6 +6,7 @@
 import sys
 
 import firmware.boards
+from mpyutil import with_fake_modules
 
 FAKES = ("esp32", "machine", "network")
 BOARDS = ("firmware.boards.esp32", "firmware.boards.rp2", "firmware.boards.mcu")
@@ -39,27 +40,14 @@ def _fakes(esp32):
 
 
 def _with_board(module, esp32, check):
-    """check(board, fakes) on a Board of firmware.boards.`module` built with the fakes;
-    sys.modules and the firmware.boards package as they were afterwards."""
-    saved = {n: sys.modules.get(n) for n in FAKES + BOARDS}
+    """check(board, fakes) on a Board of firmware.boards.`module` built with the fakes."""
     fakes = _fakes(esp32)
-    try:
-        for n in BOARDS:
-            sys.modules.pop(n, None)
-        for n, m in fakes.items():
-            if m is not None:
-                sys.modules[n] = m
+
+    def build():
         mod = __import__("firmware.boards." + module, None, None, ["Board"])
         check(mod.Board(), fakes)
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
-        for n in ("esp32", "rp2", "mcu"):
-            if n in dir(firmware.boards) and saved["firmware.boards." + n] is None:
-                delattr(firmware.boards, n)
+
+    with_fake_modules(fakes, BOARDS, build)
 
 
 def _esp32(**funcs):

@@ -15,7 +15,7 @@ import firmware.boards
 from firmware.boards.base import BaseBoard
 from firmware.boards.unix import Board, Control
 from firmware.boards.unixhw import SHT3X_ADDR, FakeI2C, crc8
-from mpyutil import CREATED, fresh_image, raises
+from mpyutil import CREATED, fresh_image, raises, with_fake_modules
 
 _ROOT = __file__.rsplit("/", 3)[0] if __file__.count("/") >= 3 else "."
 _APP_DIRS = []
@@ -481,20 +481,6 @@ class _Fake:
 
 
 def _with_fakes(fakes, check):
-    """check(firmware.boards.mcu) imported against fake hardware modules; sys.modules and
-    the firmware.boards package as they were afterwards (as test_board_esp32.py does)."""
-    names = list(fakes) + ["firmware.boards.mcu"]
-    saved = {n: sys.modules.get(n) for n in names}
-    try:
-        sys.modules.pop("firmware.boards.mcu", None)
-        for n, m in fakes.items():
-            sys.modules[n] = m
-        check(__import__("firmware.boards.mcu", None, None, ["McuBoard"]))
-    finally:
-        for n, m in saved.items():
-            if m is None:
-                sys.modules.pop(n, None)
-            else:
-                sys.modules[n] = m
-        if "mcu" in dir(firmware.boards) and saved["firmware.boards.mcu"] is None:
-            delattr(firmware.boards, "mcu")
+    """check(firmware.boards.mcu) imported against fake hardware modules."""
+    with_fake_modules(fakes, ("firmware.boards.mcu",), lambda: check(
+        __import__("firmware.boards.mcu", None, None, ["McuBoard"])))
