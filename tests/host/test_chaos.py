@@ -227,7 +227,7 @@ def test_proxy_bandwidth_cap_paces_each_direction(tmp_path):
 
 
 def test_chaos_table_renders_the_report(tmp_path):
-    from tools import chaos_table
+    from testbed import chaos_table
 
     row = {"name": "partition", "variant": "short", "injected": "cut | refuse 3 s",
            "sent": 36, "received": 36, "lost": 0, "dropped": 2, "duplicates": 1,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tools import ota_demo
+from testbed import ota_demo
 
 N = 20
 WINDOW_S = 8

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tools import storm
+from testbed import storm
 
 N = 50
 
