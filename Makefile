@@ -53,9 +53,10 @@ ota-demo: setup
 # Unix port's) compiled with mpy-cross into build/ (APP=PATH: that application package into
 # build/app/) (mpy v6.3,
 # MicroPython 1.23 or newer); ARCH=xtensawin / armv6m names the native emitter's target.
-# Everything in build/ is made again but build/board-model* (make board-model's binaries).
+# Everything in build/ is made again but build/board-model* and build/mcu (make board-model's
+# and make mcu's binaries).
 mpy: setup
-	@mkdir -p build && find build -mindepth 1 -maxdepth 1 ! -name 'board-model*' -exec rm -rf {} +
+	@mkdir -p build && find build -mindepth 1 -maxdepth 1 ! -name 'board-model*' ! -name mcu -exec rm -rf {} +
 	@for f in $(filter-out boot.py main.py,$(SRC)); do \
 	  out=build/$${f%.py}.mpy; mkdir -p $$(dirname $$out); \
 	  $(MPY_CROSS) $(if $(ARCH),-march=$(ARCH)) -o $$out $$f || exit 1; \

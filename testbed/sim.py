@@ -19,8 +19,9 @@ publish, and on --duration or Ctrl-C stops them gracefully and prints one JSON s
 any restart, "safe_mode" (devices whose latest status says so: 5 short boots in a row,
 power cuts included, end in it), "heap_samples", "heap_min_bytes", "heap_max_bytes",
 "heap_slope_bytes_per_hour" once health arrived, and "process_exits" when device processes
-died by themselves. Each device process's output is written to WORKDIR/devices-N.log at the
-end.
+died by themselves, "never_online" when devices never said they were online: the run
+then measured nothing and sim.py exits 1. Each device process's output is written to
+WORKDIR/devices-N.log at the end.
 
 --broker is repeatable: several, in priority order, become every device's failover
 endpoints (bootstrap "broker" as a list: the session keys in the first, README "Bootstrap
@@ -266,8 +267,8 @@ def mpy_cross_path():
 
 
 def build_mpy(root=ROOT):
-    """What `make mpy` does: every .py under firmware/ and lib/ compiled into build/*.mpy,
-    boot.py and main.py copied as source. Compiled into a scratch dir first and then swapped
+    """What `make mpy` does: every .py under firmware/ and lib/ and the loader's otaboot.py
+    and unixflash.py compiled into build/*.mpy, boot.py and main.py copied as source. Compiled into a scratch dir first and then swapped
     in, so a failed compile leaves the previous build/ alone (the scratch dir holds only a
     `build/`, which .gitignore covers, should it ever be left behind). Returns
     (build/main.py, number of .mpy files)."""
@@ -275,8 +276,11 @@ def build_mpy(root=ROOT):
     scratch = tempfile.mkdtemp(prefix=".mpy-", dir=root)
     try:
         new = os.path.join(scratch, "build")
+        # The loader's modules too: main.py imports otaboot before any slot is on sys.path
+        # (without them every boot of a --build device died at that import).
         srcs = sorted(glob.glob(os.path.join(root, "firmware", "**", "*.py"), recursive=True)
-                      + glob.glob(os.path.join(root, "lib", "**", "*.py"), recursive=True))
+                      + glob.glob(os.path.join(root, "lib", "**", "*.py"), recursive=True)
+                      + [os.path.join(root, "otaboot.py"), os.path.join(root, "unixflash.py")])
         for src in srcs:
             rel = os.path.relpath(src, root)
             out = os.path.join(new, rel[:-3] + ".mpy")
@@ -289,9 +293,10 @@ def build_mpy(root=ROOT):
             shutil.copy(os.path.join(root, f), new)
         build = os.path.join(root, "build")
         if os.path.exists(build):
-            # What `make board-model` put there (build/board-model*/) is not ours: kept.
+            # What `make board-model` and `make mcu` put there (build/board-model*/,
+            # build/mcu/) is not ours: kept.
             for name in os.listdir(build):
-                if name.startswith("board-model"):
+                if name.startswith("board-model") or name == "mcu":
                     os.rename(os.path.join(build, name), os.path.join(new, name))
             os.makedirs(os.path.join(scratch, "old"))
             os.rename(build, os.path.join(scratch, "old", "build"))
@@ -671,8 +676,15 @@ def main(argv=None):
             run_s = a.duration if a.duration else (time.monotonic() - t_start[0])
             warmup_end = min(WARMUP_S, run_s / 3.0)
         summary.update(heap_figures(samples, warmup_end))
+    with lock:
+        never = sorted(set(c["device_id"] for c in configs) - up.online)
+    if never:
+        # A run whose devices never came online measured nothing: loud, not a zero.
+        summary["never_online"] = len(never)
+        emit("sim: %d of %d device(s) never came online (first: %s); output in %s"
+             % (len(never), a.devices, never[0], workdir), sys.stderr)
     emit(json.dumps(summary))
-    return 0
+    return 1 if never else 0
 
 
 if __name__ == "__main__":

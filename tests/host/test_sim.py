@@ -318,3 +318,36 @@ def test_sim_brokers_in_priority_order_fail_over_and_the_consumer_reads_both(
     assert summary["online"] == 3 and summary["endpoints"] == [3, 0], summary
     assert summary["consumer_disconnects"] >= 1, "its primary connection went with it"
     assert summary["memory_errors"] == 0 and summary["watchdog_resets"] == 0, summary
+
+
+def test_a_run_on_the_compiled_build_comes_online(tmp_path):
+    """--build: the devices run make mpy's bytecode (the loader's modules included), come
+    online and publish; the summary says so and the exit code is 0."""
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--workdir", str(tmp_path),
+         "--build", "--duration", "6", "--interval", "0.5", "--quiet"],
+        capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["online"] == 1 and summary["telemetry"] >= 3, summary
+    assert "never_online" not in summary and "process_exits" not in summary, summary
+
+
+def test_a_run_whose_devices_never_come_online_fails_loudly(tmp_path):
+    """Devices pointed at a port where no broker listens never come online: the run measured
+    nothing, and says so with exit code 1 instead of a summary of zeros."""
+    from testbed.broker import free_port
+
+    m = Mosquitto(tmp_path / "broker").start()
+    try:
+        r = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--workdir",
+             str(tmp_path / "w"), "--duration", "4", "--quiet",
+             "--broker", "127.0.0.1:%d" % free_port(), "--observe", "%s:%d" % (m.host, m.port)],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        m.stop()
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["never_online"] == 1 and summary["online"] == 0, summary
+    assert "never came online" in r.stderr
