@@ -10,12 +10,13 @@ testbed/sim.py (10 min; QUICK=1: 90 s); ota_bench.py (CPython) times a whole OTA
 the firmware over loopback and bisects the heap it adds, on the board model's plain build
 too when there is one. board_model_bench.py adds the board_model_* figures
 when `make board-model` has built the 32-bit binary (or BOARD_MODEL=PATH names one); without
-it they are skipped, and it says why.
+it they are skipped, and it says why. app_bench.py (part app) measures on that binary too the
+heap held without an app, with an empty one and with each example app (issue 26).
 
     .venv/bin/python bench/run.py [PART ...]
 
-runs only those parts (mqtt, outbox, ota_verify, device, ota, board_model) and merges only
-their figures, e.g. `QUICK=1 .venv/bin/python bench/run.py ota_verify`."""
+runs only those parts (mqtt, outbox, ota_verify, device, ota, board_model, app) and merges
+only their figures, e.g. `QUICK=1 .venv/bin/python bench/run.py ota_verify`."""
 import json
 import os
 import subprocess
@@ -138,6 +139,12 @@ def run_board_model_bench(quick, binaries):
     return run_script("board_model_bench.py", quick, binaries, timeout=3600)
 
 
+def run_app_bench(quick, binaries):
+    """bench/app_bench.py: held heap on the board model without an app, with an empty one
+    (app_api_heap_bytes) and with each example (app_example_heap_bytes)."""
+    return run_script("app_bench.py", quick, binaries[:1], timeout=3600)
+
+
 def run_board_model_ota_verify(quick, binaries):
     """ota_verify.py's figures on the board model (32-bit: other GC blocks, other bignum
     digits), prefixed board_model_."""
@@ -146,7 +153,32 @@ def run_board_model_ota_verify(quick, binaries):
     return {"board_model_" + k: v for k, v in figures.items()}
 
 
-PARTS = ("mqtt", "outbox", "ota_verify", "device", "ota", "board_model")
+PARTS = ("mqtt", "outbox", "ota_verify", "device", "ota", "board_model", "app")
+
+
+# Figures each part exists to produce: None or absent fails the run (missing_figures).
+REQUIRED = {
+    "mqtt": ("qos1_pipelined_msg_s",),
+    "outbox": ("queue_recovery_full_ms",),
+    "ota_verify": ("ota_verify_ms",),
+    "device": ("boot_to_first_publish_ms", "boot_min_heap_kb", "soak_telemetry",
+               "soak_heap_samples"),
+    "ota": ("ota_download_heap_bytes",),
+}
+
+
+def missing_figures(parts, figures):
+    """What the parts run should have produced and did not: a figure None or absent, or a
+    soak with no telemetry or no heap sample (its devices never ran)."""
+    out = []
+    for part in sorted(parts):
+        for k in REQUIRED.get(part, ()):
+            if figures.get(k) is None:
+                out.append("%s (part %s)" % (k, part))
+    for k in ("soak_telemetry", "soak_heap_samples"):
+        if k in figures and figures[k] == 0:
+            out.append("%s is 0: the soak's device never published" % k)
+    return out
 
 
 def main(argv=None):
@@ -182,6 +214,16 @@ def main(argv=None):
             figures.update(run_board_model_bench(quick, binaries))
         else:
             print("board model figures skipped: %s" % why, flush=True)
+    if "app" in parts:
+        if binaries:
+            figures.update(run_app_bench(quick, binaries))
+        else:
+            print("app figures skipped: %s" % why, flush=True)
+    missing = missing_figures(parts, figures)
+    if missing:
+        # A part that produced no figure (or a run with no telemetry) measured nothing: it
+        # must not pass as a result, nor overwrite the last good one.
+        raise SystemExit("bench: not written, figures missing: %s" % "; ".join(missing))
     results = {}
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:
