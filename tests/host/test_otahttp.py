@@ -128,8 +128,11 @@ def test_a_lying_server_is_refused_before_anything_reaches_the_flash(get, srv, l
     assert req["lie"] == lie
     wait(lambda: req["done"], 30, "the server's handler to end")
     if lie == "endless-header":
-        # It kept sending after the client stopped reading, and still ended by itself.
-        assert req["bytes_sent"] > 8192, req
+        # It kept sending after the client stopped reading (at a line of 512 bytes), and
+        # still ended by itself. How much went out before the hang-up reached the server
+        # depends on the host's scheduling: one 4 KiB write on a busy machine, more on an
+        # idle one.
+        assert req["bytes_sent"] > 512, req
 
 
 def test_a_file_longer_than_the_limit_is_refused_before_its_body(get, srv):
