@@ -50,7 +50,9 @@ class MpyFile(pytest.File):
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
-                timeout=300,
+                # A whole module in one process: test_outbox's power-cut sweeps copy flash
+                # images thousands of times (80 s idle, 240 s on a loaded 2-core host).
+                timeout=900,
             )
             res = {}
             for line in proc.stdout.splitlines():
