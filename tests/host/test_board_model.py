@@ -42,16 +42,22 @@ def test_build_mpy_keeps_the_board_model_binaries(tmp_path):
     root = tmp_path / "repo"
     for d in ("firmware", "lib"):
         shutil.copytree(os.path.join(ROOT, d), root / d)
-    for f in ("boot.py", "main.py"):
+    for f in ("boot.py", "main.py", "otaboot.py", "unixflash.py"):
         shutil.copy(os.path.join(ROOT, f), root / f)
     kept = root / "build" / "board-model" / "micropython"
     kept.parent.mkdir(parents=True)
     kept.write_text("binary")
+    mcu = root / "build" / "mcu" / "m0" / "firmware.elf"  # make mcu's
+    mcu.parent.mkdir(parents=True)
+    mcu.write_text("elf")
     (root / "build" / "stale.mpy").write_text("old")
     build_mpy(str(root))
-    assert kept.read_text() == "binary"
+    assert kept.read_text() == "binary" and mcu.read_text() == "elf"
     assert not (root / "build" / "stale.mpy").exists()
     assert (root / "build" / "firmware" / "app.mpy").exists()
+    # The loader's modules, which main.py imports first (once missing: every boot died).
+    assert (root / "build" / "otaboot.mpy").exists()
+    assert (root / "build" / "unixflash.mpy").exists()
 
 
 def test_binary_info_tells_a_frozen_build_from_the_venv_port(tmp_path):
