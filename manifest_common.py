@@ -11,7 +11,7 @@ FIRMWARE = (
     "__init__.py", "api.py", "app.py", "apphost.py", "bootconfig.py", "bootlog.py", "clock.py", "commands.py",
     "configcache.py", "configsync.py", "failover.py", "health.py", "ntp.py", "ota.py", "otacheck.py", "otahttp.py", "run.py",
     "settings.py", "supervisor.py", "telemetry.py", "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
-    "boards/__init__.py", "boards/base.py", "boards/mcu.py", "boards/esp32.py", "boards/rp2.py",
+    "boards/__init__.py", "boards/base.py", "boards/mcu.py", "boards/mcuhw.py", "boards/esp32.py", "boards/rp2.py",
 )
 package("firmware", files=FIRMWARE, base_path=".")
 # The loader's boot control (main.py imports it before any slot is on sys.path).

@@ -7,7 +7,8 @@
 class Dev:
     def __init__(self, host):
         self._h = host  # firmware/apphost.py's AppHost: the bookkeeping behind each call
-        self.board = host.device.board  # hardware: board.i2c(), board.pin()
+        # The board, with i2c() and pin() (firmware/boards/mcuhw.py, unixhw.py).
+        self.board = host.hardware
         self.id = host.device.name
 
     def sensor(self, name, read, every=None, timeout_ms=None):

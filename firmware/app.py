@@ -252,13 +252,21 @@ class Device:
     def _load_app(self):
         """The user's application (README "Writing your application"), or None: a board
         without one never loads the code that hosts it."""
-        err = None
+        b = self.board
+        if hasattr(b, "find_app") and not b.find_app():  # the Unix board's own rule
+            return None
+        # On a board, sys.path's order: an update slot's app/, /app on the flash, frozen.
+        mod = err = None
         try:
-            mod = self.board.load_app()
-        except Exception as e:  # the app's own import failed: the device goes on without
-            mod, err = None, "import: %r" % (e,)
+            import app as mod
+        except ImportError as e:
+            if not e.args or e.args[0] != "no module named 'app'":
+                err = "import: %r" % (e,)
+        except Exception as e:
+            err = "import: %r" % (e,)
+        if err:  # the app's own import failed: the device goes on without it
             self.log("E", "app not started: " + err)
-        if mod is None and err is None:
+        elif mod is None:
             return None
         from firmware.apphost import AppHost
 
@@ -266,7 +274,7 @@ class Device:
         if host.setup(list(self.commands.handlers)):
             for n in host.commands:
                 self.commands.handlers[n] = host.handler(n)
-                self.commands.durable.append(n)
+                self.commands.durable += (n,)
         return host
 
     def _apply(self, changed, eff):

@@ -65,6 +65,13 @@ def _bad_value(v):
     return _bad_scalar(v)
 
 
+def _hardware(board):
+    """The board with the hardware calls an app makes (i2c, pin): board modules' own
+    wrappers, the Unix port's simulated. Only a device with an app loads one."""
+    name = "unixhw" if board.name == "unix" else "mcuhw"
+    return __import__("firmware.boards." + name, None, None, ["Hardware"]).Hardware(board)
+
+
 def _err(e):
     return repr(e)[:_ERR]
 
@@ -91,6 +98,7 @@ class AppHost:
         self.error = error  # why the app is not running, or None
         self.loaded = False
         self._building = False
+        self.hardware = _hardware(device.board)  # dev.board: the board with I2C and pins
         self._forget()
         self.seq = 0  # QoS 1 events of this boot
         self.stats = {"events": 0, "event_drops": 0, "q0_drops": 0, "cmd_handled": 0,
@@ -269,7 +277,7 @@ class AppHost:
         ts = d.board.unix_time()
         if ts is not None:
             doc["ts"] = ts
-        topic = d.topics.event(name)
+        topic = "%sevent/%s" % (d.topics.base, name)
         if qos == 0:
             # Only while connected: dropped and counted otherwise (no seq: gaps are normal).
             if not d.client.is_connected():
@@ -376,7 +384,8 @@ class AppHost:
         (the next connect publishes it)."""
         c = self.device.client
         if self.loaded and c.is_connected():
-            await c.publish(self.device.topics.state, self.state_doc(), 1, True, wait=False)
+            await c.publish(self.device.topics.base + "state", self.state_doc(), 1, True,
+                            wait=False)
 
     async def _state_loop(self):
         while True:

@@ -22,6 +22,12 @@ _KEEP = 16
 
 
 class Commands:
+    # Class attributes, so a device pays for them only once it has an error or an app:
+    errors = 0  # handlers that raised: answered with an error
+    # Commands whose ids are remembered on flash: a reboot, and the application's (whose
+    # effects the firmware cannot know); the others' for this boot only.
+    durable = ("reboot",)
+
     def __init__(self, topics, publish, uptime_ms, handlers=None, fs=None, now=None, log=None):
         self.topics = topics
         self.publish = publish  # async fn(topic, payload) -> QoS 1, not retained
@@ -34,10 +40,6 @@ class Commands:
         self.handled = 0
         self.rejected = 0
         self.duplicates = 0
-        self.errors = 0  # handlers that raised: answered with an error
-        # Commands whose ids are remembered on flash: a reboot, and the application's
-        # (whose effects the firmware cannot know); the others' for this boot only.
-        self.durable = ["reboot"]
         self.done = self._load()  # "name/id" of the last requests executed, oldest first
 
     def _load(self):

@@ -6,8 +6,7 @@
 NUM = "num"
 INT = "int"
 CHOICE = "choice"
-BOOL = "bool"  # application settings only
-STR = "str"  # application settings only: high is the longest length
+# Application settings may also be "bool", and "str" (high: the longest length).
 # A JSON object taken whole: a layer's object replaces a lower layer's, never merged key by
 # key (an update request from a group must not mix with one from the device's own layer).
 OBJ = "obj"
@@ -61,7 +60,9 @@ def check_ota(v):
 
 
 
-def find(name, extra=()):
+# `extra`, the application's settings (() without one), is a required argument: a default
+# would cost every device a tuple of defaults per function, app or not.
+def find(name, extra):
     for s in SETTINGS:
         if s[0] == name:
             return s
@@ -71,14 +72,14 @@ def find(name, extra=()):
     return None
 
 
-def defaults(extra=()):
+def defaults(extra):
     d = {s[0]: s[2] for s in SETTINGS}
     for s in extra:
         d[s[0]] = s[2]
     return d
 
 
-def check(name, value, extra=()):
+def check(name, value, extra):
     """The value, normalised, or ValueError saying why it is not acceptable."""
     s = find(name, extra)
     kind, lo, hi = s[1], s[3], s[4]
@@ -88,11 +89,11 @@ def check(name, value, extra=()):
         if value not in lo:
             raise ValueError("%s must be one of %s" % (name, "|".join(lo)))
         return value
-    if kind == BOOL:
+    if kind == "bool":
         if not isinstance(value, bool):
             raise ValueError("%s must be true or false" % name)
         return value
-    if kind == STR:
+    if kind == "str":
         if not isinstance(value, str) or len(value) > hi:
             raise ValueError("%s must be a string of at most %d characters" % (name, hi))
         return value

@@ -13,14 +13,10 @@ class Topics:
         self.desired = base + "config/desired"
         self.reported = base + "config/reported"
         self.ota = base + "ota"
-        self.state = base + "state"  # the application's, retained
         self.prefix = prefix
 
     def group_desired(self, group):
         return "%sfleet/%s/config/desired" % (self.prefix, group)
-
-    def event(self, name):
-        return "%sevent/%s" % (self.base, name)
 
     def cmd_result(self, name):
         return "%scmd/%s/result" % (self.base, name)

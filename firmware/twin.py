@@ -74,7 +74,7 @@ def loads(text):
         raise Rejected("not valid JSON")
 
 
-def parse_layer(text, extra=()):
+def parse_layer(text, extra):
     """(version, {dotted name: value}, [unknown names]) or Rejected. `extra`: the
     application's settings (settings.find)."""
     doc = loads(text)
@@ -110,9 +110,12 @@ def _flatten(d, prefix, out, unknown, extra):
 
 
 class Twin:
-    def __init__(self, layer_names, base=None, extra=()):
+    extra = ()  # the application's settings (settings.find); an instance's only with an app
+
+    def __init__(self, layer_names, base=None, extra=None):
         self.order = list(layer_names)  # most general first, "device" last
-        self.extra = extra  # the application's settings (settings.find)
+        if extra:
+            self.extra = extra
         # Values from the bootstrap config: below every layer, above the declared defaults.
         self.base = base or {}
         self.layers = {}  # name -> (version, flat)

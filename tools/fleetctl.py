@@ -451,7 +451,7 @@ def flatten(doc, prefix="", out=None):
     for k, v in doc.items():
         if not prefix and k == "version":
             continue
-        if isinstance(v, dict) and (prefix + k == "app" or settings.find(prefix + k) is None):
+        if isinstance(v, dict) and (prefix + k == "app" or settings.find(prefix + k, ()) is None):
             flatten(v, prefix + k + ".", out)
         else:
             out[prefix + k] = v
@@ -480,11 +480,11 @@ def validate(flat, what, hint=""):
             if why:
                 errors.append(why)
             continue
-        if settings.find(name) is None:
+        if settings.find(name, ()) is None:
             errors.append("%s: not a setting of this firmware" % name)
             continue
         try:
-            settings.check(name, flat[name])
+            settings.check(name, flat[name], ())
         except ValueError as e:
             errors.append(str(e))
     if errors:

@@ -69,19 +69,6 @@ class BaseBoard:
     def log(self, line):
         print(line)
 
-    # Hardware for an application (firmware/api.py hands it the board): the board modules
-    # are the only code that imports machine. A board without the hardware says so.
-    # (-> object: a board's own class for it; without it a checker takes the base's
-    # raise for "never returns" and flags every board's override.)
-    def i2c(self, bus=0, scl=None, sda=None, freq=100000) -> object:
-        """An I2C bus with machine.I2C's methods (writeto, readfrom_into, scan, ...): bus
-        `bus` on its default pins, or on the GPIO numbers scl and sda."""
-        raise OSError("no I2C on this board")
-
-    def pin(self, id, out=False) -> object:
-        """GPIO `id` as a machine.Pin (value([v])): an input, or an output if `out`."""
-        raise OSError("no pin on this board")
-
     def read_sensors(self, rnd):
         return {}
 
@@ -97,19 +84,6 @@ class BaseBoard:
         """(free, allocated, largest free block) in bytes, after a collect."""
         gc.collect()
         return gc.mem_free(), gc.mem_alloc(), largest_free_block()
-
-    def load_app(self):
-        """The user's application package `app` (README "Writing your application"), or
-        None when this board has none: on a board, an update slot's `app/`, else `/app` on
-        the flash, else a frozen one (sys.path's order). Any error of the app's own import
-        is raised for the device to report."""
-        try:
-            import app
-        except ImportError as e:
-            if e.args and e.args[0] == "no module named 'app'":
-                return None
-            raise
-        return app
 
     def reset_cause(self) -> str:
         return "unknown"

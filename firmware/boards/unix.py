@@ -22,13 +22,6 @@ TICKS_BEFORE_WRAP_MS = const(60000)
 RESET_EXIT = const(75)
 
 
-def _isdir(path):
-    try:
-        return os.stat(path)[0] & 0x4000 != 0
-    except OSError:
-        return False
-
-
 class Control:
     """Words in a host file that a test writes: link-down, hang-await, hang-busy, crash,
     clock=+S / clock=-S (the wall clock shifted by S seconds), host-busy=MS (the process
@@ -164,10 +157,7 @@ class Board(BaseBoard):
         self._wdt_sock = None
         self.shared = None  # SharedHeap when the process drives more than one board
         self.ticker = None  # LoopTicker, likewise
-        # A host directory holding the package `app` (--app): this board's application.
-        # The checkout's own app/ beside firmware/ is an example, not every device's app.
-        self.app_dir = None
-        self.hw = None  # an app's simulated I2C and pins (unixhw.Hardware), made on first use
+        # app_dir, set by --app only: a host directory holding this board's package `app`.
 
     def resolve(self, host, port):
         # Test hook: a control word dns:NAME=IP,IP answers for NAME as a DNS server with
@@ -236,34 +226,26 @@ class Board(BaseBoard):
             time.sleep_ms(busy)
         return self.read_sensors(rnd)
 
-    def load_app(self):
-        """The app of an update slot (a bundle's app/, as on a board), else --app's, else
-        none. A process's modules are shared: only a lone board may have an app."""
+    def find_app(self):
+        """Whether this board has an application (Device imports `app` if so): an update
+        slot's (a bundle's app/, first on sys.path, as on a board), else --app's, put first
+        on sys.path. The checkout's own app/ beside firmware/ is an example, not every
+        simulated board's app. A process's modules are shared: only a lone board has one."""
         import firmware
 
         f = getattr(firmware, "__file__", "")  # frozen modules may have none
         slot = f[:f.rfind("/firmware/")]
-        if "/ota/" in slot and _isdir(slot + "/app"):
-            return BaseBoard.load_app(self)
-        if self.app_dir is None:
-            return None
-        sys.path.insert(0, self.app_dir)  # holds only `app`: shadows nothing else
-        return BaseBoard.load_app(self)
-
-    # An app's hardware, simulated (firmware/boards/unixhw.py: its control words); the
-    # module is loaded by the first call, so boards without an app never hold it.
-    def i2c(self, bus=0, scl=None, sda=None, freq=100000):
-        return self._hw().i2c(bus)  # no wires to route: the pins and speed change nothing
-
-    def pin(self, id, out=False):
-        return self._hw().pin(id, out)
-
-    def _hw(self):
-        if self.hw is None:
-            from firmware.boards.unixhw import Hardware
-
-            self.hw = Hardware(self.control)
-        return self.hw
+        if "/ota/" in slot:
+            try:
+                os.stat(slot + "/app")
+                return True
+            except OSError:
+                pass
+        d = getattr(self, "app_dir", None)
+        if d is None:
+            return False
+        sys.path.insert(0, d)  # holds only `app`: shadows nothing else
+        return True
 
     def reset_cause(self):
         return self.cause
@@ -296,5 +278,4 @@ class Board(BaseBoard):
         if self.ota_root is not None:
             raise SystemExit(RESET_EXIT)
         self.cause = "soft"
-        self.hw = None  # a reset lets go of the pins (a relay drops), as a board's does
         self.start_uptime()

@@ -1,4 +1,4 @@
-# The Unix board's stand-ins for an application's hardware (Board.i2c, Board.pin), so the
+# The Unix board's stand-ins for an application's hardware (dev.board.i2c, .pin), so the
 # app's own drivers run unchanged in the simulator and the tests: an I2C bus answering at
 # register level, with a simulated SHT3x humidity/temperature sensor at 0x44, and GPIO pins
 # that keep their level. The host control file (unix.py's Control) drives them:
@@ -6,7 +6,7 @@
 #   sht3x-badcrc                its replies carry wrong CRCs (a noisy bus)
 #   i2c-fail                    every transfer on the bus raises OSError(EIO) (a stuck bus)
 #   pinN=0|1                    the level input pin N reads (default: its last value)
-# Loaded on the first call for hardware, so a board whose app has none never holds it.
+# Loaded with an application (firmware/apphost.py), so a board without one never holds it.
 import errno
 import time
 
@@ -156,17 +156,24 @@ class FakePin:
 
 
 class Hardware:
-    """One board's buses and pins, kept so that every call for a bus or a pin reaches the
-    same simulated device or level, as on a board."""
+    """A board as its application sees it (dev.board): its buses and pins, kept so that
+    every call for a bus or a pin reaches the same simulated device or level, as on a
+    board; anything else is the board's. One per boot: a reset lets go of the pins (a
+    relay drops), as a board's does."""
 
-    def __init__(self, control):
-        self.control = control
+    def __init__(self, board):
+        self.board = board
+        control = self.control = board.control
         # Both buses lead to the one simulated sensor: an app may wire it to either.
         self.devices = {SHT3X_ADDR: SimSHT3x(control)}
         self.buses = {}
         self.pins = {}
 
-    def i2c(self, bus):
+    def __getattr__(self, name):
+        return getattr(self.board, name)
+
+    def i2c(self, bus=0, scl=None, sda=None, freq=100000):
+        # No wires to route: the pins and the speed change nothing here.
         if bus not in (0, 1):  # both chips have two controllers
             raise ValueError("I2C(%s) doesn't exist" % bus)
         b = self.buses.get(bus)
@@ -174,7 +181,7 @@ class Hardware:
             b = self.buses[bus] = FakeI2C(self.control, self.devices)
         return b
 
-    def pin(self, id, out):
+    def pin(self, id, out=False):
         p = self.pins.get(id)
         if p is None:
             p = self.pins[id] = FakePin(self.control, id, out)

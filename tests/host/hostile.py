@@ -146,7 +146,7 @@ def invalid_value(s):
 
 
 UNKNOWN_NAMES = st.text("abcdefghijklmnopqrstuvwxyz_-", min_size=1, max_size=12).filter(
-    lambda k: k != "version" and not settings.find(k)
+    lambda k: k != "version" and not settings.find(k, ())
     and not any(s[0].startswith(k + ".") for s in settings.SETTINGS))
 # Unicode that must not pass: escaped surrogates (lone and paired: MicroPython makes each a
 # 3-byte sequence), NUL escaped and raw, overlong and invalid bytes, RTL override, emoji,

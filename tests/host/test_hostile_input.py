@@ -129,7 +129,7 @@ def check_desired(it, r, base):
         assert not bad, "effective config differs (got, want): %r" % bad
     # Whatever was accepted is within the declared settings.
     for k, v in r["eff"].items():
-        assert _close(settings.check(k, v), v), (k, v)
+        assert _close(settings.check(k, v, ()), v), (k, v)
     if doc.get("unknown"):
         names = [n for ns in doc["unknown"].values() for n in ns]
         assert len(names) <= 8 * 3 and all(len(n) <= 64 for n in names), names

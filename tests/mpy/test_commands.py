@@ -67,7 +67,7 @@ async def test_a_handler_that_raises_answers_an_error_and_is_counted():
         raise ValueError("relay stuck")
 
     r.c.handlers["relay"] = broken
-    r.c.durable.append("relay")
+    r.c.durable += ("relay",)
     _, res = await r.send("relay", id="a", on=True)
     assert res == {"id": "a", "status": "error", "data": {"error": "relay stuck"}}
     assert r.c.errors == 1 and r.logs[-1][0] == "E"

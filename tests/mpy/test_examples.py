@@ -12,9 +12,8 @@ import os
 import sys
 
 import firmware.boards
-from firmware.boards.base import BaseBoard
 from firmware.boards.unix import Board, Control
-from firmware.boards.unixhw import SHT3X_ADDR, FakeI2C, crc8
+from firmware.boards.unixhw import SHT3X_ADDR, FakeI2C, Hardware, crc8
 from mpyutil import CREATED, fresh_image, raises, with_fake_modules
 
 _ROOT = __file__.rsplit("/", 3)[0] if __file__.count("/") >= 3 else "."
@@ -114,11 +113,12 @@ class FakeDev:
 
 
 def _board(name):
+    """A Unix board as an app sees it (dev.board): with its simulated bus and pins."""
     b = Board(fresh_image(name), 64 * 4096)
     b.control.path = "/tmp/mpytest-control-%s-%s" % (name, _tag())
     CREATED.append(b.control.path)
     _write(b.control, ())
-    return b
+    return Hardware(b)
 
 
 def _write(control, words):
@@ -408,13 +408,6 @@ async def test_the_checkouts_app_shows_the_shape():
 # ---- the boards' hardware ------------------------------------------------------------------
 
 
-def test_a_board_without_hardware_says_so():
-    e = raises(OSError, BaseBoard().i2c)
-    assert "no I2C" in str(e)
-    e = raises(OSError, BaseBoard().pin, 5, True)
-    assert "no pin" in str(e)
-
-
 async def test_unix_board_keeps_its_bus_and_pins():
     b = _board("hw")
     bus = b.i2c()
@@ -430,8 +423,10 @@ async def test_unix_board_keeps_its_bus_and_pins():
     assert inp.value() == 0
     await control(b, "pin5=1")
     assert inp.value() == 1
-    b.reset()  # not mounted by the loader: an in-process reset, which lets go of the pins
-    assert b.pin(22) is not out and b.pin(22).value() == 0
+    # The next boot's app gets a new one: a reset lets go of the pins.
+    b.reset()
+    again = Hardware(b.board)
+    assert again.pin(22) is not out and again.pin(22).value() == 0
 
 
 def test_mcu_board_uses_hardware_i2c_and_falls_back_to_soft_i2c():
@@ -459,8 +454,8 @@ def test_mcu_board_uses_hardware_i2c_and_falls_back_to_soft_i2c():
     machine = _Fake(Pin=Pin, I2C=I2C, SoftI2C=SoftI2C, unique_id=lambda: b"\x01\x02")
     network = _Fake(STA_IF=0, WLAN=lambda iface: _Fake())
 
-    def check(mcu):
-        b = mcu.McuBoard()
+    def check(mcuhw):
+        b = mcuhw.Hardware(None)
         b.i2c()
         b.i2c(1, freq=400000)
         b.i2c(0, scl=5, sda=4)
@@ -481,6 +476,6 @@ class _Fake:
 
 
 def _with_fakes(fakes, check):
-    """check(firmware.boards.mcu) imported against fake hardware modules."""
-    with_fake_modules(fakes, ("firmware.boards.mcu",), lambda: check(
-        __import__("firmware.boards.mcu", None, None, ["McuBoard"])))
+    """check(firmware.boards.mcuhw) imported against fake hardware modules."""
+    with_fake_modules(fakes, ("firmware.boards.mcuhw",), lambda: check(
+        __import__("firmware.boards.mcuhw", None, None, ["Hardware"])))

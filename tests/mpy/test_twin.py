@@ -117,13 +117,13 @@ def test_size_and_depth_are_checked_before_parsing():
     check_text('{"a": "{{{{{{{{"}')  # braces inside strings do not count
     raises(Rejected, check_text, "[" * 5 + "]" * 5)
     raises(Rejected, check_text, "x" * 2049)
-    e = raises(Rejected, parse_layer, '{"version": 1, "a": {"b": {"c": {"d": {}}}}}')
+    e = raises(Rejected, parse_layer, '{"version": 1, "a": {"b": {"c": {"d": {}}}}}', ())
     assert "deeper" in str(e)
 
 
 def test_every_declared_setting_has_a_valid_default():
     for s in settings.SETTINGS:
-        assert settings.check(s[0], s[2]) == s[2], s
+        assert settings.check(s[0], s[2], ()) == s[2], s
 
 
 def test_cache_round_trip_corruption_and_write_only_on_change():
@@ -164,7 +164,7 @@ def test_a_cached_layer_that_no_longer_validates_is_dropped_and_reported():
 def test_the_size_limit_is_on_bytes_not_characters():
     text = json.dumps({"version": 1, "log_level": "info"})[:-1] + ', "x": "' + "\u20ac" * 700 + '"}'
     assert len(text) < 2048 < len(text.encode())
-    e = raises(Rejected, parse_layer, text.encode())
+    e = raises(Rejected, parse_layer, text.encode(), ())
     assert "larger" in str(e)
 
 
