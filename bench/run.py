@@ -12,11 +12,15 @@ too when there is one. board_model_bench.py adds the board_model_* figures
 when `make board-model` has built the 32-bit binary (or BOARD_MODEL=PATH names one); without
 it they are skipped, and it says why. app_bench.py (part app) measures on that binary too the
 heap held without an app, with an empty one and with each example app (issue 26).
+mcu_bench.py (part mcu, issue 27) counts instructions on the bare-metal builds of `make mcu`
+under QEMU (build/mcu/m0, build/mcu/rv32): a telemetry message, a signature check, a drain of
+1,000 queued messages, a config layer, the boot, and ours against umqtt.simple and mqtt_as
+per publish; without the builds it says why and measures nothing.
 
     .venv/bin/python bench/run.py [PART ...]
 
-runs only those parts (mqtt, outbox, ota_verify, device, ota, board_model, app) and merges
-only their figures, e.g. `QUICK=1 .venv/bin/python bench/run.py ota_verify`."""
+runs only those parts (mqtt, outbox, ota_verify, device, ota, board_model, app, mcu) and
+merges only their figures, e.g. `QUICK=1 .venv/bin/python bench/run.py ota_verify`."""
 import json
 import os
 import subprocess
@@ -49,6 +53,8 @@ TARGETS = {
     "board_model_ota_verify_ms_low_heap": "< 1000",
     "ota_download_heap_bytes": "<= 12288",
     "board_model_ota_download_heap_bytes": "<= 12288",
+    "mcu_m0_peers_ratio": "qos0 vs umqtt.simple <= 1; qos1 vs mqtt_as <= 0.5",
+    "mcu_rv32_peers_ratio": "qos0 vs umqtt.simple <= 1; qos1 vs mqtt_as <= 0.5",
 }
 
 
@@ -145,6 +151,14 @@ def run_app_bench(quick, binaries):
     return run_script("app_bench.py", quick, binaries[:1], timeout=3600)
 
 
+def run_mcu_bench(quick):
+    """bench/mcu_bench.py: instruction counts under QEMU on the builds of `make mcu`; None
+    and why not when there are none (or no QEMU)."""
+    figures = run_script("mcu_bench.py", quick, timeout=7200)
+    why = figures.pop("mcu_skipped", None)
+    return (None, why) if why else (figures, None)
+
+
 def run_board_model_ota_verify(quick, binaries):
     """ota_verify.py's figures on the board model (32-bit: other GC blocks, other bignum
     digits), prefixed board_model_."""
@@ -153,7 +167,7 @@ def run_board_model_ota_verify(quick, binaries):
     return {"board_model_" + k: v for k, v in figures.items()}
 
 
-PARTS = ("mqtt", "outbox", "ota_verify", "device", "ota", "board_model", "app")
+PARTS = ("mqtt", "outbox", "ota_verify", "device", "ota", "board_model", "app", "mcu")
 
 
 # Figures each part exists to produce: None or absent fails the run (missing_figures).
@@ -219,6 +233,12 @@ def main(argv=None):
             figures.update(run_app_bench(quick, binaries))
         else:
             print("app figures skipped: %s" % why, flush=True)
+    if "mcu" in parts:
+        got, why_not = run_mcu_bench(quick)
+        if got:
+            figures.update(got)
+        else:
+            print("mcu figures skipped: %s" % why_not, flush=True)
     missing = missing_figures(parts, figures)
     if missing:
         # A part that produced no figure (or a run with no telemetry) measured nothing: it
