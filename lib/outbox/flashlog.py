@@ -180,9 +180,16 @@ class FlashLog:
         """The record at or after `off` in segs[seg_index]: (offset, length) with its bytes
         in self.buf(), or None at the end of that segment."""
         seg = self.segs[seg_index]
-        for o, n in self._scan(seg.num, off, seg.end):
-            return o, n
-        return None
+        scan = self._scan(seg.num, off, seg.end)
+        try:
+            for o, n in scan:
+                return o, n
+            return None
+        finally:
+            # Closed now, not by the collector: a return inside the loop leaves the
+            # generator suspended with its file open (two per drained message, each
+            # holding littlefs's cache, until a collect finalised them).
+            scan.close()
 
     def buf(self):
         return self._mv

@@ -647,3 +647,45 @@ def test_a_half_written_batch_is_not_read_back_until_a_recovery_counts_it():
     ob.spill()
     assert ob.ring.count == 0 and len(ob.flash.segs) == 2
     assert _deliver(ob) == [(1, 1), (1, 2), (1, 3)] and len(ob) == 0 and ob.inflight == 0
+
+
+def test_reading_a_record_leaves_no_file_open():
+    # FlashLog.read() once returned from inside its scan generator: the segment file stayed
+    # open until the collector finalised it (two per drained message). Counted here by the
+    # files the filesystem has handed out and not yet closed.
+    import gc
+
+    _, fs = _mount(fresh_image("open"))
+    opened = []
+
+    class Counting:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open(self, path, mode="r"):
+            f = self.fs.open(path, mode)
+            opened.append(f)
+            return f
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    log = FlashLog(Counting(fs), capacity=16384, segment=2048)
+    assert log.recover() == 0
+    keys = [(1, s) for s in range(1, 6)]
+    assert log.append(_batch(keys), 5, keys[0], keys[-1])
+    gc.disable()
+    try:
+        del opened[:]
+        r = log.read(0, log.head)
+        assert r is not None
+        still_open = 0
+        for f in opened:
+            try:
+                f.tell()
+                still_open += 1
+            except (OSError, ValueError):
+                pass
+        assert still_open == 0, "%d file(s) left open by read()" % still_open
+    finally:
+        gc.enable()
