@@ -89,3 +89,17 @@ board-model:
 
 clean:
 	rm -rf build .pytest_cache
+
+# MicroPython's qemu port of a checkout built bare metal with the firmware frozen in, into
+# build/mcu/m0 (Cortex-M0, the RP2040's instruction set) and build/mcu/rv32 (RV32, like an
+# ESP32-C3): `make mcu MPY_DIR=/path/to/micropython` (testbed/mcu/build.sh; installs the
+# cross compilers and QEMU with apt-get when root; HEAP=bytes for another GC heap than the
+# port's 143360, MCU_BOARDS=m0 for one board). Not run by CI (no MicroPython checkout
+# there); without MPY_DIR it says what it needs and fails. `make test-mcu` runs tests/mpy on
+# both under QEMU (testbed/mcu/test.py: -k, --board, --exec; about 6 minutes on 2 cores).
+.PHONY: mcu test-mcu
+mcu:
+	MPY_DIR="$(MPY_DIR)" bash testbed/mcu/build.sh
+
+test-mcu: setup
+	$(PY) testbed/mcu/test.py
