@@ -601,9 +601,15 @@ class MQTTClient:
             try:
                 self._room = bytearray(self.tls_room)
             except MemoryError:
-                self.stats["tls_room_misses"] += 1  # fragmented already: try at the next close
+                pass  # fragmented already: tried again at the handshake
 
     def _free_room(self):
+        """Hand the room to the handshake's records; a handshake without it is a miss
+        (health's mqtt.tls_room_misses), which may then fail for want of memory."""
+        if self.tls_room:
+            self._hold_room()
+            if self._room is None:
+                self.stats["tls_room_misses"] += 1
         if self._room is not None:
             self._room = None
             gc.collect()
