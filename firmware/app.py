@@ -3,6 +3,7 @@
 # boot history (reset cause, safe mode), then the supervised tasks on one asyncio loop.
 import asyncio
 import json
+import sys
 
 from backoff import Backoff, Fixed, Rng
 from mqtt.client import MQTTClient
@@ -44,7 +45,8 @@ class Device:
         self.timesync = None
         self.sync = None
         self.health = None
-        self.ota = None  # firmware/ota.py's Updater, on a board that can be updated
+        self.ota = None  # firmware/ota.py's Updater, while a board judges or runs an update
+        self._ota_text = None  # its last state, as published
         self.failover = None  # firmware/failover.py's, with more than one broker
         self.app = None  # firmware/apphost.py's AppHost, on a board with an application
         self._birth_acked = False
@@ -66,6 +68,8 @@ class Device:
     async def load_config(self):
         """Bootstrap config, waiting for a valid one: a missing or bad file is logged once
         (and again only if the error changes), then re-read every config_retry_s."""
+        # The loader's module stays loaded only while a trial's deadline needs it (main.py).
+        loader = "otaboot" in sys.modules
         from firmware import bootconfig  # boot-only code: dropped again below
 
         last = None
@@ -76,6 +80,8 @@ class Device:
                 # 8 KB of bytecode (64-bit port) that the rest of the boot has no use for.
                 forget("firmware.bootconfig")
                 forget("firmware.tlsctx")
+                if not loader:
+                    forget("otaboot")  # bootconfig's, for one check: 1.2 KB held
                 return cfg
             except ValueError as e:  # bootconfig.ConfigError
                 if str(e) != last:
@@ -238,12 +244,9 @@ class Device:
         self.health = Health(self, lambda: self.sync.twin.effective()["health_interval"],
                              self.rnd)
         if self.board.ota_root is not None:
-            from firmware.ota import Updater  # a board that cannot be updated does not pay
-
-            self.ota = Updater(self.board.fs, cfg["ota"], self.ssl, self.rnd, self.log,
-                               self._publish_ota, self._ota_reset, self._ota_checks,
-                               self._uptime)
-            self.ota.start()
+            # Loaded at each boot for a trial to judge and the last outcome to report; let
+            # go again once idle (_ota_task).
+            self._ota_load()
         self._apply([s[0] for s in settings.SETTINGS if s[5]], eff)
         if self.app:
             # The cached values reach the app before its tasks start.
@@ -291,6 +294,11 @@ class Device:
         if "ota" in changed:
             if self.ota:
                 self.ota.request(eff["ota"])
+            elif eff["ota"] and self.board.ota_root is not None:
+                if not self.safe:  # in safe mode only a trial is judged, nothing fetched
+                    self._ota_load()
+                    self.ota.request(eff["ota"])
+                    self.sup.spawn("ota", self._ota_task, critical=False)
             elif eff["ota"]:
                 self.log("W", "update requested, but this board cannot be updated (its "
                               "flash is not mounted: several boards share the process)")
@@ -408,8 +416,8 @@ class Device:
                 wait=False, token=_BIRTH
             ), "birth message"
         )
-        if self.ota:
-            self._fire(self.ota.report(), "ota state")
+        if self._ota_text:
+            self._fire(self._publish_ota(self._ota_text), "ota state")
         if self.app and self.app.state:
             # Retained, but a broker may have lost it (restarted without persistence).
             self._fire(self.app.publish_state(), "app state")
@@ -446,9 +454,33 @@ class Device:
 
     # ---- over-the-air updates: what firmware/ota.py needs of the device ----------------
 
+    def _ota_load(self):
+        from firmware.ota import Updater  # a board that cannot be updated does not pay
+
+        self.ota = Updater(self.board.fs, self.cfg["ota"], self.ssl, self.rnd, self.log,
+                           self._publish_ota, self._ota_reset, self._ota_checks,
+                           self._uptime)
+        self.ota.start()
+
+    async def _ota_task(self):
+        await self.ota.run()
+        self._ota_drop()
+
+    def _ota_drop(self):
+        # Idle (nothing requested, or nothing to act on): about 5 KB of code, state and
+        # buffer that a board needs only during an update or a trial. Its last state stays
+        # here as text, sent again at each connect.
+        self.ota = None
+        for m in ("firmware.ota", "firmware.otahttp", "firmware.otacheck"):
+            forget(m)
+        ob = sys.modules.get("otaboot")
+        if ob is not None and not ob.deadline_armed():
+            forget("otaboot")
+
     async def _publish_ota(self, text):
         # Never waits for a connection (a version on trial that cannot connect must still
         # roll back): the state goes out again at every connect (_on_connect).
+        self._ota_text = text
         if self.client.is_connected():
             await self.client.publish(self.topics.ota, text, 1, True, wait=False)
 
@@ -567,7 +599,10 @@ class Device:
             sup.spawn("failover", self.failover.run, critical=False)
         if self.ota and (self.ota.trial or not self.safe):
             # In safe mode only a version on trial is judged (it cannot confirm: it rolls back).
-            sup.spawn("ota", self.ota.run, critical=False)
+            sup.spawn("ota", self._ota_task, critical=False)
+        elif self.ota:
+            self._ota_text = json.dumps(self.ota.state)  # still reported at each connect
+            self._ota_drop()
         if self.board.ntp:
             from firmware.ntp import TimeSync  # only boards without a set clock pay for it
 

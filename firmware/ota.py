@@ -112,8 +112,11 @@ class Updater:
             if req is None or not self._wanted(req):
                 self._free_slot()
                 await self.report()
-                await self._changed.wait()
-                continue
+                if self.want is not req:
+                    continue  # a new request came while the state went out
+                # Idle: the device lets go of the updater (its code and buffer) until the
+                # request changes (Device._apply loads a fresh one).
+                return
             try:
                 await self._update(req)
                 return  # the reset is under way
