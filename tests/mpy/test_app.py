@@ -247,3 +247,32 @@ def test_room_reserved_at_start_up_is_released_for_the_boot_buffers():
     assert gc.mem_alloc() - before < 12288, gc.mem_alloc() - before
     d.heap_reserve = None  # no reservation (a second device in the process): nothing to do
     d.build(bootconfig.validate({"device_id": "res2", "broker": {"host": "h"}}))
+
+
+async def test_the_update_agent_is_let_go_once_idle_and_loaded_again_for_a_request():
+    import sys
+
+    from firmware.supervisor import Supervisor
+    from firmware.version import BUNDLE_VERSION
+
+    b = _board("idle-ota")
+    b.ota_root = ""  # a board that can be updated
+    d = Device(b)
+    d.build(bootconfig.validate({"device_id": "upd", "broker": {"host": "h"}}))
+    assert d.ota is not None and "firmware.ota" in sys.modules
+    await d._ota_task()  # nothing on trial, nothing requested: it reports and ends
+    assert d.ota is None and d._ota_text is not None
+    assert [m for m in ("firmware.ota", "firmware.otahttp", "firmware.otacheck", "otaboot")
+            if m in sys.modules] == []
+    assert json.loads(d._ota_text)["state"] == "idle"
+    # A request loads it again under the supervisor; asked for the running version, it
+    # reports it confirmed and is let go again.
+    d.sup = Supervisor(b, d.log, d.rnd, 8000, None)
+    eff = dict(d.sync.twin.effective())
+    eff["ota"] = {"version": BUNDLE_VERSION, "manifest_sha256": "0" * 64, "window_s": 0,
+                  "reboot": "now", "downgrade": False, "url": "http://h/m.json"}
+    d._apply(["ota"], eff)
+    assert d.ota is not None and d.ota.want is eff["ota"]
+    await asyncio.wait_for(d.sup.tasks["ota"].task, 5)
+    assert d.ota is None and "firmware.ota" not in sys.modules
+    assert json.loads(d._ota_text)["state"] == "confirmed", d._ota_text
