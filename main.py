@@ -8,11 +8,11 @@ import sys
 # Loading the firmware's bytecode leaves the heap in small scattered holes: on a 128 KB
 # heap (64-bit Unix port) 59 KB were free after boot but no block of 8 KB was, and the
 # outbox's RAM ring could not be allocated. So the room for the buffers that live as long
-# as the boot (outbox ring, MQTT rx/tx, flash record: 11 KB by default) is taken
+# as the boot (outbox ring, MQTT rx/tx, flash record: 7 KB by default) is taken
 # first, while the heap is empty and in one piece, and released just before they are
 # allocated (Device.build).
 gc.collect()
-_early = [bytearray(12288)]
+_early = [bytearray(8192)]
 
 if sys.platform == "linux":
     # On the Unix port the repo root is the "flash": lib/ must be importable as on a board.

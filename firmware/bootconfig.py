@@ -172,7 +172,7 @@ def _outbox(o):
         if k not in ("ram_bytes", "flash_bytes", "policy", "overflow", "spill_ms"):
             raise ConfigError("outbox.%s is not a setting" % k)
     out = {
-        "ram_bytes": _num(o, "ram_bytes", 8192, 1024, 262144),
+        "ram_bytes": _num(o, "ram_bytes", 4096, 1024, 262144),
         "flash_bytes": _num(o, "flash_bytes", 262144, 0, 16777216),
         "spill_ms": _num(o, "spill_ms", 1000, 100, 600000),
         "policy": _str(o, "policy", "offline"),

@@ -6,19 +6,22 @@ import json
 from backoff import jittered
 from firmware.version import SCHEMA
 
-LOG_BYTES = 2048
+LOG_BYTES = 1024
 LOG_LINE_MAX = 160
 
 
 class LogRing:
     """The most recent log lines, oldest first, packed (a length byte, then the text) into
     one circular buffer allocated at boot: its memory is the same from the first line on,
-    however much is logged, and short lines leave room for more of them (2 KiB keeps about
-    30 typical lines; fixed slots of the longest line kept a third as many in the same RAM).
+    however much is logged, and short lines leave room for more of them (1 KiB keeps about
+    15 typical lines; fixed slots of the longest line kept a third as many in the same RAM).
     A line longer than `width` bytes is cut at a character boundary."""
 
     def __init__(self, size=LOG_BYTES, width=LOG_LINE_MAX):
         self.buf = bytearray(size)
+        # Stores go through a memoryview: MicroPython's bytearray slice store handles the
+        # whole tail of the buffer, a memoryview's only the slice.
+        self.mv = memoryview(self.buf)
         self.size = size
         self.width = min(width, 255, size - 1)  # the length must fit its byte
         self.head = 0  # offset of the oldest line's length byte
@@ -29,9 +32,9 @@ class LogRing:
     def _put(self, off, data):
         size = self.size
         k = min(len(data), size - off)
-        self.buf[off:off + k] = data[:k]
+        self.mv[off:off + k] = data[:k]
         if k < len(data):
-            self.buf[0:len(data) - k] = data[k:]
+            self.mv[0:len(data) - k] = data[k:]
 
     def add(self, line):
         b = line.encode()

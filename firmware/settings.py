@@ -21,7 +21,7 @@ SETTINGS = (
     ("reconnect.cap", NUM, 120, 1, 3600, True),
     ("reconnect.first_window", NUM, 5, 0, 3600, True),
     ("outbox.policy", CHOICE, "offline", ("offline", "always"), None, False),
-    ("outbox.ram_bytes", INT, 8192, 1024, 262144, False),
+    ("outbox.ram_bytes", INT, 4096, 1024, 262144, False),
     ("outbox.flash_bytes", INT, 262144, 0, 16777216, False),
     # An over-the-air update request (README "Updates"); checked by check_ota.
     ("ota", OBJ, None, None, None, True),

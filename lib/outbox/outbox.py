@@ -17,7 +17,7 @@ _MAX_RANGES = 8
 
 
 class Outbox:
-    def __init__(self, fs=None, ram_bytes=8192, flash_bytes=262144, segment=32768,
+    def __init__(self, fs=None, ram_bytes=4096, flash_bytes=262144, segment=32768,
                  policy="offline", overflow="oldest", spill_ms=1000, ticks_ms=None,
                  ticks_diff=None, log=None, directory="/outbox", topic=b"", block=4096,
                  max_record=1024):
