@@ -173,7 +173,8 @@ PARTS = ("mqtt", "outbox", "ota_verify", "device", "ota", "board_model", "app", 
 # Figures each part exists to produce: None or absent fails the run (missing_figures).
 REQUIRED = {
     "mqtt": ("qos1_pipelined_msg_s",),
-    "outbox": ("queue_recovery_full_ms",),
+    "outbox": ("queue_recovery_full_ms", "outbox_flash_bytes_per_hour_offline",
+               "outbox_flash_erases_per_hour_offline"),
     "ota_verify": ("ota_verify_ms",),
     "device": ("boot_to_first_publish_ms", "boot_min_heap_kb", "soak_telemetry",
                "soak_heap_samples"),
