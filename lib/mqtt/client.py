@@ -237,14 +237,24 @@ class MQTTClient:
         QoS 1 waits for room in the in-flight window, is kept until its PUBACK and survives
         reconnects; with wait=True this returns once acknowledged, else once handed over
         (on_ack tells later). Returns the packet id for QoS 1."""
-        topic = _b(topic)
-        payload = _b(payload)
-        if codec.publish_size(topic, payload, qos) > self.max_frame:
+        # Inline, not _b(): a Python call costs more than the test on an MCU.
+        if isinstance(topic, str):
+            topic = topic.encode()
+        if isinstance(payload, str):
+            payload = payload.encode()
+        # publish_size() only near the limit: a header adds at most 9 bytes.
+        if (len(topic) + len(payload) + 9 > self.max_frame
+                and codec.publish_size(topic, payload, qos) > self.max_frame):
             raise ValueError("message larger than max_frame")
         if qos == 0:
             if not self.connected.is_set():
                 return False
-            await self._send_publish(topic, payload, 0, retain, False, 0)
+            # _send_publish inlined: one Python call less per message.
+            pkt = codec.publish_view(self._txmv, topic, payload, 0, retain)
+            if pkt is None:
+                await self._send_big(topic, payload, 0, retain, False, 0)
+            else:
+                await self._write(pkt)
             return True
         over = False
         while self.session.full():
@@ -785,38 +795,45 @@ class MQTTClient:
     async def _send(self, pkt):
         await self._write(pkt)
 
-    async def _send_publish(self, topic, payload, qos, retain, dup, pid):
-        # Encoded straight into the shared tx buffer and written with no await in between,
+    def _send_publish(self, topic, payload, qos, retain, dup, pid):
+        # Encoded straight into the shared tx buffer and written before the caller awaits,
         # so no other publisher can touch the buffer meanwhile. One write per packet: a
         # header sent apart from its payload stalls on Nagle and delayed ACK.
-        buf = self._txbuf
-        off = codec.publish_header_into(buf, topic, len(payload), qos, retain, dup, pid)
-        n = off + len(payload)
-        if n <= len(buf):
-            buf[off:n] = payload
-            await self._write(self._txmv[:n])
-        else:
-            # Rare (config reports, big commands): two writes under the lock, in order.
-            await self._write_locked(bytes(self._txmv[:off]), payload)
-            self.stats["tx"] += 1
+        # Not a coroutine: returns what to await (see _write).
+        pkt = codec.publish_view(self._txmv, topic, payload, qos, retain, dup, pid)
+        if pkt is not None:
+            return self._write(pkt)
+        return self._send_big(topic, payload, qos, retain, dup, pid)
 
-    async def _write(self, pkt):
-        """Write one whole packet. Fast path: the socket takes it at once, then yield once
-        for fairness. If it does not, the rest waits in the stream's buffer and is drained
-        under a lock: asyncio streams must never drain concurrently, and while a drain is
-        pending every other writer queues behind it (with its own copy of the packet)."""
+    async def _send_big(self, topic, payload, qos, retain, dup, pid):
+        # Rare (config reports, big commands): two writes under the lock, in order.
+        off = codec.publish_header_into(self._txbuf, topic, len(payload), qos, retain, dup, pid)
+        await self._write_locked(bytes(self._txmv[:off]), payload)
+        self.stats["tx"] += 1
+
+    def _write(self, pkt):
+        """Write one whole packet; returns what the caller must await at once (not a
+        coroutine: on an MCU each coroutine in the chain costs more than the write).
+        Fast path: the socket takes it at once, then the caller yields once for fairness
+        (sleep_ms(0), asyncio's singleton: no allocation). If it does not, the rest waits
+        in the stream's buffer and is drained under a lock: asyncio streams must never
+        drain concurrently, and while a drain is pending every other writer queues behind
+        it (with its own copy of the packet)."""
         w = self._writer
         if w is None:
             raise OSError("not connected")
         if self._gate[1]:
-            pkt = bytes(pkt)  # the tx buffer is reused while this one waits its turn
-            await self._write_locked(pkt)
-        else:
-            w.write(pkt)  # sends at once; copies whatever the socket did not take
-            if w.out_buf:
-                await self._write_locked(None)
-            else:
-                await asyncio.sleep_ms(0)
+            # The tx buffer is reused while this one waits its turn.
+            return self._write_queued(bytes(pkt))
+        w.write(pkt)  # sends at once; copies whatever the socket did not take
+        if w.out_buf:
+            return self._write_queued(None)
+        self._last_tx = self.ticks_ms()
+        self.stats["tx"] += 1
+        return asyncio.sleep_ms(0)
+
+    async def _write_queued(self, pkt):
+        await self._write_locked(pkt)
         self._last_tx = self.ticks_ms()
         self.stats["tx"] += 1
 

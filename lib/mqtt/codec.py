@@ -179,6 +179,35 @@ def publish_header_into(buf, topic, plen, qos=0, retain=False, dup=False, pid=0)
     return off
 
 
+def publish_view(mv, topic, payload, qos=0, retain=False, dup=False, pid=0):
+    """Encode a whole PUBLISH at the start of memoryview mv; return the view of its bytes
+    (the only allocation), or None when it does not fit (mv untouched)."""
+    tl = len(topic)
+    pl = len(payload)
+    body = tl + pl + (4 if qos else 2)
+    off = 2 if body < 128 else 1 + varlen_size(body)
+    n = off + body
+    if n > len(mv):
+        return None
+    # Stores go into the packet's own view: a slice store also moves every byte after
+    # the slice to its end (MicroPython), here only the packet's, not the whole buffer's.
+    pkt = mv[:n]
+    pkt[0] = PUBLISH | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
+    if off == 2:
+        pkt[1] = body
+    else:
+        write_varlen(pkt, 1, body)
+    pkt[off] = tl >> 8
+    pkt[off + 1] = tl & 0xFF
+    off += 2
+    pkt[n - pl :] = payload  # first: nothing after it to move
+    pkt[off : off + tl] = topic
+    if qos:
+        pkt[off + tl] = pid >> 8
+        pkt[off + tl + 1] = pid & 0xFF
+    return pkt
+
+
 def publish_into(buf, topic, payload, qos=0, retain=False, dup=False, pid=0):
     """Encode a whole PUBLISH into the preallocated buf; return its length.
     topic and payload are bytes-like; the caller sized buf with publish_size()."""

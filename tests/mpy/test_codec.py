@@ -77,6 +77,26 @@ def test_publish_into_allocates_nothing():
         micropython.heap_unlock()
 
 
+def test_publish_view_matches_publish_into_and_writes_nothing_past_the_packet():
+    mv = memoryview(bytearray(17000))
+    for tl, pl in ((1, 0), (3, 5), (28, 64), (10, 113), (10, 114), (10, 115), (10, 116),
+                   (1, 16380), (1, 16381), (1, 16400)):
+        topic = b"t" * tl
+        payload = bytes(range(256)) * (pl // 256) + bytes(range(pl % 256))
+        for qos, retain, dup, pid in ((0, False, False, 0), (0, True, False, 0),
+                                      (1, False, False, 1), (1, True, True, 0x1234)):
+            want = bytearray(codec.publish_size(topic, payload, qos))
+            codec.publish_into(want, topic, payload, qos, retain, dup, pid)
+            mv[len(want)] = 0xEE
+            pkt = codec.publish_view(mv, memoryview(topic), payload, qos, retain, dup, pid)
+            assert bytes(pkt) == want, (tl, pl, qos)
+            assert mv[len(want)] == 0xEE
+    small = memoryview(bytearray(8))
+    assert codec.publish_view(small, b"t", b"1234", 0) is None  # 9 bytes
+    assert bytes(small) == bytes(8)
+    assert bytes(codec.publish_view(small, b"t", b"123", 0)) == b"\x30\x06\x00\x01t123"
+
+
 def test_fixed_header_rejects_bad_frames():
     raises(codec.ProtocolError, codec.check_fixed_header, 0x10, 10, 4096)  # CONNECT from a server
     raises(codec.ProtocolError, codec.check_fixed_header, 0x00, 0, 4096)  # reserved type 0
