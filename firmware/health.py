@@ -19,8 +19,8 @@ class LogRing:
 
     def __init__(self, size=LOG_BYTES, width=LOG_LINE_MAX):
         self.buf = bytearray(size)
-        # Stores go through a memoryview: MicroPython's bytearray slice store handles the
-        # whole tail of the buffer, a memoryview's only the slice.
+        # Stores go into views that end where the line's bytes end: a slice store also moves
+        # every byte after the slice to the end of what it stores into (MicroPython).
         self.mv = memoryview(self.buf)
         self.size = size
         self.width = min(width, 255, size - 1)  # the length must fit its byte
@@ -32,9 +32,9 @@ class LogRing:
     def _put(self, off, data):
         size = self.size
         k = min(len(data), size - off)
-        self.mv[off:off + k] = data[:k]
+        self.mv[off:off + k][:] = data[:k]
         if k < len(data):
-            self.mv[0:len(data) - k] = data[k:]
+            self.mv[:len(data) - k][:] = data[k:]
 
     def add(self, line):
         b = line.encode()

@@ -20,19 +20,23 @@ def size(topic, payload):
 
 
 def encode_into(buf, off, topic, payload, boot, seq):
-    """Write a record at buf[off:]; return the offset after it."""
+    """Write a record at buf[off:]; return the offset after it. buf: a bytearray or a
+    memoryview of one (the ring passes its own: no view of the whole buffer per call)."""
     tl = len(topic)
     pl = len(payload)
     if tl > MAX_TOPIC or pl > MAX_PAYLOAD:
         raise ValueError("record too large")
     struct.pack_into("<BBHII", buf, off, MAGIC, tl, pl, boot, seq)
-    o = off + HEADER
-    buf[o : o + tl] = topic
-    buf[o + tl : o + tl + pl] = payload
-    mv = memoryview(buf)
-    crc = crc32(mv[o : o + tl + pl], crc32(mv[off : off + 12]))
+    end = off + HEADER + tl + pl
+    mv = buf if type(buf) is memoryview else memoryview(buf)
+    # Stores go into the record's own view: a slice store also moves every byte after
+    # the slice to its end (MicroPython), here only the record's, not the whole buffer's.
+    rec = mv[off:end]
+    rec[HEADER + tl :] = payload  # first: nothing after it to move
+    rec[HEADER : HEADER + tl] = topic
+    crc = crc32(rec[HEADER:], crc32(rec[:12]))
     struct.pack_into("<I", buf, off + 12, crc)
-    return o + tl + pl
+    return end
 
 
 def check(mv, off, end):

@@ -41,7 +41,7 @@ class Ring:
             self._end = self.tail
             self.tail = 0
             self._wrapped = True
-        record.encode_into(self.buf, self.tail, topic, payload, boot, seq)
+        record.encode_into(self.mv, self.tail, topic, payload, boot, seq)
         self.tail += n
         self.count += 1
         self.nbytes += n

@@ -35,6 +35,16 @@ def test_record_round_trip_and_damage_detection():
     raises(ValueError, record.encode_into, bytearray(400), 0, b"t" * 256, b"", 1, 1)
 
 
+def test_record_encoded_into_a_view_is_the_same_and_stays_in_its_bytes():
+    want = _rec(b"devices/x/telemetry", b'{"seq": 7}', 3, 7)
+    b = bytearray(b"\xee" * (len(want) + 20))
+    end = record.encode_into(memoryview(b), 10, b"devices/x/telemetry", memoryview(b'{"seq": 7}'),
+                             3, 7)
+    assert end == 10 + len(want)
+    assert b[10:end] == want
+    assert b[:10] == b"\xee" * 10 and b[end:] == b"\xee" * 10
+
+
 def test_ring_keeps_order_across_wraps_and_refuses_when_full():
     ring = Ring(1000)
     model = []
