@@ -421,6 +421,10 @@ def board_figures(board, pure, device, peers, peer_revs):
         # average is the garbage per op / the free heap * one collect (device running).
         col, free = device["collect"], device["heap_free_running"]
         f[p + "collect"] = {"instr": instr(col), "heap_free_bytes": free}
+        # What the device holds on a bare-metal heap once running (after a collect), from
+        # the start of main.py's work: firmware modules, buffers, objects, connection; not
+        # the interpreter's own, asyncio's import or the rig's flash and socket.
+        f[p + "heap_held_bytes"] = device["heap_alloc_running"] - device["heap_before"]
         f[p + "alloc_bytes"] = {"per_telemetry": round(device["telemetry_alloc"]),
                                 "config_apply_full": round(device["config_alloc"])}
         f[p + "instr_per_telemetry_with_gc"] = instr(

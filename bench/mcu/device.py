@@ -1,7 +1,7 @@
 # Guest scenario of bench/mcu_bench.py: a whole firmware Device
 # (firmware/app.py) on a fake board (rig.fake_board: RAM flash with littlefs, a Wi-Fi link
 # that joins at once, no console) and the fake broker, in one fresh interpreter:
-#   boot:     from the start of what main.py does (the 12 KB reserve, the imports, Device
+#   boot:     from the start of what main.py does (the 8 KB reserve, the imports, Device
 #             construction, run_devices; asyncio's import timed apart and added) to the
 #             first telemetry PUBLISH written to the socket
 #             (boot_any: to the first PUBLISH of any kind); main.py's loader step
@@ -84,7 +84,7 @@ boot_flash = bdev.counts()
 # ---- boot: what main.py and firmware/run.py do, from here ----------------------------
 T0 = us()
 gc.collect()
-_early = [bytearray(12288)]
+_early = [bytearray(8192)]  # as main.py
 from firmware.app import Device, run_devices  # noqa: E402
 
 board = fake_board(fs)

@@ -601,9 +601,9 @@ class RamBdev:
 
 class SafeFs:
     """The littlefs object as the firmware gets it, with one difference: a file opened for
-    reading that the firmware leaves to the collector (outbox/flashlog.py's read() returns
-    from inside its generator, whose `finally: f.close()` then never runs) is closed at the
-    next call instead. The rig's block device is Python and allocates (a view per call), so
+    reading that the firmware leaves to the collector (outbox/flashlog.py's read() once
+    returned from inside its generator, whose `finally: f.close()` then never ran) is closed
+    at the next call instead, and counted in `reaped` (files the firmware closed are not). The rig's block device is Python and allocates (a view per call), so
     a collection can start inside littlefs, and the finalisers of those files then enter
     littlefs again in the middle of its own work: its list of open files corrupted, a
     HardFault later (seen under QEMU in about one drain in eight). A board's driver is C
@@ -617,7 +617,12 @@ class SafeFs:
     def _reap(self):
         r = self.reading
         while r:
-            r.pop().close()  # again on a closed file: nothing
+            f = r.pop()
+            try:
+                f.tell()  # ValueError on a closed file: the firmware closed it itself
+            except ValueError:
+                continue
+            f.close()
             self.reaped += 1
 
     def open(self, path, mode="r"):
