@@ -74,7 +74,6 @@ import ast
 import concurrent.futures
 import json
 import os
-import select
 import shutil
 import subprocess
 import sys
@@ -84,30 +83,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from testbed.mcu import qemu  # noqa: E402
+from testbed.mcu.qemu import BOARDS, BUILD, ROMFS_SIZE, build_info  # noqa: E402
+
 HERE = os.path.join(ROOT, "bench", "mcu")
-BUILD = os.path.join(ROOT, "build", "mcu")
-MIB = 1 << 20
-# The emulated machines (as testbed/mcu/test.py runs them, /work/shared/PLATFORM-NOTES.md):
-# `chip` is RAM QEMU gives the machine beyond what the firmware is linked for (the nRF51's
-# SRAM made 16 MiB, the firmware using its first 256 KiB; the virt board's 128 MiB, the
-# firmware using 0x80000000-0x80A10000): outside the GC heap, as a board's flash is.
-BOARDS = {
-    "m0": {"qemu": ["qemu-system-arm", "-machine", "microbit",
-                    "-global", "nrf51-soc.flash-size=1048576",
-                    "-global", "nrf51-soc.sram-size=%d" % (16 * MIB)],
-           "chip": 0x20100000},
-    "rv32": {"qemu": ["qemu-system-riscv32", "-machine", "virt", "-bios", "none",
-                      "-cpu", "rv32"],
-             "chip": 0x81000000},
-}
-# -icount shift=0: 1 ns of guest time per instruction; sleep=off: an idle guest's wait is
-# skipped to the next timer, not spent.
-QEMU_COMMON = ["-semihosting", "-nographic", "-monitor", "none", "-serial", "stdio",
-               "-icount", "shift=0,sleep=off"]
-# The chip's layout: the guest's files (a ROMFS image: imported in place, as frozen code
-# runs, so they take no heap), the device's flash (littlefs on a RAM block device), the
-# fake socket's buffers (a board's are its network stack's).
-ROMFS_SIZE = 2 * MIB
 MARK = "@@MCU "
 GUEST_FILES = ("rig", "pure", "device", "peers")
 # Target clocks and the cycles per instruction assumed, from the instruction mix that
@@ -121,6 +100,10 @@ GUEST_FILES = ("rig", "pure", "device", "peers")
 #         always, taken branch 3 cycles, divide 34; Espressif publishes no cycle table): 1.6.
 CLOCK = {"m0": {"mhz": 133, "cpi": 1.5, "chip": "RP2040 (Cortex-M0+)"},
          "rv32": {"mhz": 160, "cpi": 1.6, "chip": "ESP32-C3 (RV32IMC)"}}
+# The chip's layout (testbed/mcu/qemu.py: RAM outside the GC heap, as a board's flash is):
+# the guest's files (a ROMFS image: imported in place, as frozen code runs, so they take no
+# heap), the device's flash (littlefs on a RAM block device), the fake socket's buffers (a
+# board's are its network stack's).
 RAM_DISK = 262144
 SCRATCH = 16384
 # littlefs as each board's port makes its root filesystem: rp2's _boot.py with progsize=256,
@@ -149,16 +132,6 @@ def say(msg):
 
 
 # ---- what is there ------------------------------------------------------------------------
-
-
-def build_info(board):
-    """BUILD-INFO.json of build/mcu/BOARD (testbed/mcu/build.sh), or None if not built."""
-    path = os.path.join(BUILD, board, "BUILD-INFO.json")
-    if not (os.path.exists(os.path.join(BUILD, board, "firmware.elf")) and
-            os.path.exists(path)):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def fingerprint():
@@ -258,93 +231,8 @@ def stage(tmp, mpy_cross, peers, loop_src=None):
     return tree
 
 
-def _varuint(n, width=0):
-    """MicroPython's varuint (7 bits a byte, most significant first, the high bit set on
-    all but the last), padded with leading 0x80 bytes to `width`."""
-    out = [n & 0x7F]
-    n >>= 7
-    while n:
-        out.append(0x80 | (n & 0x7F))
-        n >>= 7
-    while len(out) < width:
-        out.append(0x80)
-    return bytes(reversed(out))
-
-
-def _record(kind, payload):
-    return _varuint(kind) + _varuint(len(payload)) + payload
-
-
-def romfs(tree):
-    """A ROMFS image of the directory tree (extmod/vfs_rom.c: a filesystem record of kind
-    0x14a6b1 holding directory records (4) and file records (5) with their data (2))."""
-    def entries(path):
-        body = b""
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            head = _varuint(len(name)) + name.encode()
-            if os.path.isdir(full):
-                body += _record(4, head + entries(full))
-            else:
-                with open(full, "rb") as f:
-                    body += _record(5, head + _record(2, f.read()))
-        return body
-
-    body = entries(tree)
-    head = _varuint(0x14A6B1)
-    size = _varuint(len(body))
-    if (len(head) + len(size) + len(body)) % 2:  # the image's size must be even
-        size = _varuint(len(body), len(size) + 1)
-    return head + size + body
-
-
 def make_image(tmp, tree):
-    image = os.path.join(tmp, "romfs.img")
-    data = romfs(tree)
-    if len(data) > ROMFS_SIZE:
-        raise SystemExit("mcu_bench: the guest's files take %d bytes, more than %d"
-                         % (len(data), ROMFS_SIZE))
-    with open(image, "wb") as f:
-        f.write(data)
-    return image
-
-
-class Guest:
-    """A QEMU process of one board, the image at the start of its chip area, its UART on
-    our stdin/stdout."""
-
-    def __init__(self, board, image):
-        spec = BOARDS[board]
-        self.cmd = (spec["qemu"] + QEMU_COMMON +
-                    ["-device", "loader,file=%s,addr=0x%x,force-raw=on" % (image, spec["chip"]),
-                     "-kernel", os.path.join(BUILD, board, "firmware.elf")])
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
-        self.buf = b""
-
-    def read_until(self, token, deadline):
-        while token not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(self.buf[-3000:].decode(errors="replace"))
-            r, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
-            if r:
-                data = os.read(self.proc.stdout.fileno(), 65536)
-                if not data:
-                    raise EOFError(self.buf[-3000:].decode(errors="replace"))
-                self.buf += data
-        i = self.buf.index(token) + len(token)
-        out, self.buf = self.buf[:i], self.buf[i:]
-        return out
-
-    def send(self, data):
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+    return qemu.make_image(tmp, tree, "mcu_bench")
 
 
 # ---- one scenario in one QEMU boot ------------------------------------------------------------
@@ -353,21 +241,16 @@ class Guest:
 def run_guest(board, image, scenario, params, timeout):
     """The scenario's "@@MCU" documents, merged; raises RuntimeError with the guest's
     output when it fails."""
-    chip_addr = BOARDS[board]["chip"]
+    chip_addr = BOARDS[board]["chip"][0]
     disk = chip_addr + ROMFS_SIZE
     params = dict(params, ram_disk=[disk, RAM_DISK], scratch=[disk + RAM_DISK, SCRATCH],
                   peer_dir="/rom/b", lfs=LFS[board])
     code = BOOTSTRAP % (chip_addr, ROMFS_SIZE, repr(params), scenario)
     t0 = time.monotonic()
     deadline = t0 + timeout
-    g = Guest(board, image)
+    g = qemu.Guest(board, image)
     try:
-        g.read_until(b">>> ", deadline)
-        g.send(b"\x01")
-        g.read_until(b"raw REPL; CTRL-B to exit\r\n>", deadline)
-        g.send(code.encode() + b"\x04")
-        g.read_until(b"OK", deadline)
-        text = g.read_until(b"\x04>", deadline).decode(errors="replace")
+        text = g.run(code, deadline)
     except TimeoutError as e:
         raise RuntimeError("%s %s: timed out after %d s:\n%s" % (board, scenario, timeout, e))
     except EOFError as e:

@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bench.mcu_bench as mb  # noqa: E402
+from testbed.mcu import qemu  # noqa: E402
 
 OBJDUMP = {"m0": "arm-none-eabi-objdump", "rv32": "riscv64-unknown-elf-objdump"}
 TRACE = re.compile(rb"\[[0-9a-f]{8}/([0-9a-f]{8})/")
@@ -61,17 +62,11 @@ def disassembly(board):
 
 def trace(board, image, bootstrap, timeout):
     """(Counter of addresses executed, Counter of addresses left out of sequence)."""
-    spec = mb.BOARDS[board]
     counts = Counter()
     jumps = Counter()
     with tempfile.TemporaryDirectory() as tmp:
         fifo = os.path.join(tmp, "trace")
         os.mkfifo(fifo)
-        cmd = (spec["qemu"] + mb.QEMU_COMMON + ["-singlestep", "-d", "exec,nochain", "-D", fifo,
-               "-device", "loader,file=%s,addr=0x%x,force-raw=on" % (image, spec["chip"]),
-               "-kernel", os.path.join(mb.BUILD, board, "firmware.elf")])
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
 
         def reader():
             prev = None
@@ -95,29 +90,17 @@ def trace(board, image, bootstrap, timeout):
 
         t = threading.Thread(target=reader, daemon=True)
         t.start()
-        g = _Guest(proc)
+        g = qemu.Guest(board, image, ["-singlestep", "-d", "exec,nochain", "-D", fifo])
         deadline = time.monotonic() + timeout
         try:
-            g.read_until(b">>> ", deadline)
-            g.send(b"\x01")
-            g.read_until(b"raw REPL; CTRL-B to exit\r\n>", deadline)
-            g.send(bootstrap.encode() + b"\x04")
-            g.read_until(b"OK", deadline)
-            text = g.read_until(b"\x04>", deadline).decode(errors="replace")
+            text = g.run(bootstrap, deadline)
         finally:
-            proc.kill()
-            proc.wait()
+            g.close()
         t.join(60)
     out, _, err = text.partition("\x04")
     if err.strip("\x04> \r\n"):
         raise SystemExit("the scenario failed:\n" + out[-2000:] + err)
     return counts, jumps
-
-
-class _Guest(mb.Guest):
-    def __init__(self, proc):  # noqa: D107 (the process is started by trace())
-        self.proc = proc
-        self.buf = b""
 
 
 def classify_m0(mn, ops):
@@ -232,7 +215,7 @@ def main():
     if info is None:
         raise SystemExit("mcu_mix: no build/mcu/%s (make mcu MPY_DIR=...)" % a.board)
     params = json.loads(a.params)
-    chip = mb.BOARDS[a.board]["chip"]
+    chip = mb.BOARDS[a.board]["chip"][0]
     disk = chip + mb.ROMFS_SIZE
     params.update(ram_disk=[disk, mb.RAM_DISK], scratch=[disk + mb.RAM_DISK, mb.SCRATCH],
                   peer_dir="/rom/b", lfs=mb.LFS[a.board])

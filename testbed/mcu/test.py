@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -39,35 +38,17 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # run as a script (make test-mcu), only testbed/mcu is on the path
+
+from testbed.mcu import qemu  # noqa: E402
+from testbed.mcu.qemu import BOARDS, BUILD, MIB, ROMFS_SIZE, build_info  # noqa: E402
+
 HERE = os.path.join(ROOT, "testbed", "mcu")
-BUILD = os.path.join(ROOT, "build", "mcu")
 TESTS = os.path.join(ROOT, "tests", "mpy")
 
-MIB = 1 << 20
-# The emulated machines. The flash chip (testbed/mcu/guest/mcuflash.py) is RAM that QEMU
-# gives the machine beyond what the firmware is linked for: the nRF51's SRAM made 16 MiB
-# (the firmware uses its first 256 KiB), the virt board's 128 MiB default (the firmware
-# uses 0x80000000-0x80A10000).
-BOARDS = {
-    "m0": {
-        "qemu": ["qemu-system-arm", "-machine", "microbit",
-                 "-global", "nrf51-soc.flash-size=1048576",
-                 "-global", "nrf51-soc.sram-size=%d" % (16 * MIB)],
-        "package": "qemu-system-arm",
-        "chip": (0x20100000, 15 * MIB),
-    },
-    "rv32": {
-        # QEMU 7.2 refuses the port's own `-cpu rv32,zcd=off,zcmp=on` (it has no Zcmp).
-        "qemu": ["qemu-system-riscv32", "-machine", "virt", "-bios", "none", "-cpu", "rv32"],
-        "package": "qemu-system-misc",
-        "chip": (0x81000000, 15 * MIB),
-    },
-}
-QEMU_COMMON = ["-semihosting", "-nographic", "-monitor", "none", "-serial", "stdio",
-               "-icount", "shift=0,sleep=off"]
-# The chip's layout: the tests' files (ROMFS, made here), the root filesystem (littlefs2,
-# made by the guest at boot: /tmp and the flash images' files), then the flash images.
-ROMFS_SIZE = 2 * MIB
+# The chip's layout (testbed/mcu/qemu.py; the flash chip of testbed/mcu/guest/mcuflash.py):
+# the tests' files (ROMFS, made here), the root filesystem (littlefs2, made by the guest at
+# boot: /tmp and the flash images' files), then the flash images.
 ROOTFS_SIZE = 1 * MIB
 
 # Tests a bare-metal board here cannot run, each with the reason printed for it.
@@ -145,15 +126,6 @@ def fingerprint():
     return h.hexdigest()[:16]
 
 
-def build_info(board):
-    """BUILD-INFO.json of build/mcu/BOARD, or None without a firmware.elf."""
-    path = os.path.join(BUILD, board, "BUILD-INFO.json")
-    if not (os.path.exists(os.path.join(BUILD, board, "firmware.elf")) and os.path.exists(path)):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def check(boards, allow_stale):
     """None when these boards can run, else why not."""
     fp = fingerprint()
@@ -202,6 +174,9 @@ def stage(tmp):
     for name in sorted(os.listdir(os.path.join(HERE, "guest"))):
         if name.endswith(".py"):
             compile_to("testbed/mcu/guest/" + name, "m/" + name[:-3] + ".mpy")
+    # The loader's flash module, whose block device the guest's unixflash.py builds on; not
+    # under its own name, which the guest's takes.
+    compile_to("unixflash.py", "m/_unixflash.mpy")
     for _full, mod, src in ALIASES:
         compile_to(src, "m/%s.mpy" % mod)
     for name in sorted(os.listdir(TESTS)):
@@ -221,53 +196,8 @@ def stage(tmp):
     return tree
 
 
-def _varuint(n, width=0):
-    out = [n & 0x7F]
-    n >>= 7
-    while n:
-        out.insert(0, 0x80 | (n & 0x7F))
-        n >>= 7
-    return bytes([0x80] * max(0, width - len(out)) + out)  # 0x80s in front: same value
-
-
-def _record(kind, payload):
-    return _varuint(kind) + _varuint(len(payload)) + payload
-
-
-def romfs(tree):
-    """A ROMFS image (the format described in MicroPython's extmod/vfs_rom.c) of a
-    directory tree: records of a varuint kind and a varuint length; a directory (4) and a
-    file (5) hold their name's length and name, then a directory its entries and a file its
-    data as one verbatim data record (2); the whole is a record of kind 0x14a6b1."""
-    def entries(path):
-        out = b""
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            head = _varuint(len(name)) + name.encode()
-            if os.path.isdir(full):
-                out += _record(4, head + entries(full))
-            else:
-                with open(full, "rb") as f:
-                    out += _record(5, head + _record(2, f.read()))
-        return out
-
-    body = entries(tree)
-    kind = b"\xd2\xcd\x31"  # 0x14a6b1, "RM1"
-    size = _varuint(len(body))
-    if (len(kind) + len(size) + len(body)) % 2:  # an image's size must be even
-        size = _varuint(len(body), len(size) + 1)
-    return kind + size + body
-
-
 def make_image(tmp):
-    data = romfs(stage(tmp))
-    if len(data) > ROMFS_SIZE:
-        raise SystemExit("test-mcu: the guest's files take %d bytes, more than ROMFS_SIZE"
-                         % len(data))
-    image = os.path.join(tmp, "romfs.img")
-    with open(image, "wb") as f:
-        f.write(data)
-    return image
+    return qemu.make_image(tmp, stage(tmp), "test-mcu")
 
 
 # ---- a boot of one board -------------------------------------------------------------------
@@ -294,43 +224,16 @@ _LIVE = set()  # the QEMU processes running, for an interrupted run to end them
 _LIVE_LOCK = threading.Lock()
 
 
-class Guest:
-    """A QEMU process of one board with the ROMFS image loaded, its UART on our pipes."""
+class Guest(qemu.Guest):
+    """qemu.Guest, in _LIVE while it runs."""
 
     def __init__(self, board, image):
-        spec = BOARDS[board]
-        cmd = (spec["qemu"] + QEMU_COMMON +
-               ["-device", "loader,file=%s,addr=0x%x,force-raw=on" % (image, spec["chip"][0]),
-                "-kernel", os.path.join(BUILD, board, "firmware.elf")])
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        super().__init__(board, image)
         with _LIVE_LOCK:
             _LIVE.add(self.proc)
-        self.buf = b""
-
-    def read_until(self, token, deadline):
-        while token not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(self.buf[-3000:].decode(errors="replace"))
-            r, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
-            if r:
-                data = os.read(self.proc.stdout.fileno(), 65536)
-                if not data:
-                    raise EOFError(self.buf[-3000:].decode(errors="replace"))
-                self.buf += data
-        i = self.buf.index(token) + len(token)
-        out, self.buf = self.buf[:i], self.buf[i:]
-        return out
-
-    def send(self, data):
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        super().close()
         with _LIVE_LOCK:
             _LIVE.discard(self.proc)
 
@@ -343,12 +246,7 @@ def run_code(board, image, code, timeout):
     g = Guest(board, image)
     out, err = "", None
     try:
-        g.read_until(b">>> ", deadline)
-        g.send(b"\x01")
-        g.read_until(b"raw REPL; CTRL-B to exit\r\n>", deadline)
-        g.send(code.encode() + b"\x04")
-        g.read_until(b"OK", deadline)
-        text = g.read_until(b"\x04>", deadline).decode(errors="replace")
+        text = g.run(code, deadline)
         out, _, err = text[:-2].partition("\x04")
         err = err.rstrip("\x04").strip() or None
     except TimeoutError as e:

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from testbed.devices import ROOT
+from testbed.mcu import qemu
 from testbed.mcu import test as mcu
 from tools.venv import venv_tool
 
@@ -58,7 +59,7 @@ def test_romfs_image_reads_back_in_micropython(tmp_path):
     (tree / "big.bin").write_bytes(bytes(range(256)) * 1000)  # a length of 3 varuint bytes
     (tree / "odd").write_bytes(b"1")
     image = tmp_path / "rom.img"
-    image.write_bytes(mcu.romfs(str(tree)))
+    image.write_bytes(qemu.romfs(str(tree)))
     assert image.stat().st_size % 2 == 0
     probe = ("import vfs, os\n"
              "vfs.mount(vfs.VfsRom(open(%r, 'rb').read()), '/rom')\n"
