@@ -98,7 +98,8 @@ def twin_figures(reps):
     from firmware.twin import Twin
 
     t = Twin(["all", "pumps", "device"], {"telemetry_interval": 60}, APP_SETTINGS)
-    texts = [layer(v) for v in range(1, reps + 4)]
+    # The first offer, then per_op's 2 warm-ups, its 1 sizing call and up to reps timed ones.
+    texts = [layer(v) for v in range(1, reps + 5)]
     it = iter(texts)
     changed = t.offer("device", next(it))
     if not changed or t.rejected:
