@@ -62,8 +62,11 @@ def test_sensors_that_raise_hang_or_return_garbage_are_counted_and_left_out(
     assert all(v % 3 for v in flaky if v is not None), flaky
     # `slow` is sampled on its own schedule; its last value rides along.
     assert [m for m in tel[2:] if m.get("slow") == 7]
-    app = _health(observer, "s1", lambda a: a["sensors"]["stuck"]["timeouts"] >= 2,
-                  "health with the stuck sensor's timeouts")
+    # A report from after flaky's third read (reads counts those that returned): one from
+    # between the second and third ticks has the stuck sensor's two timeouts and no error yet.
+    app = _health(observer, "s1", lambda a: a["sensors"]["stuck"]["timeouts"] >= 2
+                  and a["sensors"]["flaky"]["reads"] >= 3,
+                  "health with the stuck sensor's timeouts, after flaky's third read")
     s = app["sensors"]
     assert s["flaky"]["errors"] >= 1 and "bus error" in s["flaky"]["last_error"]
     assert s["garbage"]["errors"] >= 1 and "list" in s["garbage"]["last_error"]
