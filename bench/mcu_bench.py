@@ -88,7 +88,9 @@ from testbed.mcu.qemu import BOARDS, BUILD, ROMFS_SIZE, build_info  # noqa: E402
 
 HERE = os.path.join(ROOT, "bench", "mcu")
 MARK = "@@MCU "
-GUEST_FILES = ("rig", "pure", "device", "peers")
+# The guest's modules, as paths under bench/ (the verify's test vector is shared with the
+# Unix port's ota_verify.py).
+GUEST_FILES = ("mcu/rig", "mcu/pure", "mcu/device", "mcu/peers", "p256_vector")
 # Target clocks and the cycles per instruction assumed, from the instruction mix that
 # bench/mcu_mix.py traces (the device scenario, shortened; 161M and 118M instructions):
 #   m0:   57% ALU, 16% loads, 3% stores, 2% LDM/STM/PUSH/POP (3.7 registers each), 15%
@@ -217,10 +219,10 @@ def stage(tmp, mpy_cross, peers, loop_src=None):
                     "SRC = %r\n" % loop_src)
         subprocess.run([mpy_cross, "-o", os.path.join(b, "warploop.mpy"), "-s",
                         "warploop.py", path], check=True)
-    for name in GUEST_FILES:
-        subprocess.run([mpy_cross, "-o", os.path.join(b, name + ".mpy"), "-s",
-                        "bench/mcu/%s.py" % name, "bench/mcu/%s.py" % name],
-                       cwd=ROOT, check=True)
+    for path in GUEST_FILES:
+        src = "bench/%s.py" % path
+        subprocess.run([mpy_cross, "-o", os.path.join(b, path.split("/")[-1] + ".mpy"), "-s",
+                        src, src], cwd=ROOT, check=True)
     for name, (src, _rev) in peers.items():
         mod = PEERS[name][2]
         path = os.path.join(tmp, mod + ".py")
