@@ -25,6 +25,14 @@ _LEVELS = "DIWE"  # debug, info, warn, error: log lines carry the letter
 _BIRTH = "birth"  # the birth message's token: its PUBACK is noted, not the outbox's
 
 
+def _forget_loader():
+    """Drop the loader's module (otaboot), as main.py does, unless a trial's deadline lives
+    in it until the new version confirms itself."""
+    ob = sys.modules.get("otaboot")
+    if ob is not None and not ob.deadline_armed():
+        forget("otaboot")
+
+
 class Device:
     def __init__(self, board, config_retry_s=CONFIG_RETRY_S):
         self.board = board
@@ -68,8 +76,6 @@ class Device:
     async def load_config(self):
         """Bootstrap config, waiting for a valid one: a missing or bad file is logged once
         (and again only if the error changes), then re-read every config_retry_s."""
-        # The loader's module stays loaded only while a trial's deadline needs it (main.py).
-        loader = "otaboot" in sys.modules
         from firmware import bootconfig  # boot-only code: dropped again below
 
         last = None
@@ -80,8 +86,7 @@ class Device:
                 # 8 KB of bytecode (64-bit port) that the rest of the boot has no use for.
                 forget("firmware.bootconfig")
                 forget("firmware.tlsctx")
-                if not loader:
-                    forget("otaboot")  # bootconfig's, for one check: 1.2 KB held
+                _forget_loader()  # bootconfig imported it for one check: 1.2 KB held
                 return cfg
             except ValueError as e:  # bootconfig.ConfigError
                 if str(e) != last:
@@ -473,9 +478,7 @@ class Device:
         self.ota = None
         for m in ("firmware.ota", "firmware.otahttp", "firmware.otacheck"):
             forget(m)
-        ob = sys.modules.get("otaboot")
-        if ob is not None and not ob.deadline_armed():
-            forget("otaboot")
+        _forget_loader()
 
     async def _publish_ota(self, text):
         # Never waits for a connection (a version on trial that cannot connect must still
