@@ -3,6 +3,24 @@ import os
 import sys
 
 
+def run_test(fn):
+    """Run one test function, a coroutine one on a fresh loop: (passed, traceback text).
+    The runners' shared step (runner.py on the Unix port, testbed/mcu/guest/mcurun.py)."""
+    import asyncio
+    import io
+
+    try:
+        r = fn()
+        if r is not None and hasattr(r, "send"):
+            asyncio.run(r)
+            asyncio.new_event_loop()
+    except Exception as e:
+        buf = io.StringIO()
+        sys.print_exception(e, buf)
+        return False, buf.getvalue()
+    return True, ""
+
+
 def raises(exc, fn, *args):
     try:
         fn(*args)

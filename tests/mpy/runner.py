@@ -1,6 +1,5 @@
 # Runs one MicroPython test module inside the Unix port: every test_* function, each result
 # printed as one "@@MPY {json}" line with the traceback on failure. async tests get a loop.
-import io
 import json
 import sys
 
@@ -13,25 +12,12 @@ sys.path.append(root + "/tests/mpy")
 name = path.rsplit("/", 1)[-1][:-3]
 mod = __import__(name)
 
-import asyncio
+import mpyutil
 
 for fn_name in sorted(dir(mod)):
     if not fn_name.startswith("test_"):
         continue
-    fn = getattr(mod, fn_name)
-    ok, tb = True, ""
-    try:
-        r = fn()
-        if r is not None and hasattr(r, "send"):
-            asyncio.run(r)
-            asyncio.new_event_loop()
-    except Exception as e:
-        ok = False
-        buf = io.StringIO()
-        sys.print_exception(e, buf)
-        tb = buf.getvalue()
+    ok, tb = mpyutil.run_test(getattr(mod, fn_name))
     print("@@MPY " + json.dumps({"name": fn_name, "ok": ok, "tb": tb}))
-
-import mpyutil
 
 mpyutil.cleanup()

@@ -81,7 +81,7 @@ def main(name, aliases, skips, getenv=False, only=None):
         sys.print_exception(e, buf)
         print("@@MCU-IMPORT " + json.dumps({"tb": buf.getvalue()}))
         return
-    import asyncio
+    import asyncio  # noqa: F401  (before the heap figure below: every async test needs it)
     import mpyutil
 
     gc.collect()
@@ -92,21 +92,9 @@ def main(name, aliases, skips, getenv=False, only=None):
         if fn_name in skips:
             _emit({"name": fn_name, "skip": skips[fn_name]})
             continue
-        fn = getattr(mod, fn_name)
-        ok, tb = True, ""
         t0 = time.ticks_ms()
-        try:
-            r = fn()
-            if r is not None and hasattr(r, "send"):
-                asyncio.run(r)
-                asyncio.new_event_loop()
-        except Exception as e:
-            ok = False
-            buf = io.StringIO()
-            sys.print_exception(e, buf)
-            tb = buf.getvalue()
+        ok, tb = mpyutil.run_test(getattr(mod, fn_name))
         ms = time.ticks_diff(time.ticks_ms(), t0)
-        r = None
         _cleanup(mpyutil)
         gc.collect()
         _emit({"name": fn_name, "ok": ok, "tb": tb, "free": gc.mem_free(), "ms": ms})
