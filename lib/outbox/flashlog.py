@@ -1,5 +1,5 @@
 # Flash tier of the outbox: an append-only log of segment files on a littlefs filesystem
-# (/outbox/00000001.q, ...), oldest first. Records (record.py) are appended in batches, so a
+# (/outbox.d/00000001.q, ...), oldest first. Records (record.py) are appended in batches, so a
 # batch costs whole-block writes rather than a rewrite per message; a segment file is removed
 # once every record in it was consumed. Appends made after a recovery start a new segment, so
 # a torn tail left by a power cut is never written behind.
@@ -11,6 +11,11 @@ from micropython import const
 from outbox import record
 
 _NAME_DIGITS = const(8)
+# Not a name Python can import: a board's sys.path starts with '' (the root of its flash),
+# so a directory /outbox there was taken for the package `outbox` (as a namespace package)
+# and the firmware's next boot failed with "no module named 'outbox.outbox'".
+DIRECTORY = "/outbox.d"
+_LEGACY = "/outbox"  # where earlier versions kept the queue; moved on first use
 
 
 def _name(directory, num):
@@ -33,7 +38,7 @@ class Segment:
 
 
 class FlashLog:
-    def __init__(self, fs, capacity=262144, segment=32768, directory="/outbox",
+    def __init__(self, fs, capacity=262144, segment=32768, directory=DIRECTORY,
                  max_record=1024):
         self.fs = fs
         self.capacity = capacity
@@ -50,16 +55,31 @@ class FlashLog:
 
     # ---- recovery ------------------------------------------------------------------
 
+    def _names(self, directory):
+        """The segment files of a directory, sorted; None if there is no such directory."""
+        try:
+            return sorted(e[0] for e in self.fs.ilistdir(directory) if e[0].endswith(".q"))
+        except OSError:
+            return None
+
     def recover(self):
         """Rebuild the index from the files on flash; returns the number of records."""
         self.segs = []
         self.count = self.nbytes = self.corrupt = self.head = 0
         self._fresh = True
-        try:
-            names = sorted(e[0] for e in self.fs.ilistdir(self.dir) if e[0].endswith(".q"))
-        except OSError:
-            self.fs.mkdir(self.dir)
-            names = []
+        names = self._names(self.dir)
+        if names is None:
+            old = self._names(_LEGACY) if self.dir == DIRECTORY else None
+            if old:
+                self.fs.rename(_LEGACY, self.dir)  # an earlier version's queue, kept
+            else:
+                if old is not None:
+                    try:
+                        self.fs.rmdir(_LEGACY)  # drained; it would shadow the package
+                    except OSError:
+                        pass
+                self.fs.mkdir(self.dir)
+            names = self._names(self.dir) or []
         for name in names:
             try:
                 num = int(name[:-2])

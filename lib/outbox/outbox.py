@@ -9,7 +9,7 @@
 # Overflow drops the oldest records (or, with overflow="newest", refuses the new one); every
 # drop is counted with the (boot, seq) range it removed.
 from outbox import record
-from outbox.flashlog import FlashLog
+from outbox.flashlog import DIRECTORY, FlashLog
 from outbox.ring import Ring
 
 _RETRY_FLASH_MS = 60000
@@ -19,7 +19,7 @@ _MAX_RANGES = 8
 class Outbox:
     def __init__(self, fs=None, ram_bytes=4096, flash_bytes=262144, segment=32768,
                  policy="offline", overflow="oldest", spill_ms=1000, ticks_ms=None,
-                 ticks_diff=None, log=None, directory="/outbox", topic=b"", block=4096,
+                 ticks_diff=None, log=None, directory=DIRECTORY, topic=b"", block=4096,
                  max_record=1024):
         if policy not in ("offline", "always") or overflow not in ("oldest", "newest"):
             raise ValueError("policy is offline|always, overflow is oldest|newest")

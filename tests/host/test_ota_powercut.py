@@ -26,7 +26,7 @@ from unixflash import open_flash
 
 URL, SHA, PUB, IMG = %(url)r, %(sha)r, %(pub)r, %(img)r
 KEEP = {"/boot.json": '{"boot": 7}', "/config-cache.json": '{"layers": {}}',
-        "/outbox/seg0": "x" * 3000}
+        "/outbox.d/seg0": "x" * 3000}
 
 
 def fresh():
@@ -35,7 +35,7 @@ def fresh():
     except OSError:
         pass
     bdev, fs = open_flash(IMG, 1 << 20)
-    fs.mkdir("/outbox")
+    fs.mkdir("/outbox.d")
     for p, t in KEEP.items():
         with fs.open(p, "w") as f:
             f.write(t)

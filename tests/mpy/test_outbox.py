@@ -143,7 +143,7 @@ def _damaged_segment(tag, damage):
     log.recover()
     keys = [(1, i) for i in range(1, 11)]
     assert log.append(_batch(keys), 10, keys[0], keys[-1])
-    name = "/outbox/00000001.q"
+    name = "/outbox.d/00000001.q"
     with fs.open(name, "rb") as f:
         data = bytearray(f.read())
     damage(data)
@@ -324,7 +324,7 @@ def test_outbox_spills_when_the_link_stalls_and_survives_a_reboot():
     ob2, _ = _outbox(fs2, ram_bytes=2048, flash_bytes=65536, segment=8192)
     assert ob2.stats["recovered"] == 10
     assert _deliver(ob2) == [(1, s) for s in range(1, 11)]  # in flight ones again: at least once
-    assert ob2.flash.count == 0 and not list(fs2.ilistdir("/outbox"))
+    assert ob2.flash.count == 0 and not list(fs2.ilistdir("/outbox.d"))
 
 
 def test_records_waiting_behind_a_backlog_spill_although_acks_flow():
@@ -483,8 +483,28 @@ def test_a_segment_in_another_format_is_skipped_and_counted():
     ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
     assert ob.stats["recovered"] == 2 and ob.stats["corrupt"] >= 1
     assert _deliver(ob) == [(3, 1), (3, 2)]
-    names = [e[0] for e in fs.ilistdir("/outbox")]
+    names = [e[0] for e in fs.ilistdir("/outbox.d")]
     assert "00000001.q" not in names, "a segment with nothing valid is removed"
+
+
+def test_the_queue_of_an_earlier_version_in_slash_outbox_is_moved_not_lost():
+    # /outbox at the root of a board's flash shadowed the package `outbox` (sys.path starts
+    # with the root): the queue lives in /outbox.d, and an earlier version's is moved there.
+    path = fresh_image("legacy")
+    bdev, fs = _mount(path)
+    fs.mkdir("/outbox")
+    with fs.open("/outbox/00000001.q", "wb") as f:
+        f.write(_batch([(2, 1), (2, 2), (2, 3)]))
+    ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
+    names = [e[0] for e in fs.ilistdir("/")]
+    assert "outbox" not in names and "outbox.d" in names
+    assert ob.stats["recovered"] == 3 and _deliver(ob) == [(2, 1), (2, 2), (2, 3)]
+    # A drained one (its segments all consumed) is only removed.
+    bdev, fs = _mount(fresh_image("legacy2"))
+    fs.mkdir("/outbox")
+    ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
+    names = [e[0] for e in fs.ilistdir("/")]
+    assert "outbox" not in names and "outbox.d" in names and ob.stats["recovered"] == 0
 
 
 def _outbox_traffic(fs, bdev, clock):
