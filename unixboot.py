@@ -7,17 +7,84 @@
 #
 # ROOT holds boot.py and main.py (the checkout, build/, or a frozen build's copy of them);
 # it takes the place of this file's directory on sys.path, as / is a board's first entry.
+#
+#   micropython -i unixboot.py --pty FLASH raw|friendly [board arguments...]
+#
+# A board on a pseudo-terminal (tools/ptyboard.py starts it, one process per boot): FLASH
+# (a littlefs image, or a directory) becomes the root filesystem, as a board's flash is, so
+# what mpremote copies to / is what boot.py, main.py and the firmware find there. `raw`: the
+# host soft-reset the board from the raw REPL, after which a board runs boot.py and not
+# main.py. -i leaves the REPL on the terminal afterwards, as a board's is.
 import sys
 
 
 def _start():
     root = sys.argv.pop(1)
+    if root == "--pty":
+        _pty_board()
+        return
     sys.path[0] = root
     g = globals()
     for name in ("boot.py", "main.py"):
         with open(root + "/" + name) as f:
             code = compile(f.read(), name, "exec")
         exec(code, g)
+
+
+class _Machine:
+    """The machine module with the reset the Unix port lacks: the process ends with the
+    reset's exit code (firmware/boards/unix.py RESET_EXIT) and tools/ptyboard.py powers the
+    board up again, as a board's reset does."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def reset(self):
+        raise SystemExit(75)
+
+
+def _pty_board():
+    import os
+
+    import machine
+    import unixflash
+    import vfs
+
+    flash = sys.argv.pop(1)
+    raw = sys.argv.pop(1) == "raw"
+    sys.modules["machine"] = _Machine(machine)
+    try:
+        fs = vfs.VfsPosix(flash) if os.stat(flash)[0] & 0x4000 else None
+    except OSError:
+        fs = None
+    if fs is None:
+        fs = unixflash.open_flash(flash)[1]
+    # unixflash stays imported: the board layer takes its block device from it.
+    vfs.umount("/")
+    vfs.mount(fs, "/")
+    os.chdir("/")
+    sys.path[:] = ["", ".frozen", "/lib"]
+    g = globals()
+    for name in ("boot.py",) if raw else ("boot.py", "main.py"):
+        try:
+            with open(name) as f:
+                code = compile(f.read(), name, "exec")
+        except OSError:
+            continue  # a board without main.py goes on to the REPL
+        try:
+            exec(code, g)
+        except SystemExit as e:
+            # A reset (or soft reset) from boot.py or main.py: -i would fall into the REPL
+            # instead of ending. The shell's parent is this process: the signal tells
+            # ptyboard which reset it was.
+            os.system("kill -%s $PPID" % ("USR1" if e.args and e.args[0] == 75 else "TERM"))
+        except BaseException as e:  # noqa: BLE001
+            # As a board: the traceback, and a failing boot.py means no main.py.
+            sys.print_exception(e)
+            break
 
 
 if __name__ == "__main__":

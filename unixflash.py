@@ -9,6 +9,9 @@ from micropython import const
 _BLOCK = const(4096)
 DEFAULT_FLASH = const(1048576)
 MOUNT = "/flash"
+# `--flash /`: the flash is the mounted root filesystem already, as on a board (the board on
+# a pty, tools/ptyboard.py).
+ROOT = "/"
 
 
 class FileBlockDevice:
@@ -79,13 +82,18 @@ def open_flash(path, size=DEFAULT_FLASH, opened=None):
     return bdev, fs
 
 
+def flashes(argv):
+    """The --flash values of a board command line."""
+    return [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--flash"]
+
+
 def mount_single(argv):
     """The loader's view of the command line: with exactly one --flash, that image opened
     and mounted at MOUNT, returned as {path: (bdev, fs)}; with several boards in one process
     (a fleet simulation) nothing is mounted: their modules are shared, so they all run the
     factory image and cannot be updated."""
-    images = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--flash"]
-    if len(images) != 1:
+    images = flashes(argv)
+    if len(images) != 1 or images[0] == ROOT:
         return {}
     size = DEFAULT_FLASH
     for i in range(len(argv) - 1):

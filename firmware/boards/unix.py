@@ -14,7 +14,8 @@ from micropython import const
 
 from firmware.boards.base import BaseBoard
 from firmware.clock import EmulatedTicks
-from unixflash import DEFAULT_FLASH, MOUNT, FileBlockDevice, open_flash  # noqa: F401
+from otaboot import RootFs
+from unixflash import DEFAULT_FLASH, MOUNT, ROOT, FileBlockDevice, open_flash  # noqa: F401
 # A board's ticks wrap every 12.4 days; the emulated ones start this close to a wrap, so
 # every run longer than a minute crosses one.
 TICKS_BEFORE_WRAP_MS = const(60000)
@@ -142,7 +143,13 @@ class Board(BaseBoard):
 
     def __init__(self, flash_path, flash_size=DEFAULT_FLASH, label=None, opened=None):
         self.flash_path = flash_path
-        self.bdev, self.fs = open_flash(flash_path, flash_size, opened)
+        if flash_path == ROOT:
+            # The flash is the root filesystem (the board on a pty): as on a board, a slot
+            # imports from /ota/a and the application from /app.
+            self.bdev, self.fs = None, RootFs()
+            self.ota_root = ""
+        else:
+            self.bdev, self.fs = open_flash(flash_path, flash_size, opened)
         # Where the loader mounted this flash (a lone board): its slots can be imported, so
         # it can be updated over the air.
         if opened and flash_path in opened:
@@ -243,7 +250,13 @@ class Board(BaseBoard):
                 pass
         d = getattr(self, "app_dir", None)
         if d is None:
-            return False
+            if self.ota_root != "":
+                return False
+            try:
+                os.stat("/app")  # on the root filesystem, first on sys.path as ''
+                return True
+            except OSError:
+                return False
         sys.path.insert(0, d)  # holds only `app`: shadows nothing else
         return True
 
