@@ -212,26 +212,30 @@ def _runner(text):
     return False
 
 
+def _reset_in(ms):
+    """A one-shot timer that resets the board in `ms`, or None where there is none. A soft
+    reset (the host's mpremote) stops it, as it stops every timer."""
+    if sys.platform == "linux":
+        return _runner("deadline %d" % ms) or None
+    import machine
+
+    # A soft one-shot timer: its callback runs between bytecodes, where a reset is safe.
+    # ESP32: a hardware timer, soft by default; RP2: a virtual one, hard unless told.
+    reset = lambda _: machine.reset()  # noqa: E731
+    if sys.platform == "esp32":
+        t = machine.Timer(0)
+        t.init(mode=machine.Timer.ONE_SHOT, period=ms, callback=reset)
+    else:
+        t = machine.Timer()
+        t.init(mode=machine.Timer.ONE_SHOT, period=ms, callback=reset, hard=False)
+    return t
+
+
 def arm_deadline(s):
     """Reset the board in `s` seconds unless confirm() comes first: a release whose own
     update code never confirms nor rolls back still uses up its boots."""
     global _deadline
-    ms = int(s * 1000)
-    if sys.platform == "linux":
-        _deadline = _runner("deadline %d" % ms) or None
-    else:
-        import machine
-
-        # A soft one-shot timer: its callback runs between bytecodes, where a reset is safe.
-        # ESP32: a hardware timer, soft by default; RP2: a virtual one, hard unless told.
-        reset = lambda _: machine.reset()  # noqa: E731
-        if sys.platform == "esp32":
-            t = machine.Timer(0)
-            t.init(mode=machine.Timer.ONE_SHOT, period=ms, callback=reset)
-        else:
-            t = machine.Timer()
-            t.init(mode=machine.Timer.ONE_SHOT, period=ms, callback=reset, hard=False)
-        _deadline = t
+    _deadline = _reset_in(int(s * 1000))
     return _deadline is not None
 
 
@@ -318,6 +322,17 @@ def _forget_shadowed(d):
             del sys.modules[m]
 
 
+def _move_queue(fs):
+    """Earlier versions kept the telemetry queue in /outbox, which at the root of a board's
+    flash (first on sys.path) is taken for the package `outbox`: no firmware imported after
+    it. Moved to where the queue lives now (lib/outbox/flashlog.py DIRECTORY) before
+    anything imports it."""
+    try:
+        fs.rename("/outbox", "/outbox.d")
+    except OSError:
+        pass  # none (or both: then the newer one stays)
+
+
 def load():
     """The loader: the active slot ahead of everything on sys.path, and a slot on trial
     under its deadline. Returns what the board layer needs of it ({image path: (bdev, fs)}
@@ -330,13 +345,18 @@ def load():
             import unixflash
 
             opened = unixflash.mount_single(sys.argv[1:])
-            if not opened:
+            if opened:
+                root = unixflash.MOUNT
+                fs = list(opened.values())[0][1]
+            elif unixflash.ROOT in unixflash.flashes(sys.argv[1:]):
+                root = ""
+                fs = RootFs()
+            else:
                 return opened
-            root = unixflash.MOUNT
-            fs = list(opened.values())[0][1]
         else:
             root = ""
             fs = RootFs()
+        _move_queue(fs)
         slot = boot(fs)
         if slot is not None:
             d = root + slot_dir(slot)
@@ -357,11 +377,89 @@ def load():
     return opened
 
 
+# ---- a deploy over USB (tools/deploy.py) ------------------------------------------------
+# A watchdog once armed cannot be stopped, and it keeps running through the soft reset that
+# starts every mpremote command: a deploy to a running board would be reset halfway (8.4 s
+# on an RP2040). So a deploy writes HOLD and resets the board, which stops the watchdog;
+# while HOLD is there boot.py arms none, and the first boot after the reset stays in the
+# REPL, firmware not started, for the deploy's commands. The deploy's files go to STAGE and
+# are moved into place by finish_deploy() once all are there, so a deploy cut short leaves
+# the board with its old code and identity.
+HOLD = "/deploy.hold"
+STAGE = "/deploy.new"
+# A hold nobody uses (the deploy died right after its reset) ends with a reset after this.
+HOLD_MS = 600000
+
+
+def finish_deploy(stage=STAGE, root=""):
+    """Move a deploy's staged files into place (under `root`, the flash's root) once its
+    commit began (stage/.commit is there); the deploy's own commit runs this
+    (tools/deploy.py sends its source), and the loader runs it at every boot, so a commit
+    cut short by a power loss completes. Returns how many files moved. Self-contained: it
+    runs on a board whose loader is older."""
+    import os
+
+    try:
+        os.stat(stage + "/.commit")
+    except OSError:
+        return 0
+    moved = 0
+    dirs = []
+    todo = [""]
+    while todo:
+        rel = todo.pop()
+        for e in list(os.ilistdir(stage + rel)):
+            path = rel + "/" + e[0]
+            if e[1] == 0x4000:
+                todo.append(path)
+                dirs.append(stage + path)
+                try:
+                    os.mkdir(root + path)
+                except OSError:
+                    pass  # there already
+            elif path != "/.commit":
+                os.rename(stage + path, root + path)  # replaces the old file at once
+                moved += 1
+    for d in reversed(dirs):
+        os.rmdir(d)
+    os.remove(stage + "/.commit")
+    os.rmdir(stage)
+    return moved
+
+
+def _hold_state():
+    try:
+        with open(HOLD) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def held():
+    """main.py: whether a deploy holds the board (its firmware is then not started). The
+    first boot after the deploy's reset holds; a hold found at any later boot that runs
+    main.py is one the deploy never finished: it is removed and the board boots."""
+    state = _hold_state()
+    if state is None:
+        return False
+    if state == "new":
+        with open(HOLD, "w") as f:
+            f.write("held")
+        _reset_in(HOLD_MS)
+        print("I loader: held for a deploy (no watchdog, firmware not started)")
+        return True
+    os.remove(HOLD)
+    print("W loader: a deploy did not finish; its hold is removed, the firmware starts")
+    early_watchdog()
+    return False
+
+
 def early_watchdog():
     """boot.py: the watchdog at the chip's longest timeout before anything else can hang
-    (the application sets the configured one). On Unix the runner plays the watchdog."""
+    (the application sets the configured one), unless a deploy holds the board. On Unix the
+    runner plays the watchdog."""
     ms = WDT_MAX_MS.get(sys.platform)
-    if ms:
+    if ms and _hold_state() is None:
         import machine
 
         machine.WDT(timeout=ms)

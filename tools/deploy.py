@@ -26,11 +26,19 @@ comes last and shadows nothing, but its copies are this deploy's own, outdated, 
 flash. Only the top-level names this build has are removed, nothing else in /lib.
 
 Safe by default:
+- A deploy that changes anything holds the board first (otaboot.py, "a deploy over USB"):
+  it writes /deploy.hold and resets the board, which stops a running watchdog; boot.py
+  arms none while the hold is there and the firmware is not started. Files are copied to
+  /deploy.new/ and moved into place by one commit (otaboot.finish_deploy, which the loader
+  also completes at boot after a power loss), so a deploy cut short leaves the old code and
+  identity.
 - The board is asked first (one mpremote `exec`) for the device id of its /config.json and
   the SHA-256 of every file the deploy would write. A board that already is another device
   is refused unless --force: replacing an identity takes the other device's place on the
   broker (same client id) and its data.
-- Only files whose hash differs are copied, so a second deploy copies what changed.
+- Only files whose hash differs are copied, so a second deploy copies what changed; the
+  copies are chained into one mpremote command (one soft reset, not one per file).
+- A refused board is reset, so the firmware that reading its state stopped runs again.
 - The same exec reports the free heap (gc.mem_free() after gc.collect()): below what the
   firmware needs (needed_heap_kb) a warning is printed, the deploy goes on.
 - Progress: one line per operation, "[k/n] ...".
@@ -40,23 +48,32 @@ Safe by default:
 {remote path: hex}, "dirs": [...], "present": [stale paths], "mem_free": bytes,
 "rom_ioctl": bool, "romfs": partition bytes (0: none), "romfs_hash": hex of the partition's
 first len(image) bytes}; keys left out are unknown and not checked) it plans against that
-state instead of asking a board. mpremote cannot drive the Unix port's REPL (it has no raw
-REPL), so tests check the exact plan this way.
+state instead of asking a board. tools/ptyboard.py is a board to deploy to for real.
 Exit codes: 0 done, 1 refused (identity, no ROMFS) or a failed mpremote step, 2 bad
 arguments or missing build/provisioning files.
 """
 import argparse
+import ast
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from otaboot import HOLD, STAGE  # noqa: E402
 from tools.venv import venv_tool  # noqa: E402
+
+# The first step of a deploy that changes anything: the hold (otaboot.py, "a deploy over
+# USB"), then a hard reset, the one thing that stops a running watchdog. The sleep lets the
+# exec's answer reach the host first.
+# The file is closed before the reset: littlefs keeps nothing of a file left open.
+HOLD_SCRIPT = ("with open(%r, 'w') as f:\n    f.write('new')\nimport time, machine\n"
+               "time.sleep_ms(100)\nmachine.reset()" % HOLD)
 
 # Runs on the board (mpremote exec: raw REPL after a soft reset, so boot.py has run and
 # main.py has not): the free heap first, then the current identity, the hashes of the files
@@ -314,11 +331,14 @@ def romfs_refusal(state, image_size):
 
 
 def plan(files, state, device, force=False, stale=(), romfs=None):
-    """The operations that bring a board in `state` to `files`: [("romfs", image),
-    ("rm", remote), ("mkdir", remote), ("cp", local, remote), ..., ("reset",)]. stale: the
-    paths to remove where the state reports them present (a frozen or ROMFS deploy); romfs:
-    the image to write unless the board's partition already starts with it. Raises Refused
-    for another device's board, or for a ROMFS deploy to a board without room for it."""
+    """The operations that bring a board in `state` to `files`: [("hold",), ("romfs",
+    image), ("rm", remote), ("mkdir", remote), ("cp", local, remote), ..., ("commit",),
+    ("reset",)]. stale: the paths to remove where the state reports them present (a frozen
+    or ROMFS deploy); romfs: the image to write unless the board's partition already starts
+    with it. Files are copied into the staging directory (otaboot.STAGE) and moved into
+    place by the commit; a board with anything to change is held first (otaboot.HOLD).
+    Raises Refused for another device's board, or for a ROMFS deploy to a board without
+    room for it."""
     have = state.get("device_id")
     if have and have != device and not force:
         raise Refused("the board is device %r; deploying %r would replace its identity "
@@ -331,14 +351,34 @@ def plan(files, state, device, force=False, stale=(), romfs=None):
         # First: a deploy interrupted after it still runs, on the old /firmware until removed.
         if state.get("romfs_hash") != sha256_file(romfs):
             ops.append(("romfs", romfs))
-    ops += [("rm", p) for p in stale if p in state.get("present", ())]
-    ops += [("mkdir", d) for d in parents(r for _, r in files) if d not in state.get("dirs", ())]
+    present = state.get("present", ())
+    ops += [("rm", p) for p in stale if p in present]
+    if STAGE in present:
+        ops.append(("rm", STAGE))  # what a deploy cut short had staged
     hashes = state.get("hashes", {})
-    for local, remote in files:
-        if hashes.get(remote) != sha256_file(local):
-            ops.append(("cp", local, remote))
+    changed = [(local, remote) for local, remote in files
+               if hashes.get(remote) != sha256_file(local)]
+    if changed:
+        ops += [("mkdir", STAGE + d) for d in [""] + parents(r for _, r in changed)]
+        ops += [("cp", local, STAGE + remote) for local, remote in changed]
+        ops.append(("commit",))
+    if ops:
+        ops.insert(0, ("hold",))
     ops.append(("reset",))
     return ops
+
+
+def commit_script():
+    """The board-side commit: mark the staging complete, move it into place with the
+    loader's own finish_deploy (its source, sent along: the board's loader may be older),
+    and let go of the hold."""
+    with open(os.path.join(ROOT, "otaboot.py")) as f:
+        source = f.read()
+    fn = [n for n in ast.parse(source).body
+          if isinstance(n, ast.FunctionDef) and n.name == "finish_deploy"][0]
+    return ("import os\nSTAGE = %r\nopen(%r, 'w').close()\n%s\nprint('MOVED', finish_deploy(%r))\n"
+            "try:\n    os.remove(%r)\nexcept OSError:\n    pass\n"
+            % (STAGE, STAGE + "/.commit", ast.get_source_segment(source, fn), STAGE, HOLD))
 
 
 def mpremote_path():
@@ -348,26 +388,54 @@ def mpremote_path():
         return "mpremote"  # one on PATH, as an operator without the venv has it
 
 
-def command(port, op):
-    """The mpremote argv of one operation."""
-    base = [mpremote_path(), "connect", port]
+def op_args(op):
+    """The mpremote arguments of one operation."""
     if op[0] == "romfs":
-        return base + ["romfs", "deploy", op[1]]
+        return ["romfs", "deploy", op[1]]
     if op[0] == "rm":
-        return base + ["fs", "rm", "-r", ":" + op[1]]
+        return ["fs", "rm", "-r", ":" + op[1]]
     if op[0] == "mkdir":
-        return base + ["fs", "mkdir", ":" + op[1]]
+        return ["fs", "mkdir", ":" + op[1]]
     if op[0] == "cp":
         # -f: the hash was compared already; the copy must happen.
-        return base + ["fs", "cp", "-f", op[1], ":" + op[2]]
+        return ["fs", "cp", "-f", op[1], ":" + op[2]]
     if op[0] == "reset":
-        return base + ["reset"]
+        return ["reset"]
+    if op[0] == "hold":
+        return ["exec", "--no-follow", HOLD_SCRIPT]
+    if op[0] == "commit":
+        return ["exec", commit_script()]
     raise ValueError(op)
+
+
+# Copies and directories chained into one mpremote command (`+`): each command costs a
+# connection and a soft reset (boot.py), ~0.4 s on the board on a pty, more on a board.
+BATCH = 40
+
+
+def steps(ops):
+    """The operations grouped into mpremote commands: consecutive mkdir and cp together."""
+    out = []
+    for op in ops:
+        if (op[0] in ("mkdir", "cp") and out and out[-1][-1][0] in ("mkdir", "cp")
+                and len(out[-1]) < BATCH):
+            out[-1].append(op)
+        else:
+            out.append([op])
+    return out
+
+
+def command(port, step):
+    """The mpremote argv of one step (a list of operations)."""
+    argv = [mpremote_path(), "connect", port]
+    for i, op in enumerate(step):
+        argv += (["+"] if i else []) + op_args(op)
+    return argv
 
 
 def board_state(port, files, stale=(), romfs=None):
     remote = [r for _, r in files]
-    script = state_script(remote, parents(remote), stale,
+    script = state_script(remote, parents(remote), list(stale) + [STAGE],
                           os.path.getsize(romfs) if romfs else 0)
     r = subprocess.run([mpremote_path(), "connect", port, "exec", script],
                        capture_output=True, text=True, timeout=120)
@@ -376,6 +444,24 @@ def board_state(port, files, stale=(), romfs=None):
             return json.loads(line[5:])
     raise RuntimeError("could not read the board's state on %s: %s"
                        % (port, (r.stderr or r.stdout).strip()[-300:]))
+
+
+def run_step(argv, port, after_reset=False):
+    """One mpremote command. Right after the hold's reset the board is still booting (and
+    a board on native USB is still coming back as a port): a failure to reach its raw REPL
+    is tried again for a while."""
+    tries = 20 if after_reset else 1
+    r = subprocess.CompletedProcess(argv, 1, "", "the port %s did not come back" % port)
+    for _ in range(tries):
+        if after_reset:
+            time.sleep(0.5)
+            if not os.path.exists(port):
+                continue
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        out = r.stdout + r.stderr
+        if r.returncode == 0 or not ("raw repl" in out or "failed to access" in out):
+            return r
+    return r
 
 
 def main(argv=None):
@@ -422,6 +508,10 @@ def main(argv=None):
         ops = plan(files, state, a.device, a.force, stale, image)
     except Refused as e:
         print("deploy: refused: %s" % e, file=sys.stderr)
+        if not a.dry_run:
+            # Reading its state stopped the board's firmware (mpremote's Ctrl-C and soft
+            # reset): it is reset so that it goes back to work, as it was.
+            run_step(command(a.port, [("reset",)]), a.port)
         return 1
     except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
         print("deploy: %s" % e, file=sys.stderr)
@@ -434,23 +524,32 @@ def main(argv=None):
     line = "deploy: %s to %s: %d of %d files changed" % (a.device, a.port, copies, len(files))
     if image:
         line += ", ROMFS image %s (%d bytes)" % (
-            "changed" if ops[0][0] == "romfs" else "unchanged", os.path.getsize(image))
+            "changed" if ("romfs", image) in ops else "unchanged", os.path.getsize(image))
     print(line)
-    for k, op in enumerate(ops, 1):
-        argv_ = command(a.port, op)
-        what = {"romfs": lambda: "romfs %s -> /rom" % os.path.relpath(op[1], ROOT),
-                "rm": lambda: "rm -r %s (would shadow the %s firmware)" % (op[1], label)
-                if op[1] == "/firmware" else "rm -r %s (stale .mpy)" % op[1],
-                "mkdir": lambda: "mkdir " + op[1],
-                "cp": lambda: "%s -> :%s" % (os.path.relpath(op[1], ROOT), op[2]),
-                "reset": lambda: "reset"}[op[0]]()
-        print("[%d/%d] %s" % (k, len(ops), what), flush=True)
+    k = 0
+    all_steps = steps(ops)
+    for i, step in enumerate(all_steps):
+        argv_ = command(a.port, step)
+        for op in step:
+            k += 1
+            what = {"romfs": lambda: "romfs %s -> /rom" % os.path.relpath(op[1], ROOT),
+                    "rm": lambda: "rm -r %s (would shadow the %s firmware)" % (op[1], label)
+                    if op[1] == "/firmware" else "rm -r %s (stale .mpy)" % op[1]
+                    if op[1] != STAGE else "rm -r %s (staged by a deploy cut short)" % op[1],
+                    "mkdir": lambda: "mkdir " + op[1],
+                    "cp": lambda: "%s -> :%s" % (os.path.relpath(op[1], ROOT), op[2]),
+                    "hold": lambda: "hold: reset into the REPL, no watchdog, firmware stopped",
+                    "commit": lambda: "commit: staged files moved into place",
+                    "reset": lambda: "reset"}[op[0]]()
+            print("[%d/%d] %s" % (k, len(ops), what), flush=True)
         if a.dry_run:
-            print("    " + " ".join(argv_))
+            print("    " + " ".join(argv_) if step[0][0] not in ("hold", "commit")
+                  else "    %s %s (script)" % (" ".join(argv_[:4]), step[0][0]))
             continue
-        r = subprocess.run(argv_, capture_output=True, text=True, timeout=300)
+        r = run_step(argv_, a.port, after_reset=i > 0 and all_steps[i - 1][0][0] == "hold")
         if r.returncode != 0:
-            print("deploy: step failed: %s\n%s" % (" ".join(argv_), (r.stderr or r.stdout)[-500:]),
+            print("deploy: step failed: %s\n%s" % (" ".join(argv_)[:300],
+                                                  (r.stderr or r.stdout)[-500:]),
                   file=sys.stderr)
             return 1
     return 0

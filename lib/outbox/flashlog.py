@@ -14,8 +14,8 @@ _NAME_DIGITS = const(8)
 # Not a name Python can import: a board's sys.path starts with '' (the root of its flash),
 # so a directory /outbox there was taken for the package `outbox` (as a namespace package)
 # and the firmware's next boot failed with "no module named 'outbox.outbox'".
+# (The loader moves an earlier version's /outbox here: otaboot.load.)
 DIRECTORY = "/outbox.d"
-_LEGACY = "/outbox"  # where earlier versions kept the queue; moved on first use
 
 
 def _name(directory, num):
@@ -55,31 +55,16 @@ class FlashLog:
 
     # ---- recovery ------------------------------------------------------------------
 
-    def _names(self, directory):
-        """The segment files of a directory, sorted; None if there is no such directory."""
-        try:
-            return sorted(e[0] for e in self.fs.ilistdir(directory) if e[0].endswith(".q"))
-        except OSError:
-            return None
-
     def recover(self):
         """Rebuild the index from the files on flash; returns the number of records."""
         self.segs = []
         self.count = self.nbytes = self.corrupt = self.head = 0
         self._fresh = True
-        names = self._names(self.dir)
-        if names is None:
-            old = self._names(_LEGACY) if self.dir == DIRECTORY else None
-            if old:
-                self.fs.rename(_LEGACY, self.dir)  # an earlier version's queue, kept
-            else:
-                if old is not None:
-                    try:
-                        self.fs.rmdir(_LEGACY)  # drained; it would shadow the package
-                    except OSError:
-                        pass
-                self.fs.mkdir(self.dir)
-            names = self._names(self.dir) or []
+        try:
+            names = sorted(e[0] for e in self.fs.ilistdir(self.dir) if e[0].endswith(".q"))
+        except OSError:
+            self.fs.mkdir(self.dir)
+            names = []
         for name in names:
             try:
                 num = int(name[:-2])

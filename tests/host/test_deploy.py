@@ -1,6 +1,7 @@
-"""tools/deploy.py without a board: mpremote cannot drive the Unix port's REPL, so the exact
-mpremote operations are asserted from --dry-run, and the script that reads a board's state
-runs in the Unix port against a real littlefs."""
+"""tools/deploy.py's plan, from --dry-run: the exact mpremote operations for board states a
+board on a pty cannot show (no ROMFS, a low heap, a partition that holds the image already),
+and the script that reads a board's state in the Unix port against a real littlefs. The real
+deploys, through mpremote to the board on a pty, are in test_ptyboard.py."""
 import hashlib
 import json
 import os
@@ -37,33 +38,68 @@ def run(build, secrets, *args, device="pump-0001"):
         [sys.executable, os.path.join(ROOT, "tools", "deploy.py"), "--port", PORT, "--device",
          device, "--build", str(build), "--secrets", str(secrets), "--dry-run", *args],
         capture_output=True, text=True, timeout=60)
-    cmds = [l.strip().split() for l in r.stdout.splitlines() if l.startswith("    ")]
-    return r, [c[1:] for c in cmds]  # without the mpremote path
+    return r, ops_of(steps_of(r))
 
 
-def test_first_deploy_writes_everything_config_last_then_resets(tmp_path):
+def steps_of(r):
+    """The mpremote commands of a dry run, each a list of its operations' arguments (one
+    command chains several with `+`)."""
+    out = []
+    for line in r.stdout.splitlines():
+        if line.startswith("    "):
+            words = line.split()[1:]  # without the mpremote path
+            assert words[:2] == ["connect", PORT], line
+            step = [[]]
+            for w in words[2:]:
+                if w == "+":
+                    step.append([])
+                else:
+                    step[-1].append(w)
+            out.append(step)
+    return out
+
+
+def ops_of(steps):
+    """Every operation as its own command line would be: connect PORT ..."""
+    return [["connect", PORT] + op for step in steps for op in step]
+
+
+C = ["connect", PORT]
+HOLD = C + ["exec", "hold", "(script)"]
+COMMIT = C + ["exec", "commit", "(script)"]
+S = "/deploy.new"  # where a deploy stages its files (otaboot.STAGE)
+
+
+def test_first_deploy_holds_stages_everything_commits_then_resets(tmp_path):
     build, secrets = make_tree(tmp_path)
     r, cmds = run(build, secrets)
     assert r.returncode == 0, r.stderr
-    c = ["connect", PORT]
+    c = C
     assert cmds == [
-        c + ["fs", "mkdir", ":/firmware"],
-        c + ["fs", "mkdir", ":/firmware/boards"],
-        c + ["fs", "mkdir", ":/lib"],
-        c + ["fs", "mkdir", ":/lib/mqtt"],
-        c + ["fs", "mkdir", ":/certs"],
-        c + ["fs", "cp", "-f", str(build / "firmware" / "app.mpy"), ":/firmware/app.mpy"],
+        HOLD,
+        c + ["fs", "mkdir", ":" + S],
+        c + ["fs", "mkdir", ":" + S + "/firmware"],
+        c + ["fs", "mkdir", ":" + S + "/firmware/boards"],
+        c + ["fs", "mkdir", ":" + S + "/lib"],
+        c + ["fs", "mkdir", ":" + S + "/lib/mqtt"],
+        c + ["fs", "mkdir", ":" + S + "/certs"],
+        c + ["fs", "cp", "-f", str(build / "firmware" / "app.mpy"), ":" + S + "/firmware/app.mpy"],
         c + ["fs", "cp", "-f", str(build / "firmware" / "boards" / "esp32.mpy"),
-             ":/firmware/boards/esp32.mpy"],
-        c + ["fs", "cp", "-f", str(build / "lib" / "mqtt" / "client.mpy"), ":/lib/mqtt/client.mpy"],
-        c + ["fs", "cp", "-f", str(build / "otaboot.mpy"), ":/otaboot.mpy"],
-        c + ["fs", "cp", "-f", str(build / "boot.py"), ":/boot.py"],
-        c + ["fs", "cp", "-f", str(build / "main.py"), ":/main.py"],
-        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "cert.der"), ":/certs/pump-0001.der"],
-        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"), ":/config.json"],
+             ":" + S + "/firmware/boards/esp32.mpy"],
+        c + ["fs", "cp", "-f", str(build / "lib" / "mqtt" / "client.mpy"),
+             ":" + S + "/lib/mqtt/client.mpy"],
+        c + ["fs", "cp", "-f", str(build / "otaboot.mpy"), ":" + S + "/otaboot.mpy"],
+        c + ["fs", "cp", "-f", str(build / "boot.py"), ":" + S + "/boot.py"],
+        c + ["fs", "cp", "-f", str(build / "main.py"), ":" + S + "/main.py"],
+        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "cert.der"),
+             ":" + S + "/certs/pump-0001.der"],
+        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"), ":" + S + "/config.json"],
+        COMMIT,
         c + ["reset"],
     ]
-    assert "[1/14] mkdir /firmware" in r.stdout and "8 of 8 files changed" in r.stdout
+    assert "[1/17] hold" in r.stdout and "8 of 8 files changed" in r.stdout
+    # The directories and copies go in one mpremote command (one soft reset, not 14).
+    assert [len(step) for step in steps_of(r)] == [1, 14, 1, 1]
 
 
 def state_after(files, device):
@@ -81,8 +117,12 @@ def test_second_deploy_copies_only_what_changed(tmp_path):
     (build / "firmware" / "app.mpy").write_bytes(b"app v2")
     r, cmds = run(build, secrets, "--board-state", str(state))
     assert cmds == [
-        ["connect", PORT, "fs", "cp", "-f", str(build / "firmware" / "app.mpy"), ":/firmware/app.mpy"],
-        ["connect", PORT, "reset"],
+        HOLD,
+        C + ["fs", "mkdir", ":" + S],
+        C + ["fs", "mkdir", ":" + S + "/firmware"],
+        C + ["fs", "cp", "-f", str(build / "firmware" / "app.mpy"), ":" + S + "/firmware/app.mpy"],
+        COMMIT,
+        C + ["reset"],
     ]
     assert "1 of 8 files changed" in r.stdout
 
@@ -101,9 +141,11 @@ def test_another_devices_board_is_refused_unless_forced(tmp_path):
     assert r.returncode == 0
     # Same firmware, other identity: only the config is written.
     assert cmds == [
-        ["connect", PORT, "fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"),
-         ":/config.json"],
-        ["connect", PORT, "reset"],
+        HOLD,
+        C + ["fs", "mkdir", ":" + S],
+        C + ["fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"), ":" + S + "/config.json"],
+        COMMIT,
+        C + ["reset"],
     ]
 
 
@@ -154,8 +196,10 @@ def test_a_frozen_firmware_gets_no_bytecode_copied(tmp_path):
     build, secrets = make_tree(tmp_path)
     r, cmds = run(build, secrets, "--frozen")
     assert r.returncode == 0
-    assert [c[-1] for c in cmds] == [":/certs", ":/otaboot.mpy", ":/boot.py", ":/main.py", ":/certs/pump-0001.der",
-                                     ":/config.json", "reset"]
+    assert [c[-1] for c in cmds] == [
+        "(script)", ":" + S, ":" + S + "/certs", ":" + S + "/otaboot.mpy", ":" + S + "/boot.py",
+        ":" + S + "/main.py", ":" + S + "/certs/pump-0001.der", ":" + S + "/config.json",
+        "(script)", "reset"]
 
 
 def write_state(tmp_path, **state):
@@ -171,13 +215,18 @@ def test_romfs_writes_the_bytecode_as_an_image_and_only_the_rest_as_files(tmp_pa
     image = build / "romfs.img"
     c = ["connect", PORT]
     assert cmds == [
+        HOLD,
         c + ["romfs", "deploy", str(image)],
-        c + ["fs", "mkdir", ":/certs"],
-        c + ["fs", "cp", "-f", str(build / "otaboot.mpy"), ":/otaboot.mpy"],
-        c + ["fs", "cp", "-f", str(build / "boot.py"), ":/boot.py"],
-        c + ["fs", "cp", "-f", str(build / "main.py"), ":/main.py"],
-        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "cert.der"), ":/certs/pump-0001.der"],
-        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"), ":/config.json"],
+        c + ["fs", "mkdir", ":" + S],
+        c + ["fs", "mkdir", ":" + S + "/certs"],
+        c + ["fs", "cp", "-f", str(build / "otaboot.mpy"), ":" + S + "/otaboot.mpy"],
+        c + ["fs", "cp", "-f", str(build / "boot.py"), ":" + S + "/boot.py"],
+        c + ["fs", "cp", "-f", str(build / "main.py"), ":" + S + "/main.py"],
+        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "cert.der"),
+             ":" + S + "/certs/pump-0001.der"],
+        c + ["fs", "cp", "-f", str(secrets / "pump-0001" / "config.json"),
+             ":" + S + "/config.json"],
+        COMMIT,
         c + ["reset"],
     ]
     assert image.read_bytes().startswith(b"\xd2\xcd\x31")
@@ -221,9 +270,14 @@ def test_romfs_removes_stale_bytecode_and_skips_an_unchanged_image(tmp_path):
     r, cmds = run(build, secrets, "--romfs", "--board-state", write_state(tmp_path, **state))
     assert r.returncode == 0, r.stderr
     # /firmware in the filesystem's root comes before /rom on sys.path: removed.
-    assert cmds == [["connect", PORT, "fs", "rm", "-r", ":/firmware"],
+    assert cmds == [HOLD,
+                    ["connect", PORT, "fs", "rm", "-r", ":/firmware"],
                     ["connect", PORT, "fs", "rm", "-r", ":/lib/mqtt"],
                     ["connect", PORT, "reset"]]
+    # What a deploy cut short had staged is removed before anything is staged again.
+    state["present"] = [S]
+    r, cmds = run(build, secrets, "--romfs", "--board-state", write_state(tmp_path, **state))
+    assert cmds == [HOLD, C + ["fs", "rm", "-r", ":" + S], C + ["reset"]], r.stdout
     assert "ROMFS image unchanged" in r.stdout and "warning" not in r.stderr
 
 
@@ -305,13 +359,13 @@ def test_an_app_goes_to_slash_app_only_when_asked(tmp_path):
     r, cmds = run(build, secrets, "--app")
     assert r.returncode == 0, r.stderr
     c = ["connect", PORT]
-    assert c + ["fs", "mkdir", ":/app"] in cmds
+    assert c + ["fs", "mkdir", ":" + S + "/app"] in cmds
     cps = [x[-1] for x in cmds if x[2:4] == ["fs", "cp"]]
-    assert cps.index(":/app/__init__.mpy") < cps.index(":/config.json")
-    assert ":/app/sht3x.mpy" in cps
+    assert cps.index(":" + S + "/app/__init__.mpy") < cps.index(":" + S + "/config.json")
+    assert ":" + S + "/app/sht3x.mpy" in cps
     # Without --app, a board's /app is left as it is (no copy, no removal).
     r, cmds = run(build, secrets)
-    assert not [x for x in cmds if [a for a in x if a.startswith(":/app")]]
+    assert not [x for x in cmds if [a for a in x if a.startswith(":" + S + "/app")]]
     # With the firmware frozen the app still goes to the filesystem.
     r, cmds = run(build, secrets, "--app", "--frozen")
-    assert ":/app/__init__.mpy" in [x[-1] for x in cmds]
+    assert ":" + S + "/app/__init__.mpy" in [x[-1] for x in cmds]

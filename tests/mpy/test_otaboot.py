@@ -6,7 +6,7 @@ import json
 import otaboot
 from firmware import ota, otacheck
 from firmware.version import BUNDLE_VERSION
-from mpyutil import fresh_image, raises
+from mpyutil import CREATED, fresh_image, raises
 from unixflash import open_flash
 
 SHA = "ab" * 32
@@ -194,3 +194,52 @@ def test_the_keys_of_the_last_confirmed_release_replace_the_provisioned_ones():
     assert u.keys(otaboot.read(fs)) == [KEY]  # not before the confirm
     otaboot.confirm(fs)
     assert u.keys(otaboot.read(fs)) == [KEY, other]
+
+
+def test_a_deploy_commit_cut_short_is_completed_at_the_next_boot():
+    # tools/deploy.py stages its files and moves them with finish_deploy (its commit, and
+    # the loader at every boot): a copy cut short moves nothing, a commit cut short completes.
+    import os
+
+    root = fresh_image("deploy")  # used as a directory: the board's root
+    stage = root + "/deploy.new"
+    news = {"/firmware/app.mpy": b"new app", "/lib/mqtt/client.mpy": b"new client",
+            "/config.json": b'{"device_id": "d"}'}
+    for d in ("", "/firmware", "/deploy.new", "/deploy.new/firmware", "/deploy.new/lib",
+              "/deploy.new/lib/mqtt", "/lib", "/lib/mqtt"):
+        os.mkdir(root + d)
+        CREATED.append(root + d)
+    with open(root + "/firmware/app.mpy", "wb") as f:
+        f.write(b"old app")
+    for p, data in news.items():
+        with open(stage + p, "wb") as f:
+            f.write(data)
+        CREATED.append(root + p)
+    assert otaboot.finish_deploy(stage, root) == 0  # no commit began: the old code stays
+    with open(root + "/firmware/app.mpy", "rb") as f:
+        assert f.read() == b"old app"
+    with open(stage + "/.commit", "w"):
+        pass
+    os.rename(stage + "/config.json", root + "/config.json")  # moved before the power went
+    assert otaboot.finish_deploy(stage, root) == 2
+    for p, data in news.items():
+        with open(root + p, "rb") as f:
+            assert f.read() == data
+    assert "deploy.new" not in os.listdir(root)
+    CREATED.remove(root + "/deploy.new")
+    for d in ("/deploy.new/firmware", "/deploy.new/lib", "/deploy.new/lib/mqtt"):
+        CREATED.remove(root + d)
+
+
+def test_the_loader_moves_an_earlier_versions_queue_out_of_the_packages_way():
+    # /outbox at the root of a board's flash shadowed the package outbox (sys.path starts
+    # with the root); the queue lives in /outbox.d now and the loader moves an old one.
+    fs = _fs()
+    fs.mkdir("/outbox")
+    with fs.open("/outbox/00000001.q", "wb") as f:
+        f.write(b"records")
+    otaboot._move_queue(fs)
+    assert [e[0] for e in fs.ilistdir("/outbox.d")] == ["00000001.q"]
+    assert "outbox" not in [e[0] for e in fs.ilistdir("/")]
+    otaboot._move_queue(fs)  # nothing to move: nothing happens
+    assert [e[0] for e in fs.ilistdir("/outbox.d")] == ["00000001.q"]

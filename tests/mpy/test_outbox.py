@@ -487,26 +487,6 @@ def test_a_segment_in_another_format_is_skipped_and_counted():
     assert "00000001.q" not in names, "a segment with nothing valid is removed"
 
 
-def test_the_queue_of_an_earlier_version_in_slash_outbox_is_moved_not_lost():
-    # /outbox at the root of a board's flash shadowed the package `outbox` (sys.path starts
-    # with the root): the queue lives in /outbox.d, and an earlier version's is moved there.
-    path = fresh_image("legacy")
-    bdev, fs = _mount(path)
-    fs.mkdir("/outbox")
-    with fs.open("/outbox/00000001.q", "wb") as f:
-        f.write(_batch([(2, 1), (2, 2), (2, 3)]))
-    ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
-    names = [e[0] for e in fs.ilistdir("/")]
-    assert "outbox" not in names and "outbox.d" in names
-    assert ob.stats["recovered"] == 3 and _deliver(ob) == [(2, 1), (2, 2), (2, 3)]
-    # A drained one (its segments all consumed) is only removed.
-    bdev, fs = _mount(fresh_image("legacy2"))
-    fs.mkdir("/outbox")
-    ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
-    names = [e[0] for e in fs.ilistdir("/")]
-    assert "outbox" not in names and "outbox.d" in names and ob.stats["recovered"] == 0
-
-
 def _outbox_traffic(fs, bdev, clock):
     """put / tick / hand over / ack in a fixed pattern until done or the power is cut.
     Returns (put keys, keys that had to survive, acked keys): the ones that had to survive
