@@ -470,15 +470,15 @@ def test_full_flash_falls_back_to_ram_counts_and_keeps_going():
 def test_a_segment_in_another_format_is_skipped_and_counted():
     path = fresh_image("oldfmt")
     bdev, fs = _mount(path)
-    fs.mkdir("/outbox")
+    fs.mkdir("/outbox.d")
     old = bytearray()
     for s in range(1, 6):  # a v0 layout: other magic, no checksum
         old += bytes([0x55, 3]) + b"d/t" + bytes([s]) + b"old"
-    with fs.open("/outbox/00000001.q", "wb") as f:
+    with fs.open("/outbox.d/00000001.q", "wb") as f:
         f.write(old)
-    with fs.open("/outbox/00000002.q", "wb") as f:
+    with fs.open("/outbox.d/00000002.q", "wb") as f:
         f.write(_batch([(3, 1), (3, 2)]))
-    with fs.open("/outbox/notes.txt", "wb") as f:
+    with fs.open("/outbox.d/notes.txt", "wb") as f:
         f.write(b"not a segment")
     ob, _ = _outbox(fs, flash_bytes=65536, segment=8192)
     assert ob.stats["recovered"] == 2 and ob.stats["corrupt"] >= 1
