@@ -39,6 +39,7 @@ class Outbox:
         self.ticks_ms = ticks_ms
         self.ticks_diff = ticks_diff
         self.log = log or (lambda level, msg: None)
+        self._dropping = False  # in a stretch of drops (logged at its start)
         self.inflight = 0  # records from the head handed to the session, not yet acked
         self._fcur = None  # (segment number, offset) of the next flash record to hand over
         self._rcur = 0  # ring offset of the next ring record to hand over
@@ -205,6 +206,11 @@ class Outbox:
         self._count_drop(seg_count, first, last)
 
     def _count_drop(self, n, first, last):
+        if not self._dropping:
+            # Once per stretch of drops (until an acknowledgement comes): the count is in
+            # health, this says when it began.
+            self._dropping = True
+            self.log("W", "outbox: full, dropping the %s records (counted)" % self.overflow)
         self.stats["dropped"] += n
         self.drops.append((first[0], first[1], last[1], n))
         if len(self.drops) > _MAX_RANGES:
@@ -275,6 +281,7 @@ class Outbox:
 
     def _after_ack(self):
         self.stats["acked"] += 1
+        self._dropping = False
         if self.inflight:
             self.inflight -= 1
         if not self._fcount():

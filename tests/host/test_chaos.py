@@ -615,7 +615,15 @@ def _full_flash(fleet, proxy, observer, report, variant, outage_s, leave, tmp_pa
     boot2 = _boot_of(p, dev)
     p.wait_line(dev + r" I connected", 15)
     sc.wait(lambda: sc.seqs().get((dev, boot2)), 15, "telemetry of the boot on a full flash")
-    _partition_for(sc, proxy, outage_s)
+    # Offline for outage_s, and at least until the RAM ring overflows (a busy machine's
+    # device produced less than the ring holds in 3 s once).
+    sc.inject()
+    proxy.refuse()
+    proxy.cut()
+    time.sleep(outage_s)
+    p.wait_line(dev + r" W outbox: full, dropping", 60)
+    proxy.refuse(False)
+    sc.remove()
     sc.wait_recovered()
     # A config change: applied although its cache cannot be written.
     observer.publish("devices/%s/config/desired" % dev,
