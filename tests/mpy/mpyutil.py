@@ -21,6 +21,20 @@ def run_test(fn):
     return True, ""
 
 
+def run_module(mod, skip=()):
+    """Every test_* function of a module but those named in `skip`, each result one
+    "@@MPY {json}" line (name, ok, traceback); then the module's files are removed. The
+    Unix port's runner (runner.py) and the board's (testbed/hil.py, over mpremote) print
+    what pytest and hil collect."""
+    import json
+
+    for fn_name in sorted(dir(mod)):
+        if fn_name.startswith("test_") and fn_name not in skip:
+            ok, tb = run_test(getattr(mod, fn_name))
+            print("@@MPY " + json.dumps({"name": fn_name, "ok": ok, "tb": tb}))
+    cleanup()
+
+
 def raises(exc, fn, *args):
     try:
         fn(*args)

@@ -1,6 +1,5 @@
 # Runs one MicroPython test module inside the Unix port: every test_* function, each result
 # printed as one "@@MPY {json}" line with the traceback on failure. async tests get a loop.
-import json
 import sys
 
 path = sys.argv[1]
@@ -14,10 +13,4 @@ mod = __import__(name)
 
 import mpyutil
 
-for fn_name in sorted(dir(mod)):
-    if not fn_name.startswith("test_"):
-        continue
-    ok, tb = mpyutil.run_test(getattr(mod, fn_name))
-    print("@@MPY " + json.dumps({"name": fn_name, "ok": ok, "tb": tb}))
-
-mpyutil.cleanup()
+mpyutil.run_module(mod)

@@ -48,6 +48,11 @@ def load_app(example):
                 CREATED.append(top + "/app/" + name)
         sys.path.insert(0, top)
         _APP_DIRS.append(top)
+    else:
+        # The checkout's root is on sys.path where the Unix port's runner runs the tests,
+        # not where a board does (testbed/hil.py mounts it elsewhere).
+        sys.path.insert(0, _ROOT)
+        _APP_DIRS.append(_ROOT)
     app = __import__("app")
     want = _ROOT + "/app/" if example is None else "/tmp/mpytest-app-"
     assert app.__file__.startswith(want), app.__file__  # not some other `app`
