@@ -361,9 +361,9 @@ def plan(files, state, device, force=False, stale=(), romfs=None):
     if changed:
         ops += [("mkdir", STAGE + d) for d in [""] + parents(r for _, r in changed)]
         ops += [("cp", local, STAGE + remote) for local, remote in changed]
-        ops.append(("commit",))
     if ops:
-        ops.insert(0, ("hold",))
+        # The commit ends every held deploy: it also lets go of the hold.
+        ops = [("hold",)] + ops + [("commit",)]
     ops.append(("reset",))
     return ops
 
@@ -376,7 +376,8 @@ def commit_script():
         source = f.read()
     fn = [n for n in ast.parse(source).body
           if isinstance(n, ast.FunctionDef) and n.name == "finish_deploy"][0]
-    return ("import os\nSTAGE = %r\nopen(%r, 'w').close()\n%s\nprint('MOVED', finish_deploy(%r))\n"
+    return ("import os\nSTAGE = %r\ntry:\n    os.mkdir(STAGE)\nexcept OSError:\n    pass\n"
+            "open(%r, 'w').close()\n%s\nprint('MOVED', finish_deploy(%r))\n"
             "try:\n    os.remove(%r)\nexcept OSError:\n    pass\n"
             % (STAGE, STAGE + "/.commit", ast.get_source_segment(source, fn), STAGE, HOLD))
 
@@ -539,7 +540,7 @@ def main(argv=None):
                     "mkdir": lambda: "mkdir " + op[1],
                     "cp": lambda: "%s -> :%s" % (os.path.relpath(op[1], ROOT), op[2]),
                     "hold": lambda: "hold: reset into the REPL, no watchdog, firmware stopped",
-                    "commit": lambda: "commit: staged files moved into place",
+                    "commit": lambda: "commit: staged files moved into place, hold let go",
                     "reset": lambda: "reset"}[op[0]]()
             print("[%d/%d] %s" % (k, len(ops), what), flush=True)
         if a.dry_run:

@@ -273,11 +273,12 @@ def test_romfs_removes_stale_bytecode_and_skips_an_unchanged_image(tmp_path):
     assert cmds == [HOLD,
                     ["connect", PORT, "fs", "rm", "-r", ":/firmware"],
                     ["connect", PORT, "fs", "rm", "-r", ":/lib/mqtt"],
+                    COMMIT,  # nothing staged: it lets go of the hold
                     ["connect", PORT, "reset"]]
     # What a deploy cut short had staged is removed before anything is staged again.
     state["present"] = [S]
     r, cmds = run(build, secrets, "--romfs", "--board-state", write_state(tmp_path, **state))
-    assert cmds == [HOLD, C + ["fs", "rm", "-r", ":" + S], C + ["reset"]], r.stdout
+    assert cmds == [HOLD, C + ["fs", "rm", "-r", ":" + S], COMMIT, C + ["reset"]], r.stdout
     assert "ROMFS image unchanged" in r.stdout and "warning" not in r.stderr
 
 
