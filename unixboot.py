@@ -69,6 +69,16 @@ def _pty_board():
     vfs.mount(fs, "/")
     os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]
+    rom = getattr(vfs, "rom_ioctl", None)
+    if rom is not None and rom(1) > 0:
+        # A build with a ROMFS partition (make board-model: board-model-romfs): mounted at
+        # /rom before boot.py, as a board's port does, and on sys.path where a board has it.
+        try:
+            vfs.mount(vfs.VfsRom(rom(2, 0)), "/rom")
+        except Exception:  # noqa: BLE001
+            pass  # the port mounted it at start-up already, or it holds no image (erased)
+        if [m for m in vfs.mount() if m[1] == "/rom"]:
+            sys.path[2:2] = ["/rom", "/rom/lib"]
     g = globals()
     for name in ("boot.py",) if raw else ("boot.py", "main.py"):
         try:

@@ -2,7 +2,7 @@
 which mpremote drives as it drives a board over USB.
 
     python tools/ptyboard.py FLASH [--link PATH] [--heap SIZE] [--control FILE]
-                                   [--console FILE] [--flash-size BYTES]
+                                   [--console FILE] [--flash-size BYTES] [--romfs FILE]
 
 FLASH is the board's flash: a littlefs image (made on first use, 1 MiB unless --flash-size
 says otherwise), or a directory.
@@ -71,11 +71,14 @@ def sigint_caught(pid):
 
 class PtyBoard:
     def __init__(self, flash, link=None, heap="1M", control=None, log=None, console=None,
-                 size=1 << 20):
+                 size=1 << 20, romfs=None):
         self.flash = os.path.abspath(flash)
         self.link = link or self.flash + ".tty"
         self.heap = heap
         self.size = size
+        # A MicroPython built with a ROMFS partition over a host file (make board-model's
+        # board-model-romfs) takes the file from the environment.
+        self.env = dict(os.environ, MICROPY_ROMFS=os.path.abspath(romfs)) if romfs else None
         self.control = control
         # Everything the board prints, host connected or not, as a serial monitor shows it.
         self.console = open(console, "ab", buffering=0) if console else None
@@ -113,7 +116,7 @@ class PtyBoard:
         if self.control:
             argv += ["--control", self.control]
         self.child = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                      start_new_session=True)
+                                      start_new_session=True, env=self.env)
         os.close(slave)  # EIO on self.board once the child is gone
         self.hiding = 1 if raw else 0
         self.held = b""
@@ -285,8 +288,11 @@ def main(argv=None):
     p.add_argument("--console", help="append everything the board prints to this file")
     p.add_argument("--flash-size", type=int, default=1 << 20,
                    help="bytes of a new littlefs image (default 1 MiB, an ESP32's is 2 MiB)")
+    p.add_argument("--romfs", help="the ROMFS partition's host file, for a MicroPython built "
+                                    "with one ($MICROPYTHON=build/board-model-romfs/micropython)")
     a = p.parse_args(argv)
-    board = PtyBoard(a.flash, a.link, a.heap, a.control, console=a.console, size=a.flash_size)
+    board = PtyBoard(a.flash, a.link, a.heap, a.control, console=a.console, size=a.flash_size,
+                     romfs=a.romfs)
     signal.signal(signal.SIGTERM, board.stop)
     signal.signal(signal.SIGINT, board.stop)
     signal.signal(signal.SIGUSR2, board.cut_power)

@@ -5,6 +5,7 @@
 #
 #   build/board-model/micropython        firmware, lib/ and asyncio frozen (manifest_unix.py)
 #   build/board-model-plain/micropython  asyncio frozen only: runs the .mpy of `make mpy`
+#   build/board-model-romfs/micropython  the plain one with a ROMFS partition (a host file)
 #
 # Both have VfsLfs2, and TLS (mbedTLS) when MPY_DIR/lib/mbedtls is checked out; without it
 # they are built with SSL off, and say so. mbedTLS allocates from the GC heap, as on an RP2
@@ -78,12 +79,13 @@ include("\$(MPY_DIR)/extmod/asyncio")
 module("ssl.py", base_path="$ROOT/testbed/board_model")
 EOF
 
-build() {  # build NAME MANIFEST
+build() {  # build NAME MANIFEST [make arguments...]
     local name=$1 manifest=$2
+    shift 2
     # Objects per TLS setting: switching it must not reuse the other one's.
     local obj=$WORK/obj-$name-tls-$TLS-gcheap
     echo "board-model: building build/$name/micropython (32-bit, TLS $TLS)" >&2
-    make -C "$MPY_DIR/ports/unix" -j"$JOBS" VARIANT=standard \
+    make -C "$MPY_DIR/ports/unix" -j"$JOBS" VARIANT=standard "$@" \
         CFLAGS_EXTRA="-m32 $CFLAGS_TLS" LDFLAGS_EXTRA=-m32 \
         MICROPY_PY_BTREE=0 MICROPY_PY_FFI=0 MICROPY_VFS_LFS2=1 "${SSL_VARS[@]}" \
         MPY_LIB_DIR="$WORK/no-micropython-lib" FROZEN_MANIFEST="$manifest" \
@@ -99,7 +101,14 @@ build() {  # build NAME MANIFEST
 
 build board-model "$ROOT/manifest_unix.py"
 build board-model-plain "$WORK/manifest_plain.py"
-for name in board-model board-model-plain; do
+# The plain one with a ROMFS partition, as a board built with ROMFS has: vfs.rom_ioctl over
+# the host file $MICROPY_ROMFS (testbed/board_model/romfs), for `make deploy ROMFS=1` to
+# the board on a pty (tools/ptyboard.py --romfs) and the firmware imported from /rom.
+build board-model-romfs "$WORK/manifest_plain.py" -f Makefile \
+    -f "$ROOT/testbed/board_model/romfs/romfs.mk" \
+    VARIANT_DIR="$ROOT/testbed/board_model/romfs/variant" \
+    USER_C_MODULES="$ROOT/testbed/board_model"
+for name in board-model board-model-plain board-model-romfs; do
     echo "build/$name/micropython: $(cd "$probe" && "$OUT/$name/micropython" -c \
         'import sys; print(sys.version + ",", "32-bit" if sys.maxsize < 2**32 else "64-bit")')"
 done

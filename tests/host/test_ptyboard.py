@@ -22,14 +22,14 @@ from tools import deploy
 class Board:
     """tools/ptyboard.py in a subprocess: its log lines, its console, its mpremote."""
 
-    def __init__(self, tmp, name="board"):
+    def __init__(self, tmp, name="board", args=(), env=None):
         self.flash = str(tmp / (name + ".img"))
         self.console = self.flash + ".console"
         self.port = self.flash + ".tty"
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "tools", "ptyboard.py"), self.flash,
-             "--console", self.console], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True)
+             "--console", self.console, *args], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, env=env)
         self.lines = []
         self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -92,7 +92,7 @@ def board(tmp_path):
 
 
 BOOT = "with open('/boots', 'a') as f:\n    f.write('b')\n"
-MAIN = ("with open('/boots', 'a') as f:\n    f.write('m')\nimport time\n"
+MAIN = ("with open('/boots', 'a') as f:\n    f.write('m')\nprint('main runs')\nimport time\n"
         "while True:\n    time.sleep_ms(10)\n")
 
 
@@ -106,9 +106,9 @@ def test_it_boots_as_a_board_does_through_mpremote(board, tmp_path):
     assert r.returncode == 0, r
     # mpremote's reset: its soft reset first (boot.py), then machine.reset(), a hard reset:
     # boot.py, then main.py, which runs on (its loop) until interrupted.
-    mark = board.mark()
+    c = board.console_size()
     assert board.mpremote("reset").returncode == 0
-    board.wait_log("reset cause soft$", mark)
+    board.wait_console("main runs", c)  # before mpremote's Ctrl-C could stop it
     # mpremote's Ctrl-C stops main.py; its soft reset from the raw REPL runs boot.py only.
     r = board.mpremote("exec", "print(open('/boots').read())")
     assert r.returncode == 0 and r.stdout.strip() == "bbmb", r
@@ -116,8 +116,10 @@ def test_it_boots_as_a_board_does_through_mpremote(board, tmp_path):
     assert r.stdout.strip() == "bbmbb", r
     # A power cut: as a hard reset, and the flash keeps what was written.
     mark = board.mark()
+    c = board.console_size()
     board.cut_power()
     board.wait_log("reset cause power-on$", mark)
+    board.wait_console("main runs", c)
     r = board.mpremote("exec", "print(open('/boots').read())")
     assert r.stdout.strip() == "bbmbbbmb", r
     assert "raw REPL (boot.py only)" in board.wait_log("boot .*raw REPL", mark)
@@ -187,6 +189,11 @@ def test_deploys_for_real_then_boots_and_publishes(board, broker, observer, tmp_
     build = compile_build(tmp_path / "build")
     secrets = tmp_path / "secrets"
     provision(secrets, "pty-0001", broker, watchdog_ms=4000)
+    # Provisioning's other files (with --tls: the CA, the key and the certificate) are
+    # listed in files.json; one stands for them here.
+    dev_dir = secrets / "pty-0001"
+    (dev_dir / "ca.der").write_bytes(b"\x30\x82 a CA certificate")
+    (dev_dir / "files.json").write_text(json.dumps({"/certs/ca.der": "ca.der"}))
     n = len(deploy.files_to_deploy(build, str(secrets), "pty-0001"))
 
     # First deploy: everything, then main.py runs the firmware from the board's flash.
@@ -195,6 +202,8 @@ def test_deploys_for_real_then_boots_and_publishes(board, broker, observer, tmp_
     assert r.returncode == 0, r.stdout + r.stderr
     assert "%d of %d files changed" % (n, n) in r.stdout
     fw = online(observer, "pty-0001", at)["fw"]
+    r = board.mpremote("exec", "print(open('/certs/ca.der', 'rb').read())")
+    assert r.stdout.strip() == repr(b"\x30\x82 a CA certificate"), r
     # The firmware made its queue directory at the root, where /outbox once shadowed the
     # package `outbox` and a second boot failed: it boots again.
     at = len(observer.messages)
@@ -226,9 +235,10 @@ def test_deploys_for_real_then_boots_and_publishes(board, broker, observer, tmp_
     board.wait_log("reset cause watchdog$", mark)
     # A deploy's hold resets the board first, which stops the watchdog: the same wait ends.
     mark = board.mark()
+    c = board.console_size()
     r = board.mpremote("exec", "--no-follow", deploy.HOLD_SCRIPT)
     assert r.returncode == 0, r
-    board.wait_log("reset cause soft$", mark)
+    board.wait_console("held for a deploy", c)
     r = board.mpremote("exec", "import time; time.sleep(8); print('done')", timeout=30)
     assert r.stdout.strip() == "done", r
     assert not [l for l in board.lines[mark:] if "watchdog reset" in l]
@@ -321,3 +331,37 @@ def test_hil_against_the_board_on_a_pty_prints_its_figures_with_no_gaps(tmp_path
     assert out["heap_free_boot"] > 0 and out["heap_held"] > 0, out
     assert 0 < out["boot_to_first_publish_ms"] < 60000, out
     assert out["reset_causes"] and set(out["reset_causes"]) <= {"soft", "power-on"}, out
+
+
+ROMFS_BUILD = os.path.join(ROOT, "build", "board-model-romfs", "micropython")
+
+
+def test_a_romfs_deploy_to_a_board_built_with_romfs_runs_the_firmware_from_rom(
+        broker, observer, tmp_path):
+    # The board-model build with a ROMFS partition over a host file (make board-model; CI
+    # has no MicroPython checkout to build it, so this runs only where one was built).
+    if not os.path.exists(ROMFS_BUILD):
+        pytest.skip("no %s: `make board-model MPY_DIR=/path/to/micropython` builds it"
+                    % os.path.relpath(ROMFS_BUILD, ROOT))
+    build = compile_build(tmp_path / "build")
+    secrets = tmp_path / "secrets"
+    provision(secrets, "rom-0001", broker)
+    board = Board(tmp_path, args=("--romfs", str(tmp_path / "romfs.bin")),
+                  env=dict(os.environ, MICROPYTHON=ROMFS_BUILD))
+    try:
+        at = len(observer.messages)
+        r = run_deploy(board, build, secrets, "rom-0001", "--romfs")
+        assert r.returncode == 0 and "ROMFS image changed" in r.stdout, r.stdout + r.stderr
+        online(observer, "rom-0001", at)
+        r = board.mpremote("exec", "import firmware.app, mqtt.client, sys; "
+                           "print(firmware.app.__file__, mqtt.client.__file__, sys.maxsize)")
+        got = r.stdout.split()
+        assert got[:2] == ["/rom/firmware/app.mpy", "/rom/lib/mqtt/client.mpy"], r
+        assert int(got[2]) < 2 ** 32, "the 32-bit board model"
+        r = board.mpremote("fs", "ls", ":/")
+        assert "firmware/" not in r.stdout, r.stdout  # no .mpy copies on the filesystem
+        # Deployed again unchanged: the partition already holds the image.
+        r = run_deploy(board, build, secrets, "rom-0001", "--romfs")
+        assert r.returncode == 0 and "ROMFS image unchanged" in r.stdout, r.stdout
+    finally:
+        board.stop()
