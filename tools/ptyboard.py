@@ -3,6 +3,7 @@ which mpremote drives as it drives a board over USB.
 
     python tools/ptyboard.py FLASH [--link PATH] [--heap SIZE] [--control FILE]
                                    [--console FILE] [--flash-size BYTES] [--romfs FILE]
+                                   [--tmp DIR]
 
 FLASH is the board's flash: a littlefs image (made on first use, 1 MiB unless --flash-size
 says otherwise), or a directory.
@@ -71,14 +72,18 @@ def sigint_caught(pid):
 
 class PtyBoard:
     def __init__(self, flash, link=None, heap="1M", control=None, log=None, console=None,
-                 size=1 << 20, romfs=None):
+                 size=1 << 20, romfs=None, tmp=None):
         self.flash = os.path.abspath(flash)
         self.link = link or self.flash + ".tty"
         self.heap = heap
         self.size = size
         # A MicroPython built with a ROMFS partition over a host file (make board-model's
         # board-model-romfs) takes the file from the environment.
-        self.env = dict(os.environ, MICROPY_ROMFS=os.path.abspath(romfs)) if romfs else None
+        self.env = dict(os.environ)
+        if romfs:
+            self.env["MICROPY_ROMFS"] = os.path.abspath(romfs)
+        if tmp:
+            self.env["PTYBOARD_TMP"] = os.path.abspath(tmp)  # unixboot.py mounts it at /tmp
         self.control = control
         # Everything the board prints, host connected or not, as a serial monitor shows it.
         self.console = open(console, "ab", buffering=0) if console else None
@@ -290,9 +295,11 @@ def main(argv=None):
                    help="bytes of a new littlefs image (default 1 MiB, an ESP32's is 2 MiB)")
     p.add_argument("--romfs", help="the ROMFS partition's host file, for a MicroPython built "
                                     "with one ($MICROPYTHON=build/board-model-romfs/micropython)")
+    p.add_argument("--tmp", help="a host directory mounted at /tmp on the board: scratch "
+                                  "space outside its flash (testbed/hil.py's unit tests)")
     a = p.parse_args(argv)
     board = PtyBoard(a.flash, a.link, a.heap, a.control, console=a.console, size=a.flash_size,
-                     romfs=a.romfs)
+                     romfs=a.romfs, tmp=a.tmp)
     signal.signal(signal.SIGTERM, board.stop)
     signal.signal(signal.SIGINT, board.stop)
     signal.signal(signal.SIGUSR2, board.cut_power)
