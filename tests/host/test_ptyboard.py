@@ -269,6 +269,8 @@ def test_deploys_for_real_then_boots_and_publishes(board, broker, observer, tmp_
     at = len(observer.messages)
     r = run_deploy(board, build2, secrets, "pty-0001")
     assert r.returncode == 0, r.stdout + r.stderr
+    # Only the file that changed (what the cut deploy may have staged is removed first).
+    assert "1 of %d files changed" % n in r.stdout, r.stdout
     assert online(observer, "pty-0001", at)["fw"] == "2-" + fw
     r = board.mpremote("fs", "ls", ":/")
     assert "deploy.new" not in r.stdout and "deploy.hold" not in r.stdout, r.stdout

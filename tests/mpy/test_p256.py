@@ -11,7 +11,9 @@ _ROOT = __file__.rsplit("/", 3)[0] if __file__.count("/") >= 3 else "."
 
 def _vectors():
     with open(_ROOT + "/tests/data/p256_vectors.json") as f:
-        return json.load(f)
+        # One read: json.load reads a stream a byte at a time, each a round trip over
+        # mpremote mount on a board (testbed/hil.py), minutes for these 20 KB.
+        return json.loads(f.read())
 
 
 def _h(s):
