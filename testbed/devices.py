@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 
-from tools.venv import venv_tool  # shared with the operator's tools
+from tools.venv import micropython_path, venv_tool  # shared with the operator's tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAP_PER_BOARD_K = 96  # a device's heap on the 64-bit port, with room to spare
@@ -56,13 +56,6 @@ OFF_S = (0.5, 2.0)
 RESET_EXIT = 75
 # The Unix port's stand-in for a board's start-up (boot.py, then main.py).
 UNIXBOOT = os.path.join(ROOT, "unixboot.py")
-
-
-def micropython_path():
-    """The MicroPython that runs devices and MicroPython tests: $MICROPYTHON when set (any
-    build, e.g. `make board-model`'s 32-bit one), else the venv's Unix port."""
-    env = os.environ.get("MICROPYTHON")
-    return os.path.abspath(env) if env else venv_tool("micropython")
 
 
 _INFO_PROBE = """

@@ -43,7 +43,7 @@ import tty
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tools.venv import venv_tool  # noqa: E402
+from tools.venv import micropython_path  # noqa: E402
 
 UNIXBOOT = os.path.join(ROOT, "unixboot.py")
 RESET_EXIT = 75  # machine.reset() on the Unix port (firmware/boards/unix.py RESET_EXIT)
@@ -51,11 +51,6 @@ RESET_EXIT = 75  # machine.reset() on the Unix port (firmware/boards/unix.py RES
 # the raw REPL entered again, as a board comes back from one already in it.
 BANNER_END = b'Type "help()" for more information.\r\n>>> '
 RAW_PROMPT = b"raw REPL; CTRL-B"
-
-
-def micropython():
-    env = os.environ.get("MICROPYTHON")
-    return os.path.abspath(env) if env else venv_tool("micropython")
 
 
 def sigint_caught(pid):
@@ -95,6 +90,8 @@ class PtyBoard:
         self.raw = False  # the host holds the raw REPL
         self.watchdog = None  # (timeout s, last feed): survives soft resets
         self.deadline = None  # a timer's reset: ends at any reset
+        self.why = None  # the cause of a reset this relay made (watchdog, timer)
+        self.cause = "power-on"  # of the last hard reset: a soft one keeps it
 
     def open(self):
         # The host's side: kept for the board's whole life, its slave open and raw here so
@@ -115,7 +112,7 @@ class PtyBoard:
         self.deadline = None
         self.board, slave = pty.openpty()
         tty.setraw(slave)  # no \r\r\n from ONLCR, no echo, Ctrl-C is a byte
-        argv = [micropython(), "-X", "heapsize=" + self.heap, "-i", UNIXBOOT, "--pty",
+        argv = [micropython_path(), "-X", "heapsize=" + self.heap, "-i", UNIXBOOT, "--pty",
                 self.flash, "raw" if raw else "friendly", str(self.size), "--flash", "/",
                 "--wdt", "127.0.0.1:%d" % self.udp.getsockname()[1], "--reset-cause", cause]
         if self.control:
@@ -196,25 +193,25 @@ class PtyBoard:
         self.child = None
         if self.off:
             return None
-        if self.power_cut:
-            self.power_cut = False
-            self.watchdog = None
-            return "power-on", False
-        if rc == -signal.SIGKILL and self.why:
-            why, self.why = self.why, None
-            self.watchdog = None
-            return why, False
-        if rc in (RESET_EXIT, -signal.SIGUSR1):
-            self.log("reset (machine.reset)")
-            self.watchdog = None
-            return "soft", False
-        if rc in (0, -signal.SIGTERM):
+        if rc in (0, -signal.SIGTERM) and not self.power_cut and not self.why:
+            # A soft reset: the watchdog runs on, and a host in the raw REPL stays there.
             self.to_host(b"MPY: soft reboot\r\n")
             self.log("soft reset")
             return self.cause, self.raw
-        self.log("crashed (exit %s)" % rc)
-        self.watchdog = None
-        return "hard", False
+        if self.power_cut:
+            self.power_cut = False
+            back = "power-on"
+        elif self.why:
+            back = self.why  # the watchdog's or a timer's reset, which killed it
+        elif rc in (RESET_EXIT, -signal.SIGUSR1):
+            self.log("reset (machine.reset)")
+            back = "soft"
+        else:
+            self.log("crashed (exit %s)" % rc)
+            back = "hard"
+        self.why = None
+        self.watchdog = None  # a reset stops the chip's watchdog
+        return back, False
 
     def kill(self, why):
         self.why = why
@@ -223,8 +220,6 @@ class PtyBoard:
 
     def run(self):
         self.open()
-        self.why = None
-        self.cause = "power-on"
         self.boot(self.cause)
         while True:
             fds = [self.host, self.udp] + ([self.board] if self.child else [])

@@ -15,3 +15,11 @@ def venv_tool(name):
         if os.path.exists(p):
             return p
     raise RuntimeError("%s not found: run 'make setup'" % name)
+
+
+def micropython_path():
+    """The MicroPython that runs devices, the board on a pty and MicroPython tests:
+    $MICROPYTHON when set (any build, e.g. `make board-model`'s 32-bit one), else the venv's
+    Unix port."""
+    env = os.environ.get("MICROPYTHON")
+    return os.path.abspath(env) if env else venv_tool("micropython")
