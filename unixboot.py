@@ -12,8 +12,8 @@
 #
 # A board on a pseudo-terminal (tools/ptyboard.py starts it, one process per boot): FLASH
 # (a littlefs image of SIZE bytes when new, or a directory) becomes the root filesystem, as
-# a board's flash is, so
-# what mpremote copies to / is what boot.py, main.py and the firmware find there. `raw`: the
+# a board's flash is, so what mpremote copies to / is what boot.py, main.py and the
+# firmware find there. `raw`: the
 # host soft-reset the board from the raw REPL, after which a board runs boot.py and not
 # main.py. -i leaves the REPL on the terminal afterwards, as a board's is.
 import sys
@@ -64,7 +64,8 @@ def _pty_board():
         fs = None
     if fs is None:
         fs = unixflash.open_flash(flash, size)[1]
-    # unixflash stays imported: the board layer takes its block device from it.
+    # unixflash stays imported: the loader and the board layer import it, and after the
+    # remount below it is no longer on any path.
     vfs.umount("/")
     vfs.mount(fs, "/")
     os.chdir("/")

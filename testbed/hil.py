@@ -231,7 +231,8 @@ def main(argv=None):
         def seen(t, top, payload, retain):
             if retain or not top.startswith(topic):
                 return
-            first.append(t)
+            if not first:
+                first.append(t)  # when the firmware's first message arrived
             kind = top[len(topic):]
             try:
                 doc = json.loads(payload)
@@ -249,7 +250,7 @@ def main(argv=None):
         observer = Observer(bhost, bport, topics=(topic + "#",), on_message=seen, record=False)
         log("soak: %.0f s, an outage of %.0f s" % (a.soak, outage))
         t0 = time.monotonic()
-        r = mpremote(port, "reset")
+        mpremote(port, "reset")
         while not first and time.monotonic() - t0 < 120:
             time.sleep(0.05)
         boot_ms = round((first[0] - t0) * 1000) if first else None

@@ -447,6 +447,25 @@ def board_state(port, files, stale=(), romfs=None):
                        % (port, (r.stderr or r.stdout).strip()[-300:]))
 
 
+def describe(op, label):
+    """One operation's progress line; label: what the firmware is ("frozen", ...)."""
+    if op[0] == "romfs":
+        return "romfs %s -> /rom" % os.path.relpath(op[1], ROOT)
+    if op[0] == "rm":
+        if op[1] == "/firmware":
+            return "rm -r %s (would shadow the %s firmware)" % (op[1], label)
+        if op[1] == STAGE:
+            return "rm -r %s (staged by a deploy cut short)" % op[1]
+        return "rm -r %s (stale .mpy)" % op[1]
+    if op[0] == "cp":
+        return "%s -> :%s" % (os.path.relpath(op[1], ROOT), op[2])
+    if op[0] == "mkdir":
+        return "mkdir " + op[1]
+    return {"hold": "hold: reset into the REPL, no watchdog, firmware stopped",
+            "commit": "commit: staged files moved into place, hold let go",
+            "reset": "reset"}[op[0]]
+
+
 def run_step(argv, port, after_reset=False):
     """One mpremote command. Right after the hold's reset the board is still booting (and
     a board on native USB is still coming back as a port): a failure to reach its raw REPL
@@ -533,16 +552,7 @@ def main(argv=None):
         argv_ = command(a.port, step)
         for op in step:
             k += 1
-            what = {"romfs": lambda: "romfs %s -> /rom" % os.path.relpath(op[1], ROOT),
-                    "rm": lambda: "rm -r %s (would shadow the %s firmware)" % (op[1], label)
-                    if op[1] == "/firmware" else "rm -r %s (stale .mpy)" % op[1]
-                    if op[1] != STAGE else "rm -r %s (staged by a deploy cut short)" % op[1],
-                    "mkdir": lambda: "mkdir " + op[1],
-                    "cp": lambda: "%s -> :%s" % (os.path.relpath(op[1], ROOT), op[2]),
-                    "hold": lambda: "hold: reset into the REPL, no watchdog, firmware stopped",
-                    "commit": lambda: "commit: staged files moved into place, hold let go",
-                    "reset": lambda: "reset"}[op[0]]()
-            print("[%d/%d] %s" % (k, len(ops), what), flush=True)
+            print("[%d/%d] %s" % (k, len(ops), describe(op, label)), flush=True)
         if a.dry_run:
             print("    " + " ".join(argv_) if step[0][0] not in ("hold", "commit")
                   else "    %s %s (script)" % (" ".join(argv_[:4]), step[0][0]))
