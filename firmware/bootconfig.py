@@ -211,10 +211,10 @@ def _ota(o):
 # `after_attempts` failed attempts in a row, or at the first failed one after `after_s` s of
 # failing ones, whichever comes first; on a secondary, check every `probe_s` (jittered) whether the primary answers, and
 # once it does, return at a random moment within `failback_window_s`. With the default
-# backoff a broker down for 5 minutes sees at most 9 attempts from a device: neither
+# backoff a broker down for 5 minutes sees at most 13 attempts from a device: neither
 # default is reached, so a restart never moves the fleet.
 FAILOVER = {
-    "after_attempts": (12, 1, 1000),
+    "after_attempts": (16, 1, 1000),
     "after_s": (600.0, 1, 86400),
     "probe_s": (300.0, 1, 86400),
     "failback_window_s": (600.0, 0, 86400),

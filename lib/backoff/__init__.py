@@ -47,6 +47,16 @@ class Rng:
         return a + (b - a) * self.random()
 
 
+# Refusal codes by what they ask of a client. Not now: 3.1.1 "server unavailable", 5's
+# "server unavailable". Overloaded: "server busy", "quota exceeded", "connection rate
+# exceeded". Will not fix itself: 3.1.1 bad protocol, id rejected, bad credentials, not
+# authorised; 5's client id not valid, bad user name or password, not authorized, banned,
+# bad authentication method. Any other code is an ordinary failed attempt.
+_BUSY = (3, 0x88)
+_OVERLOAD = (0x89, 0x97, 0x9F)
+_HARD = (1, 2, 4, 5, 0x85, 0x86, 0x87, 0x8A, 0x8C)
+
+
 def full_jitter(attempt, base, cap, rnd):
     """Delay before retry number `attempt` (0-based): uniform(0, min(cap, base * 2**attempt)).
     The cap applies before randomising, so a long outage still spreads retries over [0, cap]."""
@@ -59,13 +69,22 @@ def full_jitter(attempt, base, cap, rnd):
 class Backoff:
     """Reconnect delay state for one link.
 
-    Delay before retry `attempt`: floor + uniform(c/2, c), c = min(cap - floor,
-    max(base, first_window) * 2**attempt) ("equal jitter" scaled from the first window).
+    Delay before retry `attempt`: floor + uniform(3c/4, c), c = min(cap - floor,
+    max(base, first_window) * 2**attempt) (jitter scaled from the first window).
     Full jitter lets a device draw near-zero delays again and again, so its early retries
     pile onto the first wave and a few devices retry many times; a floor of half the
     ceiling bounds the attempts per device, and growing from the first window keeps each
     retry wave at most as dense as the first one, so the peak a broker sees is set by
     first_window, not by fleet size. A first window wider than `cap` wins over it.
+
+    The ceiling is also bounded by the time already spent offline (`offline_s`, passed
+    by the caller): first_window / 2 + half of it, so a short outage never leaves devices
+    sleeping far past its end (a device that failed at t is back by 1.5 t + first_window/2),
+    while the count keeps the early retries apart. Delays come from the upper quarter of
+    the ceiling, [3c/4, c]: with the time bound the ceiling grows by ~1.4 per attempt, and
+    a wider draw would let unlucky devices try twice as often. An overload reason
+    (server busy, quota exceeded, connection rate exceeded) lifts the floor like "server
+    unavailable" and lets the time bound grow with all of the time offline.
 
     Failed attempts grow the window; only a connection that stayed up `stable_s` seconds
     resets it, so a flapping link never retries fast. A refusal that says "not now"
@@ -92,14 +111,16 @@ class Backoff:
         self.attempt = 0
         self.floor = 0.0
         self.hard = False
+        self.busy = False  # an overload reason since the last reset
         self.flaps = 0
 
     def first_delay(self):
         """Delay before the first attempt after a drop: the fleet must not return at once."""
         return self.rnd.uniform(0, self.first_window)
 
-    def next_delay(self):
-        """Delay before the next attempt; each call counts one more attempt."""
+    def next_delay(self, offline_s=None):
+        """Delay before the next attempt; each call counts one more attempt. offline_s:
+        seconds since the link was lost (None: no time bound, e.g. Wi-Fi)."""
         a = self.attempt
         self.attempt += 1
         if self.hard:
@@ -112,14 +133,23 @@ class Backoff:
         g = scale * (1 << min(a, 30))
         if g < c:
             c = g
-        return self.floor + self.rnd.uniform(c / 2, c)
+        if offline_s is not None:
+            t = self.first_window / 2 + (offline_s if self.busy else offline_s / 2)
+            if t < scale:
+                t = scale
+            if t < c:
+                c = t
+        return self.floor + self.rnd.uniform(c * 0.75, c)
 
     def refused(self, rc):
-        """CONNACK refused with return code rc."""
-        if rc == 3:
+        """CONNACK (or a server's DISCONNECT) refused with code rc: 3.1.1's return codes
+        (1..5) or MQTT 5's reason codes (0x80 and up)."""
+        if rc in _BUSY or rc in _OVERLOAD:
             if self.floor < self.busy_floor:
                 self.floor = self.busy_floor
-        else:
+            if rc in _OVERLOAD:
+                self.busy = True
+        elif rc in _HARD:
             self._harden()
 
     def dropped(self, seconds):
@@ -128,6 +158,7 @@ class Backoff:
             self.attempt = 0
             self.floor = 0.0
             self.hard = False
+            self.busy = False
             self.flaps = 0
             return self.first_delay()
         if seconds < self.flap_s:

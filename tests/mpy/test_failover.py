@@ -41,7 +41,7 @@ def _first_move(fo, now, bo):
         i = fo.failed()
         if i is not None:
             return now[0], i
-        now[0] += bo.next_delay()
+        now[0] += bo.next_delay(now[0])  # as the client calls it: time offline
 
 
 def test_a_five_minute_broker_restart_never_moves_a_device():
