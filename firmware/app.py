@@ -8,7 +8,7 @@ import sys
 from backoff import Backoff, Fixed, Rng
 from mqtt.client import MQTTClient
 from outbox.outbox import Outbox
-from firmware import forget, settings
+from firmware import forget, protocols, settings
 from firmware.bootlog import BootLog
 from firmware.commands import Commands
 from firmware.configsync import ConfigSync
@@ -172,6 +172,10 @@ class Device:
             self.log, self._uptime, beat=lambda ms: self._beat("link", ms),
         )
         eps = b["endpoints"]  # bootconfig's, with the SSL contexts (_tls_contexts)
+        protocols.load(self.board.fs, eps)
+        if base_p:
+            for e in eps:
+                e["protocol"] = "3.1.1"  # the blocking client it imitates speaks 3.1.1
         self.client = MQTTClient(
             cfg["device_id"],
             b["host"],
@@ -195,7 +199,11 @@ class Device:
             on_ack=self._on_ack,
             link=self.link.up,
             beat=lambda ms: self._beat("mqtt", ms),
+            session_expiry=0 if base_p else b["session_expiry_s"],
+            will_delay=0 if base_p else b["will_delay_s"],
+            on_protocol=protocols.saver(self.board.fs, eps, self.log),
         )
+        self.client.alias(self.topics.telemetry)
         self.link.on_down = self.client.link_lost
         if len(eps) > 1:
             from firmware.failover import Failover  # a device with one broker does not pay
@@ -452,6 +460,8 @@ class Device:
         return self.outbox.stats["dropped"]
 
     def _on_ack(self, msg):
+        # msg.failed: released undelivered (larger than the broker takes), counted in
+        # health's mqtt.too_big; the outbox lets it go rather than offer it forever.
         if msg.token == _BIRTH:
             self._birth_acked = True
         elif msg.token is not None:

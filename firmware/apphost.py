@@ -278,6 +278,7 @@ class AppHost:
         if ts is not None:
             doc["ts"] = ts
         topic = "%sevent/%s" % (d.topics.base, name)
+        d.client.alias(topic)  # the first few event names travel as two-byte aliases (5)
         if qos == 0:
             # Only while connected: dropped and counted otherwise (no seq: gaps are normal).
             if not d.client.is_connected():

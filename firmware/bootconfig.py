@@ -74,6 +74,11 @@ def validate(doc):
         "window": _num(b, "window", 16, 1, 256),
         "max_frame": _num(b, "max_frame", 4096, 256, 65536),
         "reconnect": _reconnect(b.get("reconnect", {})),
+        # MQTT 5: how long the broker keeps our session once we are gone (a week: a
+        # retired device is forgotten instead of queued for forever), and how long it waits
+        # before publishing our last will (a reconnect within it makes no false "offline").
+        "session_expiry_s": _num(b, "session_expiry_s", 604800, 0, 1073741823),
+        "will_delay_s": _num(b, "will_delay_s", 30, 0, 86400),
     }
     endpoints = []
     for i, e in enumerate(eps):
@@ -134,9 +139,14 @@ def _endpoint(name, e, first):
         "port": _num(e, "port", first.get("port", 1883), 1, 65535),
         "user": _str(e, "user", first.get("user")),
         "password": _str(e, "password", first.get("password")),
+        # "auto": 5, and 3.1.1 for a broker that does not speak it (remembered).
+        "protocol": "5" if e.get("protocol") == 5 else _str(e, "protocol",
+                                                             first.get("protocol", "auto")),
     }
     if not ep["host"]:
         raise ConfigError("%s.host is required" % name)
+    if ep["protocol"] not in PROTOCOLS:
+        raise ConfigError("%s.protocol must be auto, 5 or 3.1.1" % name)
     if "tls" not in e:
         if first.get("tls"):
             # The files, not the name: a server_hostname names the first broker, and this
@@ -221,7 +231,9 @@ FAILOVER = {
 }
 MAX_ENDPOINTS = 4
 # Settings of the session, not of an endpoint: the first endpoint's hold for all.
-SESSION_KEYS = ("keepalive", "timeout", "window", "max_frame", "reconnect")
+SESSION_KEYS = ("keepalive", "timeout", "window", "max_frame", "reconnect",
+                "session_expiry_s", "will_delay_s")
+PROTOCOLS = ("auto", "5", "3.1.1")
 
 
 # name: (default, low, high). Seconds except flap_limit (a count).

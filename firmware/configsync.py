@@ -110,6 +110,9 @@ class ConfigSync:
     async def refresh(self):
         """Re-subscribe to the config topics (the broker re-sends the retained layers) and
         renew the other subscriptions, in one SUBSCRIBE."""
+        # The device's random moment is also when a broker that spoke only 3.1.1 is asked
+        # in 5 again, at the next connect (it may have been upgraded).
+        self.client.retry_v5()
         if await self.client.resubscribe(list(self.layer_of) + self.renew):
             self.refreshes += 1
             return True

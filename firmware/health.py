@@ -120,7 +120,8 @@ class Health:
                                        "protocol_errors", "keepalive_timeouts", "resends",
                                        "pings", "sub_refusals",
                                        "oversized", "failovers", "failbacks",
-                                       "tls_room_misses")},
+                                       "tls_room_misses", "redirects", "server_disconnects",
+                                       "puback_errors", "too_big", "downgrades")},
             "outbox": {"queued": len(d.outbox), "dropped": d.outbox.stats["dropped"],
                        "flash_errors": d.outbox.stats["flash_errors"],
                        "drops": d.outbox.drops[-4:]},
@@ -129,6 +130,9 @@ class Health:
                          "duplicates": d.commands.duplicates,
                          "expired": d.commands.expired},
         }
+        doc["mqtt"]["protocol"] = "5" if d.client.v5 else "3.1.1"
+        if d.client.last_reason:
+            doc["mqtt"]["last_reason"] = d.client.last_reason
         if len(d.client.endpoints) > 1:
             doc["mqtt"]["endpoint"] = d.client.ep
             doc["mqtt"]["broker"] = d.client.endpoint_name()

@@ -1,5 +1,6 @@
-# Async MQTT 3.1.1 client: one connection task that connects, resumes the session, reads,
-# keeps the link alive and reconnects with jittered backoff. Wire format lives in codec,
+# Async MQTT client (5 where the broker speaks it, else 3.1.1): one connection task that
+# connects, resumes the session, reads, keeps the link alive and reconnects with jittered
+# backoff. Wire format lives in codec (and v5, loaded with the first 5 connection),
 # in-flight state in session; this module only does the asyncio I/O around them.
 import asyncio
 import gc
@@ -14,6 +15,7 @@ from backoff import Backoff, Rng
 
 
 _MAX_ADDRS = 4  # addresses of one name tried per attempt
+_MAX_ALIASES = 8  # topics declared for Topic Alias (5): bounded memory
 
 
 class MQTTError(Exception):
@@ -21,11 +23,25 @@ class MQTTError(Exception):
 
 
 class Refused(MQTTError):
-    """CONNACK with a non-zero return code."""
+    """CONNACK with a non-zero return code (or reason code, with 5)."""
 
-    def __init__(self, rc):
-        super().__init__("CONNACK refused: %s" % codec.CONNACK_REASONS.get(rc, rc))
+    def __init__(self, rc, v5=False, to=None):
         self.rc = rc
+        self.reason = reason_name(rc, v5)
+        self.to = to  # a redirect's endpoint index, when it names one of ours
+        super().__init__("CONNACK refused: " + self.reason)
+
+
+def reason_name(rc, v5):
+    if v5:
+        from mqtt.v5 import reason
+
+        return reason(rc)
+    return codec.CONNACK_REASONS.get(rc) or str(rc)
+
+
+class _Downgrade(Exception):
+    """A broker that does not speak 5: try 3.1.1 at once."""
 
 
 def _b(s):
@@ -74,11 +90,36 @@ class MQTTClient:
         endpoints=None,
         failover=None,
         resolve=None,
+        protocol="auto",
+        session_expiry=0,
+        will_delay=0,
+        on_protocol=None,
     ):
         self.client_id = client_id
         self.keepalive = keepalive
         self.clean = clean
         self.will = will
+        # "auto" (5, then 3.1.1 for a broker that does not speak it), "5" or "3.1.1"; an
+        # endpoint's own "protocol" wins. An endpoint found to speak only 3.1.1 is marked
+        # "fallback": True and on_protocol(index, True) told, to be remembered on flash.
+        self.protocol = protocol
+        self.session_expiry = session_expiry  # seconds a 5 broker keeps our session
+        self.will_delay = will_delay  # seconds a 5 broker waits before the last will
+        self.on_protocol = on_protocol
+        self.v5 = False  # what the current (or last) connection speaks
+        self._v5 = None  # the v5 module, once a connection spoke 5
+        self._ka = keepalive  # in effect: a 5 broker's Server Keep Alive replaces ours
+        self._window = window  # ours; a 5 broker's Receive Maximum may lower it
+        self._max_out = 0  # a 5 broker's Maximum Packet Size (0: none)
+        # Topic aliases (5): topics declared with alias(), numbered from 1; per connection,
+        # which are established and the broker's maximum.
+        self._alias_of = {}
+        self._alias_props = []
+        self._alias_on = bytearray(0)
+        self._alias_max = 0
+        self.last_reason = None  # name of the last refusal or server disconnect
+        self._downgrading = False  # a 3.1.1 attempt after 5 was not understood
+        self._disc = None  # a server DISCONNECT's (reason code, endpoint it names or None)
         # Brokers in priority order, each {host, port, user, password, ssl,
         # server_hostname}; the arguments of the same names make a single one.
         self.endpoints = endpoints or [
@@ -141,9 +182,14 @@ class MQTTClient:
             "oversized": 0,  # inbound PUBLISHes over max_frame, acknowledged and dropped
             "rx": 0,
             "tx": 0,
-            "last_refusal": 0,
+            "last_refusal": None,  # its reason, by name
             "failovers": 0,
             "failbacks": 0,
+            "redirects": 0,
+            "server_disconnects": 0,
+            "puback_errors": 0,  # PUBACKs with an error reason (5): the message is kept
+            "too_big": 0,  # messages over the broker's Maximum Packet Size, never sent
+            "downgrades": 0,  # endpoints found to speak 3.1.1 only
         }
         self._hold_room()
         # What went wrong since the last successful connect; handed to the app (and reset)
@@ -189,6 +235,35 @@ class MQTTClient:
     def subscribe(self, topic, qos=1):
         """Declare a subscription; it is sent whenever the broker has no session for us."""
         self.subs.append((_b(topic), qos))
+
+    def alias(self, topic):
+        """Declare a topic published often (telemetry): with 5, and as many as the broker
+        allows, it goes out as a two-byte Topic Alias after its first message on each
+        connection."""
+        topic = _b(topic)
+        if topic not in self._alias_of and len(self._alias_props) < _MAX_ALIASES:
+            n = len(self._alias_props) + 1
+            self._alias_of[topic] = n
+            self._alias_props.append(bytes((3, 0x23, n >> 8, n & 0xFF)))
+            self._alias_on = bytearray(n)
+
+    def protocol_of(self, i):
+        """What endpoint i is tried with first: "5" or "3.1.1"."""
+        e = self.endpoints[i]
+        p = e.get("protocol") or self.protocol
+        if p == "auto":
+            return "3.1.1" if e.get("fallback") else "5"
+        return p
+
+    def retry_v5(self):
+        """Forget which endpoints spoke only 3.1.1 (a broker may have been upgraded): the
+        next connect to each tries 5 first. Called on the device's own random schedule
+        (the config refresh), so a fleet never retries at once."""
+        for i, e in enumerate(self.endpoints):
+            if e.get("fallback"):
+                e["fallback"] = False
+                if self.on_protocol:
+                    self.on_protocol(i, False)
 
     def is_connected(self):
         return self.connected.is_set()
@@ -243,17 +318,25 @@ class MQTTClient:
         if isinstance(payload, str):
             payload = payload.encode()
         # publish_size() only near the limit: a header adds at most 9 bytes.
-        if (len(topic) + len(payload) + 9 > self.max_frame
-                and codec.publish_size(topic, payload, qos) > self.max_frame):
+        n = len(topic) + len(payload) + 9
+        if n > self.max_frame and codec.publish_size(topic, payload, qos) > self.max_frame:
             raise ValueError("message larger than max_frame")
+        if self._max_out and n + 4 > self._max_out and self._too_big(topic, payload, qos):
+            raise ValueError("message larger than the broker's maximum packet size")
         if qos == 0:
             if not self.connected.is_set():
                 return False
             # _send_publish inlined: calling it costs 11k instructions of 82k per message
             # on the Cortex-M0 build (measured).
-            pkt = codec.publish_view(self._txmv, topic, payload, 0, retain)
+            if self.v5:
+                t, props = self._props(topic)
+                pkt = codec.publish_view(self._txmv, t, payload, 0, retain, False, 0, props)
+            else:
+                t = topic
+                props = None
+                pkt = codec.publish_view(self._txmv, topic, payload, 0, retain)
             if pkt is None:
-                await self._send_big(topic, payload, 0, retain, False, 0)
+                await self._send_big(t, payload, 0, retain, False, 0, props)
             else:
                 await self._write(pkt)
             return True
@@ -367,7 +450,18 @@ class MQTTClient:
                 # A failed handshake is a verification or configuration fault, not weather.
                 lvl = "E" if self._step == "tls" else "W"
                 i = fo.failed() if fo else None
-                if i is not None and i != self.ep and self._next_ep is None:
+                to = getattr(e, "to", None)
+                if to is not None and to != self.ep:
+                    # A broker's "use another server" naming one of ours: spread like a
+                    # failover (the broker may send the whole fleet at once).
+                    was = self.endpoint_name()
+                    self._use(to)
+                    self._moved = 1
+                    self.stats["redirects"] += 1
+                    d = bo.first_delay()
+                    self.log("W", "%s: %s sends us to %s; connecting in %.1f s" % (
+                        e.reason, was, self.endpoint_name(), d))
+                elif i is not None and i != self.ep and self._next_ep is None:
                     was = self.endpoint_name()
                     self._use(i)
                     self._moved = 1
@@ -378,7 +472,7 @@ class MQTTClient:
                     self.log("E", "connect to %s failed at %s: %r; failing over to %s in "
                                   "%.1f s" % (was, self._step, e, self.endpoint_name(), d))
                 else:
-                    d = bo.next_delay()
+                    d = bo.next_delay(self.uptime_s() - self._lost_at)
                     self.log(lvl, "connect failed at %s: %r; retry in %.1f s"
                              % (self._step, e, d))
                 self.beat(int(d * 1000))
@@ -391,7 +485,7 @@ class MQTTClient:
             )
             self._rtask = tasks[0]
             # While connected the keepalive loop checks in; without keepalive nobody does.
-            self.beat(int(self.keepalive * 1500) + connect_ms if self.keepalive else None)
+            self.beat(int(self._ka * 1500) + connect_ms if self._ka else None)
             try:
                 await self._resume(present)
                 await self._dead.wait()
@@ -414,6 +508,21 @@ class MQTTClient:
                 self.stats["flaps"] += 1
                 self._trouble[3] += 1
             d = bo.dropped(lasted)
+            disc = self._disc
+            self._disc = None
+            if disc:
+                # The broker said why it closed (5): busy reasons back off as an overload;
+                # a redirect to one of our brokers is followed, spread like a failover.
+                rc, to = disc
+                if to is not None and to != self.ep:
+                    self._use(to)
+                    self._moved = 1
+                    self.stats["redirects"] += 1
+                else:
+                    bo.refused(rc)
+                    if bo.floor or bo.hard:
+                        n = bo.next_delay(0)
+                        d = n if n > d else d
             self.log("I", "link lost after %.1f s; reconnect in %.1f s" % (lasted, d))
             self.beat(int(d * 1000))
             await asyncio.sleep(d)
@@ -423,10 +532,11 @@ class MQTTClient:
         t[0] += 1
         if isinstance(e, Refused):
             self.stats["refusals"] += 1
-            self.stats["last_refusal"] = e.rc
+            self.stats["last_refusal"] = self.last_reason = e.reason
             t[1] += 1
-            t[2] = e.rc
-            self.backoff.refused(e.rc)
+            t[2] = e.reason
+            if e.to is None:
+                self.backoff.refused(e.rc)
             return
         self.stats["connect_failures"] += 1
         if isinstance(e, codec.ProtocolError):
@@ -457,7 +567,7 @@ class MQTTClient:
         # before the attempt counts as failed; the one that answered goes first next time.
         for k in range(n):
             try:
-                present = await self._connect_to(addrs[k])
+                present = await self._connect_proto(addrs[k])
             except Refused:
                 raise  # the broker answered: another address of it will not say otherwise
             except Exception as e:
@@ -470,6 +580,21 @@ class MQTTClient:
             if k:
                 addrs.insert(0, addrs.pop(k))
             return present
+
+    async def _connect_proto(self, ai):
+        """_connect_to, and for a broker that did not understand 5, 3.1.1 at once: the
+        same attempt, so the fallback adds no backoff and no wave."""
+        try:
+            return await self._connect_to(ai)
+        except _Downgrade:
+            await self._close()
+        try:
+            return await self._connect_to(ai)
+        except BaseException:
+            if self._downgrading:  # 3.1.1 failed too: 5 was not the problem
+                self._downgrading = False
+                self.endpoints[self.ep]["fallback"] = False
+            raise
 
     async def _connect_to(self, ai):
         self._dead.clear()
@@ -490,24 +615,74 @@ class MQTTClient:
         self._pinging = False
         if not self.ssl:
             self._step = "connect"
-        pkt = codec.connect_packet(
-            self.client_id, self.keepalive, self.clean, self.will, self.user, self.password
-        )
+        v5 = self.v5 = self.protocol_of(self.ep) == "5"
+        if v5:
+            m = self._v5
+            if m is None:
+                from mqtt import v5 as m
+
+                self._v5 = m
+            # The largest packet we take: a whole frame of max_frame bytes.
+            pkt = m.connect_packet(
+                self.client_id, self.keepalive, self.clean, self.will, self.user,
+                self.password, self.session_expiry,
+                self.max_frame + 1 + codec.varlen_size(self.max_frame), self.will_delay)
+        else:
+            pkt = codec.connect_packet(
+                self.client_id, self.keepalive, self.clean, self.will, self.user,
+                self.password)
         # With TLS the handshake runs inside this first write.
         await asyncio.wait_for(self._send(pkt), self.timeout)
         self._step = "connack"
-        byte0, body = await asyncio.wait_for(self._read_packet(), self.timeout)
+        try:
+            byte0, body = await asyncio.wait_for(self._read_packet(), self.timeout)
+        except asyncio.TimeoutError:
+            raise
+        except OSError as e:
+            # Closed at our CONNECT: a broker that does not speak 5 may do just that (or a
+            # refusing proxy: then 3.1.1 is refused too, and nothing is remembered).
+            if v5 and not self.endpoints[self.ep].get("v5ok") and self._may_downgrade():
+                raise _Downgrade()
+            raise e
         if byte0 & 0xF0 != codec.CONNACK:
             raise codec.ProtocolError("expected CONNACK")
-        present, rc = codec.decode_connack(body)
-        if rc:
-            raise Refused(rc)
+        if v5:
+            present, rc, props = self._v5.decode_connack(body)
+            if rc in (1, 0x84) and self._may_downgrade():
+                raise _Downgrade()
+            if rc:
+                ref = props.get(0x1C)
+                to = self._v5.server_reference(ref, self.endpoints) if rc in (
+                    0x9C, 0x9D) else None
+                if ref is not None and to is None:
+                    self.log("E", "%s names %r, not one of our brokers: not followed" % (
+                        reason_name(rc, True), bytes(ref)))
+                raise Refused(rc, True, to)
+            self._session_props(props)
+            self.endpoints[self.ep]["v5ok"] = True
+        else:
+            present, rc = codec.decode_connack(body)
+            if rc:
+                raise Refused(rc)
+            self._ka = self.keepalive
+            self._max_out = 0
+            self._alias_max = 0
+            self.session.window = self._window
+        if self._downgrading:
+            # 5 was not understood and 3.1.1 was: remembered for this endpoint.
+            self._downgrading = False
+            self.endpoints[self.ep]["fallback"] = True
+            self.stats["downgrades"] += 1
+            self.log("W", "%s does not speak MQTT 5: using 3.1.1 from now on" %
+                     self.endpoint_name())
+            if self.on_protocol:
+                self.on_protocol(self.ep, True)
         self._step = "up"
         self.stats["connects"] += 1
         t = self._trouble
         self.outage = o = None
         if t[0] or t[3] or t[4]:
-            o = {"failed": t[0], "refused": t[1], "rc": t[2], "flaps": t[3],
+            o = {"failed": t[0], "refused": t[1], "reason": t[2], "flaps": t[3],
                  "protocol_errors": t[4]}
         self._trouble = [0, 0, 0, 0, 0]
         if self._last_ep is not None and self._last_ep != self.ep:
@@ -527,6 +702,51 @@ class MQTTClient:
         self._last_rx = self.ticks_ms()
         return present
 
+    def _may_downgrade(self):
+        e = self.endpoints[self.ep]
+        if (e.get("protocol") or self.protocol) != "auto" or self._downgrading:
+            return False
+        self._downgrading = True
+        e["fallback"] = True  # for the one attempt that follows; unset if it fails
+        return True
+
+    def _session_props(self, props):
+        """A 5 CONNACK's limits for this connection."""
+        self._ka = props.get(0x13, self.keepalive)
+        rm = props.get(0x21, 65535)
+        self.session.window = rm if rm < self._window else self._window
+        self._max_out = props.get(0x27, 0)
+        self._alias_max = props.get(0x22, 0)
+        a = self._alias_on
+        for i in range(len(a)):
+            a[i] = 0
+        if 0x11 in props and props[0x11] != self.session_expiry:
+            self.log("I", "broker keeps the session %d s (asked %d)" % (
+                props[0x11], self.session_expiry))
+
+    def _props(self, topic):
+        """(topic, properties) of a PUBLISH on a 5 connection: an established alias sends
+        no topic."""
+        i = self._alias_of.get(topic)
+        if i is None or i > self._alias_max:
+            return topic, b"\x00"
+        props = self._alias_props[i - 1]
+        if self._alias_on[i - 1]:
+            return b"", props
+        self._alias_on[i - 1] = 1
+        return topic, props
+
+    def _too_big(self, topic, payload, qos):
+        if self._v5 is None or not self.v5:
+            return False
+        n = codec.publish_size(topic, payload, qos, b"\x00")
+        if n <= self._max_out:
+            return False
+        self.stats["too_big"] += 1
+        self.log("E", "message of %d bytes on %s over the broker's maximum packet size %d:"
+                      " not sent" % (n, bytes(topic), self._max_out))
+        return True
+
     async def _resume(self, present):
         """After CONNACK: with the session kept, first resend every unacknowledged message
         with DUP and its id (MQTT-4.4.0-1); without it, subscribe first, then send them
@@ -539,6 +759,16 @@ class MQTTClient:
             if self.subs:
                 await self._subscribe_all()
             self.session.renumber()
+        if self._max_out:
+            # Kept (offline, or for another broker) and too big for this one: never sent
+            # to be cut. Counted, and released to the app as failed.
+            for m in self.session.pending():
+                if self._too_big(m.topic, m.payload, 1):
+                    self.session.ack(m.pid)
+                    m.failed = "too big"
+                    self._space.set()
+                    if self.on_ack:
+                        self.on_ack(m)
         epoch = self._epoch
         resent = sent = 0
         while True:
@@ -546,11 +776,12 @@ class MQTTClient:
             if not todo:
                 break
             for m in todo:
-                if m.sent:
+                dup = m.sent > 0  # -1: refused by the broker, a new delivery
+                if dup:
                     resent += 1
                     self.stats["resends"] += 1
                 sent += 1
-                await self._send_msg(m, m.sent != 0)
+                await self._send_msg(m, dup)
                 if self._dead.is_set():
                     raise OSError("link lost while resending")
         self.connected.set()
@@ -581,7 +812,10 @@ class MQTTClient:
         self._sub_pid = pid
         self._subs_sent = subs = subs or self.subs  # to name what a SUBACK refuses
         self._suback.clear()
-        await self._send(codec.subscribe_packet(pid, subs))
+        if self.v5:
+            await self._send(self._v5.subscribe_packet(pid, subs))
+        else:
+            await self._send(codec.subscribe_packet(pid, subs))
         if asyncio.current_task() is self._rtask:
             # From an inbound handler (the refresh-config command): the SUBACK can only be
             # read once it returns, so waiting here would stall the link for `timeout`.
@@ -661,7 +895,7 @@ class MQTTClient:
             off += 1
         if n > self.max_frame and byte0 & 0xF0 == codec.PUBLISH:
             return byte0, await self._drop_big(byte0, off, n)
-        codec.check_fixed_header(byte0, n, self.max_frame)
+        codec.check_fixed_header(byte0, n, self.max_frame, self.v5)
         self._last_rx = self.ticks_ms()
         self.stats["rx"] += 1
         if off + n > len(buf):
@@ -700,7 +934,8 @@ class MQTTClient:
         h = self._r0 + off
         # The buffered start of the body holds the topic and packet id (a topic longer
         # than the buffer is a protocol error).
-        topic, _, qos, pid, _, _ = codec.decode_publish(byte0 & 0x0F, self._rxmv[h:h + k])
+        topic, _, qos, pid, _, _ = codec.decode_publish(byte0 & 0x0F, self._rxmv[h:h + k],
+                                                        self.v5)
         self._r0 = h + k
         left = n - k
         while left:
@@ -748,7 +983,8 @@ class MQTTClient:
             return
         ptype = byte0 & 0xF0
         if ptype == codec.PUBLISH:
-            topic, payload, qos, pid, dup, retain = codec.decode_publish(byte0 & 0x0F, body)
+            topic, payload, qos, pid, dup, retain = codec.decode_publish(
+                byte0 & 0x0F, body, self.v5)
             if qos == 2:
                 raise codec.ProtocolError("QoS 2 PUBLISH on a QoS 1 subscription")
             if qos == 0 or not self.session.seen_inbound(pid, dup):
@@ -767,20 +1003,53 @@ class MQTTClient:
                 codec.ack_into(self._ackbuf, codec.PUBACK, pid)
                 await self._send(self._ackbuf)
         elif ptype == codec.PUBACK:
-            self._acked(codec.decode_pid(body))
+            if len(body) > 2 and body[2] >= 0x80:
+                self._nacked(codec.decode_pid(body), body[2])
+            else:
+                self._acked(codec.decode_pid(body))
         elif ptype == codec.SUBACK:
-            pid, granted = codec.decode_suback(body)
+            if self.v5:
+                pid, granted = self._v5.decode_suback(body)
+            else:
+                pid, granted = codec.decode_suback(body)
             if pid == self._sub_pid:
-                n = granted.count(0x80)
-                if n:
-                    self.stats["sub_refusals"] += n
-                    self.log("E", "broker refused %d subscription(s): %r" % (n, [
-                        s[0] for s, g in zip(self._subs_sent, granted) if g == 0x80]))
+                bad = [(s[0], g) for s, g in zip(self._subs_sent, granted) if g >= 0x80]
+                if bad:
+                    self.stats["sub_refusals"] += len(bad)
+                    self.log("E", "broker refused %d subscription(s): %s" % (len(bad), ", ".join(
+                        "%s (%s)" % (bytes(t).decode(), reason_name(g, self.v5))
+                        for t, g in bad)))
                 self._suback.set()
         elif ptype == codec.PINGRESP:
             pass
+        elif ptype == codec.DISCONNECT:  # from a 5 broker: why, and maybe where to go
+            rc, props = self._v5.decode_disconnect(body)
+            self.stats["server_disconnects"] += 1
+            self.last_reason = name = reason_name(rc, True)
+            ref = props.get(0x1C)
+            to = self._v5.server_reference(ref, self.endpoints) if rc in (
+                0x9C, 0x9D) else None
+            self._disc = (rc, to)
+            self.log("W", "broker disconnected us: %s%s" % (name, "" if ref is None else (
+                " (names %s%s)" % (bytes(ref).decode(), "" if to is not None else
+                                   ", not one of our brokers: not followed"))))
+            raise OSError("disconnected by the broker: " + name)
         else:
             raise codec.ProtocolError("unexpected packet type %d" % (ptype >> 4))
+
+    def _nacked(self, pid, rc):
+        """A PUBACK with an error reason (5): the broker did not take the message. It is
+        kept, with a new packet id, and sent again at the next keepalive period or
+        connection, never dropped; counted."""
+        msg = self.session.ack(pid)
+        if msg is None:
+            return
+        self.stats["puback_errors"] += 1
+        self.last_reason = name = reason_name(rc, True)
+        self.log("W", "broker refused a message on %s: %s; kept to send again" % (
+            bytes(msg.topic), name))
+        self.session.add(msg, True)
+        msg.sent = -1
 
     def _acked(self, pid):
         msg = self.session.ack(pid)
@@ -801,14 +1070,18 @@ class MQTTClient:
         # so no other publisher can touch the buffer meanwhile. One write per packet: a
         # header sent apart from its payload stalls on Nagle and delayed ACK.
         # Not a coroutine: returns what to await (see _write).
-        pkt = codec.publish_view(self._txmv, topic, payload, qos, retain, dup, pid)
+        props = None
+        if self.v5:
+            topic, props = self._props(topic)
+        pkt = codec.publish_view(self._txmv, topic, payload, qos, retain, dup, pid, props)
         if pkt is not None:
             return self._write(pkt)
-        return self._send_big(topic, payload, qos, retain, dup, pid)
+        return self._send_big(topic, payload, qos, retain, dup, pid, props)
 
-    async def _send_big(self, topic, payload, qos, retain, dup, pid):
+    async def _send_big(self, topic, payload, qos, retain, dup, pid, props=None):
         # Rare (config reports, big commands): two writes under the lock, in order.
-        off = codec.publish_header_into(self._txbuf, topic, len(payload), qos, retain, dup, pid)
+        off = codec.publish_header_into(self._txbuf, topic, len(payload), qos, retain, dup,
+                                        pid, props)
         await self._write_locked(bytes(self._txmv[:off]), payload)
         self.stats["tx"] += 1
 
@@ -876,12 +1149,12 @@ class MQTTClient:
     async def _keepalive_loop(self):
         """PINGREQ when idle for the keepalive interval; a link silent for 1.5 x keepalive
         is dead even if TCP never says so (a black-holed connection)."""
-        ka = self.keepalive * 1000
+        ka = self._ka * 1000
         if not ka:
             return
         step = min(1000, ka // 4)
         diff = self.ticks_diff
-        woke = self.ticks_ms()
+        woke = self._nack_at = self.ticks_ms()
         while not self._dead.is_set():
             self.beat(step)
             await asyncio.sleep_ms(step)
@@ -898,6 +1171,12 @@ class MQTTClient:
                 self.log("W", "no traffic from broker for 1.5 x keepalive: link dead")
                 self._kill()
                 break
+            if self.v5 and diff(now, self._nack_at) >= ka and self.connected.is_set():
+                self._nack_at = now
+                for m in self.session.pending():
+                    if m.sent == -1:  # refused by the broker (_nacked): once per period
+                        m.sent = 0
+                        asyncio.create_task(self._send_msg(m, False))
             if (
                 diff(now, self._last_tx) >= ka
                 or diff(now, self._last_rx) >= ka

@@ -1,5 +1,7 @@
-# MQTT 3.1.1 wire format: encode client packets, decode and validate broker packets.
-# Pure functions over bytes/memoryview; no I/O, no clock, no state, so it is tested exhaustively.
+# MQTT 3.1.1 wire format: encode client packets, decode and validate broker packets, plus
+# the little of MQTT 5 that its hot paths share (a PUBLISH's properties, the frame check);
+# the rest of 5 lives in mqtt.v5. Pure functions over bytes/memoryview; no I/O, no clock,
+# no state, so it is tested exhaustively.
 from micropython import const
 
 CONNECT = const(0x10)
@@ -88,20 +90,23 @@ class VarlenDecoder:
         return None
 
 
-def check_fixed_header(byte0, length, max_frame):
-    """Validate a broker packet's first byte and length before its body is read."""
+def check_fixed_header(byte0, length, max_frame, v5=False):
+    """Validate a broker packet's first byte and length before its body is read. With
+    v5, acknowledgements may carry a reason code and properties, and a server may send
+    DISCONNECT."""
     ptype = byte0 & 0xF0
     flags = byte0 & 0x0F
     if ptype == PUBLISH:
         if (flags >> 1) & 3 == 3:
             raise ProtocolError("PUBLISH with QoS 3")
     else:
-        want = _SERVER_FLAGS.get(ptype)
+        want = 0 if v5 and ptype == DISCONNECT else _SERVER_FLAGS.get(ptype)
         if want is None:
             raise ProtocolError("packet type %d not sent by a server" % (ptype >> 4))
         if flags != want:
             raise ProtocolError("bad flags on packet type %d" % (ptype >> 4))
-        if ptype in (CONNACK, PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK) and length != 2:
+        if ptype in (CONNACK, PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK) and (
+                length < 2 if v5 else length != 2):
             raise ProtocolError("packet type %d must have length 2" % (ptype >> 4))
         if ptype == PINGRESP and length != 0:
             raise ProtocolError("PINGRESP must have length 0")
@@ -160,15 +165,16 @@ def connect_packet(client_id, keepalive, clean=False, will=None, user=None, pass
     return buf
 
 
-def publish_size(topic, payload, qos):
-    body = 2 + len(topic) + len(payload) + (2 if qos else 0)
+def publish_size(topic, payload, qos, props=None):
+    body = 2 + len(topic) + len(payload) + (2 if qos else 0) + (len(props) if props else 0)
     return 1 + varlen_size(body) + body
 
 
-def publish_header_into(buf, topic, plen, qos=0, retain=False, dup=False, pid=0):
-    """Encode a PUBLISH's fixed header, topic and packet id (everything before a payload
-    of plen bytes) into buf; return its length."""
-    body = 2 + len(topic) + plen + (2 if qos else 0)
+def publish_header_into(buf, topic, plen, qos=0, retain=False, dup=False, pid=0,
+                        props=None):
+    """Encode a PUBLISH's fixed header, topic, packet id and (MQTT 5) properties, length
+    included: everything before a payload of plen bytes, into buf; return its length."""
+    body = 2 + len(topic) + plen + (2 if qos else 0) + (len(props) if props else 0)
     buf[0] = PUBLISH | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
     off = write_varlen(buf, 1, body)
     off = _put_str(buf, off, topic)
@@ -176,15 +182,21 @@ def publish_header_into(buf, topic, plen, qos=0, retain=False, dup=False, pid=0)
         buf[off] = pid >> 8
         buf[off + 1] = pid & 0xFF
         off += 2
+    if props:
+        buf[off:off + len(props)] = props
+        off += len(props)
     return off
 
 
-def publish_view(mv, topic, payload, qos=0, retain=False, dup=False, pid=0):
+def publish_view(mv, topic, payload, qos=0, retain=False, dup=False, pid=0, props=None):
     """Encode a whole PUBLISH at the start of memoryview mv; return the view of its bytes
-    (the only allocation), or None when it does not fit (mv untouched)."""
+    (the only allocation), or None when it does not fit (mv untouched). props: MQTT 5's
+    property section, length first (b"\x00" for none); None for 3.1.1."""
     tl = len(topic)
     pl = len(payload)
     body = tl + pl + (4 if qos else 2)
+    if props:
+        body += len(props)
     off = 2 if body < 128 else 1 + varlen_size(body)
     n = off + body
     if n > len(mv):
@@ -205,13 +217,16 @@ def publish_view(mv, topic, payload, qos=0, retain=False, dup=False, pid=0):
     if qos:
         pkt[off + tl] = pid >> 8
         pkt[off + tl + 1] = pid & 0xFF
+        tl += 2
+    if props:
+        pkt[off + tl : n - pl] = props
     return pkt
 
 
-def publish_into(buf, topic, payload, qos=0, retain=False, dup=False, pid=0):
+def publish_into(buf, topic, payload, qos=0, retain=False, dup=False, pid=0, props=None):
     """Encode a whole PUBLISH into the preallocated buf; return its length.
     topic and payload are bytes-like; the caller sized buf with publish_size()."""
-    off = publish_header_into(buf, topic, len(payload), qos, retain, dup, pid)
+    off = publish_header_into(buf, topic, len(payload), qos, retain, dup, pid, props)
     n = len(payload)
     buf[off : off + n] = payload
     return off + n
@@ -255,8 +270,9 @@ def decode_connack(body):
     return bool(body[0] & 1), body[1]
 
 
-def decode_publish(flags, body):
-    """Return (topic bytes, payload memoryview, qos, pid, dup, retain) of a PUBLISH body."""
+def decode_publish(flags, body, v5=False):
+    """Return (topic bytes, payload memoryview, qos, pid, dup, retain) of a PUBLISH body;
+    with v5 its properties are skipped (we allow the server no topic aliases)."""
     n = len(body)
     if n < 2:
         raise ProtocolError("PUBLISH too short")
@@ -272,6 +288,25 @@ def decode_publish(flags, body):
         if pid == 0:
             raise ProtocolError("PUBLISH QoS>0 with packet id 0")
         end += 2
+    if v5:
+        if not tlen:
+            raise ProtocolError("PUBLISH with an empty topic (no alias was allowed)")
+        k = 0
+        shift = 0
+        while True:
+            if end >= n:
+                raise ProtocolError("PUBLISH properties run past the frame")
+            c = body[end]
+            end += 1
+            k |= (c & 0x7F) << shift
+            if c & 0x80 == 0:
+                break
+            shift += 7
+            if shift >= 28:
+                raise ProtocolError("variable integer longer than 4 bytes")
+        end += k
+        if end > n:
+            raise ProtocolError("PUBLISH properties run past the frame")
     return topic, body[end:], qos, pid, bool(flags & 8), bool(flags & 1)
 
 

@@ -6,7 +6,8 @@ class Message:
     """An outbound PUBLISH kept until its PUBACK. token is the app's handle (e.g. a queue
     position) returned to it on acknowledgement."""
 
-    __slots__ = ("topic", "payload", "qos", "retain", "pid", "order", "token", "sent", "done")
+    __slots__ = ("topic", "payload", "qos", "retain", "pid", "order", "token", "sent", "done",
+                 "failed")
 
     def __init__(self, topic, payload, qos, retain, token=None):
         self.topic = topic
@@ -18,8 +19,9 @@ class Message:
         self.token = token
         self.done = None  # an Event set on PUBACK, for a publisher that waits for it
         # Number of the connection it was last written on (0: never). Written on an earlier
-        # one means a resend, which carries DUP.
+        # one means a resend, which carries DUP; -1: refused by the broker, to send again.
         self.sent = 0
+        self.failed = None  # why it was released undelivered (too big for the broker)
 
 
 class Session:

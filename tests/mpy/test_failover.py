@@ -132,7 +132,7 @@ def test_broker_list_inherits_credentials_and_tls_from_the_first():
 def test_a_single_broker_object_stays_valid():
     c = _cfg({"host": "a"})
     assert c["broker"]["endpoints"] == [{"host": "a", "port": 1883, "user": None,
-                                         "password": None}]
+                                         "password": None, "protocol": "auto"}]
 
 
 def test_bad_broker_lists_are_refused_with_the_field_named():

@@ -1,0 +1,265 @@
+# MQTT 5 wire format beyond 3.1.1's: CONNECT with properties, the properties of CONNACK,
+# PUBACK, SUBACK and a server's DISCONNECT, and reason codes by name. Pure, like codec;
+# imported only when a connection speaks 5, so a 3.1.1 device never loads it.
+from micropython import const
+
+from mqtt.codec import CONNECT, ProtocolError, _b, _put_str, varlen_size, write_varlen
+
+SESSION_EXPIRY = const(0x11)
+RECEIVE_MAX = const(0x21)
+MAX_PACKET = const(0x27)
+TOPIC_ALIAS_MAX = const(0x22)
+TOPIC_ALIAS = const(0x23)
+SERVER_KEEPALIVE = const(0x13)
+SERVER_REFERENCE = const(0x1C)
+REASON_STRING = const(0x1F)
+ASSIGNED_ID = const(0x12)
+WILL_DELAY = const(0x18)
+MESSAGE_EXPIRY = const(0x02)
+USER_PROPERTY = const(0x26)
+
+# Size of each property's value: 1, 2, 4 bytes; 0 a variable byte integer; 5 a string or
+# binary (2-byte length); 6 a string pair. A property not here is a protocol error.
+_SIZES = {
+    0x01: 1, 0x17: 1, 0x19: 1, 0x24: 1, 0x25: 1, 0x28: 1, 0x29: 1, 0x2A: 1,
+    0x13: 2, 0x21: 2, 0x22: 2, 0x23: 2,
+    0x02: 4, 0x11: 4, 0x18: 4, 0x27: 4,
+    0x0B: 0,
+    0x03: 5, 0x08: 5, 0x09: 5, 0x12: 5, 0x15: 5, 0x16: 5, 0x1A: 5, 0x1C: 5, 0x1F: 5,
+    0x26: 6,
+}
+
+REASONS = {
+    0x00: "success",
+    0x04: "disconnect with will message",
+    0x10: "no matching subscribers",
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x83: "implementation specific error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8B: "server shutting down",
+    0x8C: "bad authentication method",
+    0x8D: "keep alive timeout",
+    0x8E: "session taken over",
+    0x8F: "topic filter invalid",
+    0x90: "topic name invalid",
+    0x91: "packet identifier in use",
+    0x93: "receive maximum exceeded",
+    0x94: "topic alias invalid",
+    0x95: "packet too large",
+    0x96: "message rate too high",
+    0x97: "quota exceeded",
+    0x98: "administrative action",
+    0x99: "payload format invalid",
+    0x9A: "retain not supported",
+    0x9B: "qos not supported",
+    0x9C: "use another server",
+    0x9D: "server moved",
+    0x9E: "shared subscriptions not supported",
+    0x9F: "connection rate exceeded",
+    0xA0: "maximum connect time",
+    0xA1: "subscription identifiers not supported",
+    0xA2: "wildcard subscriptions not supported",
+}
+
+
+def reason(rc):
+    """A reason code's name (an unknown one as its hex value)."""
+    return REASONS.get(rc) or "0x%02x" % rc
+
+
+def read_varint(b, off):
+    """A variable byte integer at b[off:]: (value, offset after it)."""
+    v = 0
+    shift = 0
+    while True:
+        if off >= len(b):
+            raise ProtocolError("variable integer runs past the frame")
+        c = b[off]
+        off += 1
+        v |= (c & 0x7F) << shift
+        if c & 0x80 == 0:
+            return v, off
+        shift += 7
+        if shift >= 28:
+            raise ProtocolError("variable integer longer than 4 bytes")
+
+
+def read_props(b, off):
+    """Properties at b[off:] (length first): ({id: value}, offset after them). Strings are
+    bytes; a repeated property keeps its last value (user properties are skipped)."""
+    n, off = read_varint(b, off)
+    end = off + n
+    if end > len(b):
+        raise ProtocolError("properties run past the frame")
+    props = {}
+    while off < end:
+        pid = b[off]
+        off += 1
+        size = _SIZES.get(pid)
+        if size is None:
+            raise ProtocolError("unknown property 0x%02x" % pid)
+        if size == 0:
+            v, off = read_varint(b, off)
+        elif size < 5:
+            if off + size > end:
+                raise ProtocolError("property runs past its section")
+            v = 0
+            for i in range(size):
+                v = (v << 8) | b[off + i]
+            off += size
+        else:
+            v = None
+            for _ in range(size - 4):  # a pair is two strings
+                if off + 2 > end:
+                    raise ProtocolError("property runs past its section")
+                k = (b[off] << 8) | b[off + 1]
+                if off + 2 + k > end:
+                    raise ProtocolError("property runs past its section")
+                v = bytes(b[off + 2:off + 2 + k])
+                off += 2 + k
+            if pid == USER_PROPERTY:
+                continue
+        props[pid] = v
+    return props, end
+
+
+def _u32(v):
+    return bytes((v >> 24 & 0xFF, v >> 16 & 0xFF, v >> 8 & 0xFF, v & 0xFF))
+
+
+def connect_packet(client_id, keepalive, clean=False, will=None, user=None, password=None,
+                   session_expiry=0, max_packet=0, will_delay=0):
+    """CONNECT for protocol level 5: Session Expiry Interval and Maximum Packet Size in its
+    properties (0: left out), Will Delay Interval in the will's. Built once per connect."""
+    client_id = _b(client_id)
+    props = b""
+    if session_expiry:
+        props += b"\x11" + _u32(session_expiry)
+    if max_packet:
+        props += b"\x27" + _u32(max_packet)
+    flags = 0x02 if clean else 0
+    size = 10 + 1 + len(props) + 2 + len(client_id)
+    if will:
+        wt, wm, wq, wr = _b(will[0]), _b(will[1]), will[2], will[3]
+        wprops = (b"\x18" + _u32(will_delay)) if will_delay else b""
+        flags |= 0x04 | (wq << 3) | (0x20 if wr else 0)
+        size += 1 + len(wprops) + 4 + len(wt) + len(wm)
+    if user is not None:
+        user = _b(user)
+        flags |= 0x80
+        size += 2 + len(user)
+        if password is not None:
+            password = _b(password)
+            flags |= 0x40
+            size += 2 + len(password)
+    buf = bytearray(1 + varlen_size(size) + size)
+    buf[0] = CONNECT
+    off = write_varlen(buf, 1, size)
+    off = _put_str(buf, off, b"MQTT")
+    buf[off] = 5
+    buf[off + 1] = flags
+    buf[off + 2] = keepalive >> 8
+    buf[off + 3] = keepalive & 0xFF
+    buf[off + 4] = len(props)  # < 128: one byte
+    off += 5
+    buf[off:off + len(props)] = props
+    off = _put_str(buf, off + len(props), client_id)
+    if will:
+        buf[off] = len(wprops)
+        buf[off + 1:off + 1 + len(wprops)] = wprops
+        off = _put_str(buf, off + 1 + len(wprops), wt)
+        off = _put_str(buf, off, wm)
+    if user is not None:
+        off = _put_str(buf, off, user)
+        if password is not None:
+            off = _put_str(buf, off, password)
+    return buf
+
+
+def decode_connack(body):
+    """(session_present, reason code, properties). A 3.1.1 broker's two-byte CONNACK
+    (its refusal of protocol level 5) has no properties."""
+    if body[0] & 0xFE:
+        raise ProtocolError("CONNACK reserved bits set")
+    props = {}
+    if len(body) > 2:
+        props, end = read_props(body, 2)
+        if end != len(body):
+            raise ProtocolError("CONNACK longer than its properties")
+    return bool(body[0] & 1), body[1], props
+
+
+def decode_ack(body):
+    """PUBACK/UNSUBACK-style body: (packet id, reason code, properties)."""
+    pid = (body[0] << 8) | body[1]
+    if len(body) == 2:
+        return pid, 0, None
+    rc = body[2]
+    props = None
+    if len(body) > 3:
+        props = read_props(body, 3)[0]
+    return pid, rc, props
+
+
+def decode_suback(body):
+    """(packet id, [reason code per filter]): 0..2 granted QoS, 0x80 and up refused."""
+    _, off = read_props(body, 2)
+    return (body[0] << 8) | body[1], [body[i] for i in range(off, len(body))]
+
+
+def decode_disconnect(body):
+    """A server's DISCONNECT: (reason code, properties)."""
+    if not len(body):
+        return 0, {}
+    if len(body) == 1:
+        return body[0], {}
+    return body[0], read_props(body, 1)[0]
+
+
+def alias_props(alias):
+    """A PUBLISH's properties carrying Topic Alias `alias` (length included)."""
+    return bytes((3, TOPIC_ALIAS, alias >> 8, alias & 0xFF))
+
+
+def subscribe_packet(pid, topics):
+    """SUBSCRIBE with no properties; each filter's options byte is its QoS (retained
+    messages sent at subscribe, as 3.1.1 does)."""
+    size = 3
+    for t, _ in topics:
+        size += 3 + len(_b(t))
+    buf = bytearray(1 + varlen_size(size) + size)
+    buf[0] = 0x82
+    off = write_varlen(buf, 1, size)
+    buf[off] = pid >> 8
+    buf[off + 1] = pid & 0xFF
+    buf[off + 2] = 0
+    off += 3
+    for t, q in topics:
+        off = _put_str(buf, off, _b(t))
+        buf[off] = q
+        off += 1
+    return buf
+
+
+def server_reference(ref, endpoints):
+    """Index of the endpoint a Server Reference names ("host[:port]", several separated
+    by spaces), or None: a broker may send a device only to a broker it already knows."""
+    if not ref:
+        return None
+    for item in bytes(ref).decode().split():
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            host, port = item, ""
+        host = host.strip("[]").lower()
+        for i, e in enumerate(endpoints):
+            if e["host"].lower() == host and (not port or int(port) == e["port"]):
+                return i
+    return None
