@@ -25,11 +25,67 @@ UP = "up"  # device -> broker
 DOWN = "down"  # broker -> device
 
 
-class Packet:
-    __slots__ = ("t", "conn", "dir", "type", "dup", "qos", "pid", "topic", "client_id", "clean",
-                 "rc", "present", "filters")
+# MQTT 5 property sizes (1, 2, 4 bytes; 0 varint; 5 string/binary; 6 string pair).
+_PROP_SIZES = {
+    0x01: 1, 0x17: 1, 0x19: 1, 0x24: 1, 0x25: 1, 0x28: 1, 0x29: 1, 0x2A: 1,
+    0x13: 2, 0x21: 2, 0x22: 2, 0x23: 2, 0x02: 4, 0x11: 4, 0x18: 4, 0x27: 4, 0x0B: 0,
+    0x03: 5, 0x08: 5, 0x09: 5, 0x12: 5, 0x15: 5, 0x16: 5, 0x1A: 5, 0x1C: 5, 0x1F: 5,
+    0x26: 6,
+}
 
-    def __init__(self, t, conn, direction, ptype, flags, body):
+
+def _varint(body, off):
+    v, shift = 0, 0
+    while True:
+        b = body[off]
+        off += 1
+        v |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return v, off
+        shift += 7
+
+
+def read_props(body, off):
+    """An MQTT 5 property section at body[off:]: ({id: value}, offset after it)."""
+    n, off = _varint(body, off)
+    end = off + n
+    props = {}
+    while off < end:
+        pid = body[off]
+        off += 1
+        size = _PROP_SIZES[pid]
+        if size == 0:
+            v, off = _varint(body, off)
+        elif size < 5:
+            v = int.from_bytes(body[off:off + size], "big")
+            off += size
+        else:
+            v = []
+            for _ in range(size - 4):
+                k = struct.unpack_from(">H", body, off)[0]
+                v.append(bytes(body[off + 2:off + 2 + k]).decode("utf-8", "replace"))
+                off += 2 + k
+            v = v[0] if size == 5 else tuple(v)
+        props[pid] = v
+    return props, end
+
+
+class Packet:
+    """One MQTT packet as seen on the wire, 3.1.1 or 5 (per connection, from its CONNECT).
+    With 5, `props` holds the properties of CONNECT, CONNACK, PUBLISH, PUBACK and
+    DISCONNECT, and a PUBLISH sent with an established Topic Alias gets its topic back
+    (`alias` says which)."""
+
+    __slots__ = ("t", "conn", "dir", "type", "dup", "qos", "pid", "topic", "client_id", "clean",
+                 "rc", "present", "filters", "version", "props", "alias", "size")
+
+    def __init__(self, t, conn, direction, ptype, flags, body, state=None):
+        state = state if state is not None else {}
+        v5 = state.get("version") == 5
+        self.version = state.get("version")
+        self.props = None
+        self.alias = None
+        self.size = len(body)
         self.t = t
         self.conn = conn
         self.dir = direction
@@ -47,27 +103,54 @@ class Packet:
             if ptype == 3:
                 n = struct.unpack_from(">H", body)[0]
                 self.topic = bytes(body[2:2 + n]).decode("utf-8", "replace")
+                off = 2 + n
                 if self.qos:
                     self.pid = struct.unpack_from(">H", body, 2 + n)[0]
+                    off += 2
+                if v5:
+                    self.props = read_props(body, off)[0]
+                    a = self.props.get(0x23)
+                    if a is not None:
+                        self.alias = a
+                        aliases = state.setdefault("aliases", {})
+                        if n:
+                            aliases[(direction, a)] = self.topic
+                        else:
+                            self.topic = aliases.get((direction, a))
             elif ptype == 2:
                 self.present = bool(body[0] & 1)
                 self.rc = body[1]
+                if v5 and len(body) > 2:
+                    self.props = read_props(body, 2)[0]
+            elif ptype == 14:
+                self.rc = body[0] if len(body) else 0
+                if v5 and len(body) > 1:
+                    self.props = read_props(body, 1)[0]
             elif ptype in (4, 8, 9):
                 self.pid = struct.unpack_from(">H", body)[0]
+                if ptype == 4:
+                    self.rc = body[2] if len(body) > 2 else 0
+                    if v5 and len(body) > 3:
+                        self.props = read_props(body, 3)[0]
                 if ptype == 8:
                     self.filters = []
                     off = 2
+                    if v5:
+                        off = read_props(body, 2)[1]
                     while off + 2 <= len(body):
                         n = struct.unpack_from(">H", body, off)[0]
                         self.filters.append(bytes(body[off + 2:off + 2 + n]).decode("utf-8", "replace"))
                         off += 2 + n + 1  # the filter, then its requested QoS byte
             elif ptype == 1:
                 n = struct.unpack_from(">H", body)[0]  # protocol name, then level, flags, keepalive
+                self.version = state["version"] = body[2 + n]
                 self.clean = bool(body[2 + n + 1] & 2)
                 off = 2 + n + 4
+                if self.version == 5:
+                    self.props, off = read_props(body, off)
                 k = struct.unpack_from(">H", body, off)[0]
                 self.client_id = bytes(body[off + 2:off + 2 + k]).decode("utf-8", "replace")
-        except struct.error:
+        except (struct.error, IndexError, KeyError):
             pass  # a malformed packet is still counted by type
 
     def __repr__(self):
@@ -285,17 +368,18 @@ class FaultProxy:
         self._next_id += 1
         cid = self._next_id
         self._conns[cid] = (dwriter, bwriter)
+        state = {}  # what both directions' records share: protocol version, topic aliases
         try:
             await asyncio.gather(
-                self._pump(cid, UP, dreader, bwriter),
-                self._pump(cid, DOWN, breader, dwriter),
+                self._pump(cid, UP, dreader, bwriter, state),
+                self._pump(cid, DOWN, breader, dwriter, state),
             )
         finally:
             self._conns.pop(cid, None)
             for w in (dwriter, bwriter):
                 w.close()
 
-    async def _pump(self, cid, direction, reader, writer):
+    async def _pump(self, cid, direction, reader, writer, state):
         framer = _Framer() if self.record else None
         due = 0.0  # bandwidth cap: when the bytes forwarded so far have had their time
         try:
@@ -310,7 +394,7 @@ class FaultProxy:
                     self._poisoned.add(cid)
                     continue
                 if not self._bandwidth:
-                    await self._forward(cid, direction, framer, writer, data)
+                    await self._forward(cid, direction, framer, writer, data, state)
                     continue
                 # Capped: out in slices of a tenth of a second's worth, each once the bytes
                 # before it have had their time on the wire (no read meanwhile, so a sender
@@ -319,7 +403,7 @@ class FaultProxy:
                 while off < len(data):
                     bw = self._bandwidth
                     if not bw:
-                        await self._forward(cid, direction, framer, writer, data[off:])
+                        await self._forward(cid, direction, framer, writer, data[off:], state)
                         break
                     piece = data[off:off + max(1, int(bw // 10))]
                     off += len(piece)
@@ -330,14 +414,14 @@ class FaultProxy:
                     if bh and (bh == "both" or bh == direction):
                         self._poisoned.add(cid)
                         break
-                    await self._forward(cid, direction, framer, writer, piece)
+                    await self._forward(cid, direction, framer, writer, piece, state)
         except (OSError, asyncio.CancelledError):
             pass
         finally:
             # One side ended: end the other too, as a real TCP path would after a close.
             writer.close()
 
-    async def _forward(self, cid, direction, framer, writer, data):
+    async def _forward(self, cid, direction, framer, writer, data, state):
         if framer is not None:
             t = time.monotonic()
             for byte0, body in framer.feed(data):
@@ -345,7 +429,7 @@ class FaultProxy:
                     self.first_publish[cid] = t
                 if self.record == "control" and byte0 >> 4 in _BULK:
                     continue
-                pkt = Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body)
+                pkt = Packet(t, cid, direction, byte0 >> 4, byte0 & 15, body, state)
                 if pkt.client_id is not None:
                     self.clients[cid] = pkt.client_id
                 self.packets.append(pkt)

@@ -34,6 +34,7 @@ class RogueBroker:
         self.connack = connack
         self.connections = 0
         self.received = b""  # what the device sent after its CONNECT
+        self.first = None  # the first CONNECT
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
         threading.Thread(target=self._run, args=(ready,), daemon=True).start()
@@ -51,7 +52,9 @@ class RogueBroker:
     async def _client(self, reader, writer):
         self.connections += 1
         try:
-            await reader.read(1024)  # CONNECT
+            first = await reader.read(1024)  # CONNECT
+            if self.first is None:
+                self.first = first
             if self.connack:
                 writer.write(self.connack)
             if self.payload:
@@ -90,9 +93,11 @@ class RogueBroker:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def _start(fleet, tmp_path, port, dev):
+def _start(fleet, tmp_path, port, dev, protocol="3.1.1"):
+    # The frames above are 3.1.1's; V5_CASES are 5's.
     cfg = device_config(dev, "127.0.0.1", port, broker={
-        "keepalive": 60, "timeout": 2, "reconnect": {"first_window": 0.3, "base": 0.3}})
+        "keepalive": 60, "timeout": 2, "reconnect": {"first_window": 0.3, "base": 0.3},
+        "protocol": protocol})
     return fleet.start(Spec(str(tmp_path / (dev + ".img")), config=cfg))
 
 
@@ -107,6 +112,30 @@ def test_malformed_frame_closes_counts_and_reconnects(case, fleet, tmp_path):
         # It comes back (with backoff) and meets the same garbage again: still up, counting.
         p.wait_line(r"rb I link lost after .* reconnect in", 10, count=2)
         assert rogue.connections >= 2 and p.alive()
+        assert "Traceback" not in p.output() and "MemoryError" not in p.output()
+    finally:
+        rogue.close()
+
+
+CONNACK5 = b"\x20\x03\x00\x00\x00"  # MQTT 5: success, no properties
+V5_CASES = {
+    "PUBACK of length 1": b"\x40\x01\x00",
+    "PUBLISH properties past the frame": b"\x30\x05\x00\x01a\x09x",
+    "SUBACK with an unknown property": b"\x90\x05\x00\x01\x02\x7f\x00",
+    "DISCONNECT with bad flags": b"\xe1\x00",
+    "PUBLISH with an alias we never allowed": b"\x30\x07\x00\x00\x03\x23\x00\x01x",
+}
+
+
+@pytest.mark.parametrize("case", sorted(V5_CASES))
+def test_malformed_v5_frame_closes_counts_and_reconnects(case, fleet, tmp_path):
+    rogue = RogueBroker(V5_CASES[case], connack=CONNACK5)
+    try:
+        p = _start(fleet, tmp_path, rogue.port, "r5", protocol="5")
+        p.wait_line(r"r5 E protocol error from broker: \S", 10)
+        p.wait_line(r"r5 I link lost after .* reconnect in", 10, count=2)
+        assert rogue.connections >= 2 and p.alive()
+        assert rogue.first[8] == 5, "spoke 5"  # after the fixed header and "MQTT"
         assert "Traceback" not in p.output() and "MemoryError" not in p.output()
     finally:
         rogue.close()
