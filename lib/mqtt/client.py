@@ -111,6 +111,7 @@ class MQTTClient:
         self._ka = keepalive  # in effect: a 5 broker's Server Keep Alive replaces ours
         self._window = window  # ours; a 5 broker's Receive Maximum may lower it
         self._max_out = 0  # a 5 broker's Maximum Packet Size (0: none)
+        self._rm = 65535  # a 5 broker's Receive Maximum
         # Topic aliases (5): topics declared with alias(), numbered from 1; per connection,
         # which are established and the broker's maximum.
         self._alias_of = {}
@@ -196,7 +197,7 @@ class MQTTClient:
         # when the next one succeeds, so refusals are reported once there is a link.
         self.outage = None
         # failed attempts, refusals, last refusal code, flaps, protocol errors
-        self._trouble = [0, 0, 0, 0, 0]
+        self._trouble = [0, 0, None, 0, 0]
         self._addrs = None  # cached getaddrinfo entries: DNS is asked again only after failures
         self._sock = None
         self._step = ""
@@ -395,8 +396,10 @@ class MQTTClient:
         says why)."""
         if final:
             msg = Message(_b(final[0]), _b(final[1]), 1, final[2])
-            if not self.session.full():
-                self.session.add(msg)
+            # Beyond our own window if need be (a broker slow to acknowledge must not cost
+            # the final status), never beyond the broker's Receive Maximum.
+            if len(self.session) < self._rm:
+                self.session.add(msg, True)
                 await self._send_msg(msg, False)
         await self._send(codec.DISCONNECT_PACKET)
         if reader_alive:
@@ -636,11 +639,11 @@ class MQTTClient:
         self._step = "connack"
         try:
             byte0, body = await asyncio.wait_for(self._read_packet(), self.timeout)
-        except asyncio.TimeoutError:
-            raise
-        except OSError as e:
-            # Closed at our CONNECT: a broker that does not speak 5 may do just that (or a
-            # refusing proxy: then 3.1.1 is refused too, and nothing is remembered).
+        except (OSError, asyncio.TimeoutError) as e:
+            # Closed at our CONNECT, or no answer: a broker that does not speak 5 may do
+            # either (amqtt waits for the rest of a 3.1.1 CONNECT). So may a refusing proxy
+            # or a dead link: then 3.1.1 fails too, and nothing is remembered. Not on an
+            # endpoint that has answered in 5 since the boot.
             if v5 and not self.endpoints[self.ep].get("v5ok") and self._may_downgrade():
                 raise _Downgrade()
             raise e
@@ -665,6 +668,7 @@ class MQTTClient:
             if rc:
                 raise Refused(rc)
             self._ka = self.keepalive
+            self._rm = 65535
             self._max_out = 0
             self._alias_max = 0
             self.session.window = self._window
@@ -682,9 +686,10 @@ class MQTTClient:
         t = self._trouble
         self.outage = o = None
         if t[0] or t[3] or t[4]:
-            o = {"failed": t[0], "refused": t[1], "reason": t[2], "flaps": t[3],
-                 "protocol_errors": t[4]}
-        self._trouble = [0, 0, 0, 0, 0]
+            o = {"failed": t[0], "refused": t[1], "flaps": t[3], "protocol_errors": t[4]}
+            if t[2]:
+                o["reason"] = t[2]  # the last refusal's
+        self._trouble = [0, 0, None, 0, 0]
         if self._last_ep is not None and self._last_ep != self.ep:
             o = o or {}
             o["from"] = self.endpoint_name(self._last_ep)
@@ -713,7 +718,7 @@ class MQTTClient:
     def _session_props(self, props):
         """A 5 CONNACK's limits for this connection."""
         self._ka = props.get(0x13, self.keepalive)
-        rm = props.get(0x21, 65535)
+        rm = self._rm = props.get(0x21, 65535)
         self.session.window = rm if rm < self._window else self._window
         self._max_out = props.get(0x27, 0)
         self._alias_max = props.get(0x22, 0)
