@@ -153,7 +153,9 @@ class Health:
         c = self.device.client
         if not c.is_connected():
             return False  # health is about now: not queued while offline
-        await c.publish(self.device.topics.health, self.document(), 1, False, wait=False)
+        # Urgent: a window held by messages the broker refuses must not hide that.
+        await c.publish(self.device.topics.health, self.document(), 1, False, wait=False,
+                        urgent=True)
         self.lag_max_ms = 0
         self.sent += 1
         return True

@@ -308,7 +308,8 @@ class MQTTClient:
             self.log("W", "leaving %s: %r" % (self.endpoint_name(), e))
         self._kill()
 
-    async def publish(self, topic, payload, qos=0, retain=False, wait=True, token=None):
+    async def publish(self, topic, payload, qos=0, retain=False, wait=True, token=None,
+                      urgent=False):
         """Publish. QoS 0 goes out only while connected (returns False otherwise).
         QoS 1 waits for room in the in-flight window, is kept until its PUBACK and survives
         reconnects; with wait=True this returns once acknowledged, else once handed over
@@ -343,6 +344,10 @@ class MQTTClient:
             return True
         over = False
         while self.session.full():
+            if urgent and self._unacked(self._epoch) < self._rm:
+                # About now (health): beyond our own window, never beyond the broker's.
+                over = True
+                break
             if asyncio.current_task() is self._rtask:
                 # From an inbound handler (a command's answer, a config report): it runs on
                 # the read loop, and room comes only with PUBACKs that this very task must
@@ -357,9 +362,10 @@ class MQTTClient:
             done = msg.done = asyncio.Event()
         self.session.add(msg, over)
         if self.connected.is_set():
+            # Marked before the write: its PUBACK may be read while the write yields.
+            msg.sent = self._epoch
             try:
                 await self._send_publish(topic, payload, 1, retain, False, msg.pid)
-                msg.sent = self._epoch
             except OSError:
                 self._kill()  # stays in flight; the next connection resends it
         if done:
@@ -458,9 +464,7 @@ class MQTTClient:
                     # A broker's "use another server" naming one of ours: spread like a
                     # failover (the broker may send the whole fleet at once).
                     was = self.endpoint_name()
-                    self._use(to)
-                    self._moved = 1
-                    self.stats["redirects"] += 1
+                    self._redirect(to)
                     d = bo.first_delay()
                     self.log("W", "%s: %s sends us to %s; connecting in %.1f s" % (
                         e.reason, was, self.endpoint_name(), d))
@@ -518,9 +522,7 @@ class MQTTClient:
                 # a redirect to one of our brokers is followed, spread like a failover.
                 rc, to = disc
                 if to is not None and to != self.ep:
-                    self._use(to)
-                    self._moved = 1
-                    self.stats["redirects"] += 1
+                    self._redirect(to)
                 else:
                     bo.refused(rc)
                     if bo.floor or bo.hard:
@@ -696,6 +698,8 @@ class MQTTClient:
             if self._moved == 1:
                 # From losing the last connection to this one, on another broker.
                 o["failover_s"] = round(self.uptime_s() - self._lost_at, 1)
+            elif self._moved == 3:
+                o["redirected"] = True  # by the broker, to one of ours
             else:
                 o["failback"] = True
         self.outage = o
@@ -706,6 +710,13 @@ class MQTTClient:
             self.failover.connected()
         self._last_rx = self.ticks_ms()
         return present
+
+    def _redirect(self, to):
+        if self._last_ep is None:
+            self._last_ep = self.ep  # the birth names where it was sent from
+        self._use(to)
+        self._moved = 3
+        self.stats["redirects"] += 1
 
     def _may_downgrade(self):
         e = self.endpoints[self.ep]
@@ -718,6 +729,8 @@ class MQTTClient:
     def _session_props(self, props):
         """A 5 CONNACK's limits for this connection."""
         self._ka = props.get(0x13, self.keepalive)
+        if self._ka != self.keepalive:
+            self.log("I", "broker sets keepalive %d s (ours %d)" % (self._ka, self.keepalive))
         rm = self._rm = props.get(0x21, 65535)
         self.session.window = rm if rm < self._window else self._window
         self._max_out = props.get(0x27, 0)
@@ -761,6 +774,11 @@ class MQTTClient:
         if present and not self.clean:
             pass
         else:
+            if self._epoch > 1 or len(self.session):
+                # We asked it to keep one: it expired (gone longer than session_expiry) or
+                # the broker lost it (a restart without persistence, another broker).
+                self.log("I", "broker kept no session for us: subscribing, %d message(s) "
+                              "sent again as new" % len(self.session))
             if self.subs:
                 await self._subscribe_all()
             self.session.renumber()
@@ -781,6 +799,13 @@ class MQTTClient:
             if not todo:
                 break
             for m in todo:
+                while self._rm < len(self.session) and self._unacked(epoch) >= self._rm:
+                    # More kept than the broker takes at once (its Receive Maximum): the
+                    # rest follows as acknowledgements come.
+                    self._space.clear()
+                    await self._space.wait()
+                    if self._dead.is_set():
+                        raise OSError("link lost while resending")
                 dup = m.sent > 0  # -1: refused by the broker, a new delivery
                 if dup:
                     resent += 1
@@ -796,10 +821,20 @@ class MQTTClient:
         if self.on_connect:
             self.on_connect(present)
 
+    def _unacked(self, epoch):
+        """Messages written on this connection and not yet acknowledged: what the broker's
+        Receive Maximum counts (not the ones it refused, kept to send again)."""
+        n = 0
+        for m in self.session._inflight.values():
+            if m.sent == epoch:
+                n += 1
+        return n
+
     def _kill(self):
         """The link is dead: wake everything that waits on it."""
         self._dead.set()
         self._suback.set()
+        self._space.set()
 
     async def resubscribe(self, topics, qos=1):
         """Subscribe again now (a broker re-sends the retained messages of a repeated
@@ -1142,9 +1177,11 @@ class MQTTClient:
             gate[1] -= 1
 
     async def _send_msg(self, msg, dup):
+        # Marked before the write: its PUBACK (a refusal, which marks it -1) may be read
+        # while the write yields, and must not be overwritten after.
+        msg.sent = self._epoch
         try:
             await self._send_publish(msg.topic, msg.payload, 1, msg.retain, dup, msg.pid)
-            msg.sent = self._epoch
         except OSError:
             # Stays in flight; the next connection resends it.
             self._kill()
