@@ -204,6 +204,7 @@ class Device:
             on_protocol=protocols.saver(self.board.fs, eps, self.log),
         )
         self.client.alias(self.topics.telemetry)
+        self.client.had_session = self.boot > 1
         self.link.on_down = self.client.link_lost
         if len(eps) > 1:
             from firmware.failover import Failover  # a device with one broker does not pay

@@ -36,6 +36,8 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -129,23 +131,40 @@ class Fail(Exception):
 # ---- broker session ----------------------------------------------------------------------
 
 
+# --protocol auto: how long MQTT 5 is given to answer before 3.1.1 is tried (a 3.1.1-only
+# broker may not answer a 5 CONNECT at all: amqtt waits for the rest of it).
+V5_WAIT_S = 3.0
+
+
 class Session:
     """One clean MQTT session: blocking connect, subscribe and publish that wait for the
-    broker's acknowledgement, and the received messages in a queue for the main thread."""
+    broker's acknowledgement, and the received messages in a queue for the main thread.
+    MQTT 5 where the broker speaks it (--protocol auto), else 3.1.1."""
 
     def __init__(self, args):
         self.args = args
         self.host, self.port = parse_hostport(args.broker)
         self.prefix = args.prefix
         self.timeout = args.timeout
+        proto = getattr(args, "protocol", "auto")
+        self.v5 = proto != "3.1.1"
+        self.auto = proto == "auto"
         self.client_id = "fleetctl-%d-%s" % (os.getpid(), secrets.token_hex(3))
         self.msgs = queue.Queue()
         self.cond = threading.Condition()
         self.connack = None
         self.subacks = {}
         self.lost = False
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        clean_session=True)
+        self.c = self._client()
+
+    def _client(self):
+        args = self.args
+        if self.v5:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                            protocol=mqtt.MQTTv5)
+        else:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                            clean_session=True)
         if args.user is not None:
             c.username_pw_set(args.user, args.password)
         c.connect_timeout = self.timeout
@@ -153,7 +172,7 @@ class Session:
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_message = lambda cl, u, m: self.msgs.put((time.time(), m.topic, m.payload, m.retain))
-        self.c = c
+        return c
 
     def __enter__(self):
         where = "%s:%d" % (self.host, self.port)
@@ -162,10 +181,22 @@ class Session:
         except (OSError, ValueError) as e:  # refused, DNS, timeout, unreachable
             raise Fail(BROKER, "cannot reach broker %s: %s" % (where, _reason(e)))
         self.c.loop_start()
+        wait = min(V5_WAIT_S, self.timeout) if self.auto else self.timeout
         with self.cond:
-            if not self.cond.wait_for(lambda: self.connack is not None or self.lost, self.timeout):
-                self.close()
-                raise Fail(BROKER, "no answer from broker %s within %g s" % (where, self.timeout))
+            answered = self.cond.wait_for(lambda: self.connack is not None or self.lost, wait)
+        if self.auto and (not answered or self.lost or (
+                self.connack is not None and self.connack.value in (1, 0x84))):
+            # Not understood (refused as a bad protocol version, closed, or silence): the
+            # same session in 3.1.1, once.
+            self.close()
+            self.v5 = self.auto = False
+            self.connack = None
+            self.lost = False
+            self.c = self._client()
+            return self.__enter__()
+        if not answered:
+            self.close()
+            raise Fail(BROKER, "no answer from broker %s within %g s" % (where, self.timeout))
         if self.connack is None or self.connack.is_failure:
             self.close()
             raise Fail(BROKER, "broker %s refused the connection: %s" % (where, self.connack))
@@ -217,8 +248,14 @@ class Session:
             if code.is_failure:  # mosquitto's answer to a filter an ACL forbids
                 raise Fail(BROKER, "broker refused the subscription to %s: %s" % (f, code))
 
-    def publish(self, topic, payload, retain=False):
-        info = self.c.publish(topic, payload, 1, retain)
+    def publish(self, topic, payload, retain=False, expiry=None):
+        """QoS 1, waiting for the PUBACK. expiry: seconds after which a 5 broker drops the
+        message if nobody collected it (Message Expiry Interval; ignored on 3.1.1)."""
+        props = None
+        if expiry and self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = int(expiry)
+        info = self.c.publish(topic, payload, 1, retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise Fail(BROKER, "publish to %s failed: %s" % (topic, mqtt.error_string(info.rc)))
         try:
@@ -419,7 +456,9 @@ def cmd_cmd(args):
     with Session(args) as s:
         # Subscribed before publishing: a fast answer must not be missed.
         s.subscribe([topic + "/result", base + "status"])
-        s.publish(topic, json.dumps(body))
+        # The broker drops it once expired too (MQTT 5): a device that comes back later
+        # never gets it; one that does still checks "exp" (a 3.1.1 broker keeps it).
+        s.publish(topic, json.dumps(body), expiry=args.expires if args.expires > 0 else None)
         deadline = time.monotonic() + wait
         while True:
             m = s.get(deadline)
@@ -1269,6 +1308,9 @@ def parser():
     p.add_argument("--password", default=os.environ.get("FLEETCTL_PASSWORD"),
                    help="MQTT password (default: $FLEETCTL_PASSWORD; never printed)")
     p.add_argument("--prefix", default="", help="topic prefix of the fleet (default none)")
+    p.add_argument("--protocol", choices=("auto", "5", "3.1.1"), default="auto",
+                   help="MQTT version: auto (default) speaks 5 where the broker does (then "
+                        "commands carry a Message Expiry Interval), else 3.1.1")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="seconds to wait for the broker, for a command result, and "
                         "(ota push) for the bundle's URL (default %(default)s)")

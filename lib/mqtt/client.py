@@ -119,6 +119,7 @@ class MQTTClient:
         self._alias_on = bytearray(0)
         self._alias_max = 0
         self.last_reason = None  # name of the last refusal or server disconnect
+        self.had_session = False  # an earlier boot connected: the broker may keep a session
         self._downgrading = False  # a 3.1.1 attempt after 5 was not understood
         self._disc = None  # a server DISCONNECT's (reason code, endpoint it names or None)
         # Brokers in priority order, each {host, port, user, password, ssl,
@@ -498,13 +499,18 @@ class MQTTClient:
                 await self._dead.wait()
             except asyncio.CancelledError:
                 self._stop = True
-                raise
-            except Exception as e:
-                self.log("W", "session setup failed: %r" % (e,))
-            finally:
                 for t in tasks:
                     t.cancel()
                 await self._close()
+                raise
+            except Exception as e:
+                self.log("W", "session setup failed: %r" % (e,))
+            # Not in a `finally`: a Ctrl-C that lands in this task (on_connect runs here)
+            # must leave the connection open for the graceful stop (final status,
+            # DISCONNECT); closing it on the way out lost both.
+            for t in tasks:
+                t.cancel()
+            await self._close()
             self._lost_at = self.uptime_s()
             if self._stop:
                 break
@@ -774,7 +780,7 @@ class MQTTClient:
         if present and not self.clean:
             pass
         else:
-            if self._epoch > 1 or len(self.session):
+            if self._epoch > 1 or self.had_session:
                 # We asked it to keep one: it expired (gone longer than session_expiry) or
                 # the broker lost it (a restart without persistence, another broker).
                 self.log("I", "broker kept no session for us: subscribing, %d message(s) "

@@ -227,3 +227,41 @@ def test_redirect_followed_only_to_a_listed_broker(fleet, broker, observer, tmp_
     finally:
         rogue.close()
         rogue2.close()
+
+
+def _fleetctl(broker, *args):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, os.path.join(root, "tools", "fleetctl.py"),
+                           "--broker", "%s:%d" % (broker.host, broker.port)] + list(args),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_an_expired_command_is_dropped_by_a_5_broker_and_refused_by_the_device_on_311(
+        fleet, broker, observer):
+    spec = fleet.spec("ex1")
+    p = fleet.start(spec)
+    p.wait_line(r"ex1 I connected", 20)
+    p.stop()
+    observer.wait(lambda m: statuses(observer, "ex1", "offline"), 10, "offline")
+    # Both wait in the device's kept session: one with a Message Expiry Interval (5), one
+    # with only the body's "exp" (a 3.1.1 sender).
+    r5 = _fleetctl(broker, "--timeout", "1", "cmd", "ex1", "ping", "--expires", "2",
+                   "--body", '{"id": "by-5"}')
+    r3 = _fleetctl(broker, "--protocol", "3.1.1", "--timeout", "1", "cmd", "ex1", "ping",
+                   "--expires", "2", "--body", '{"id": "by-311"}')
+    assert r5.returncode == 3 and r3.returncode == 3, (r5.stderr, r3.stderr)
+    sent = time.monotonic()
+    time.sleep(max(0.0, sent + 3 - time.monotonic()))  # both expire (a protocol timer)
+    p = fleet.start(spec)
+    p.wait_line(r"ex1 I connected \(session present: 1", 20)
+    # A live command after them: once it is answered, anything queued before has arrived.
+    observer.publish("devices/ex1/cmd/ping", json.dumps({"id": "live"}))
+    observer.wait(lambda m: [r for r in observer.json("devices/ex1/cmd/ping/result")
+                             if r["id"] == "live"], 20, "live answered")
+    results = {r["id"]: r for r in observer.json("devices/ex1/cmd/ping/result")}
+    assert results["by-311"]["status"] == "error" and "expired" in json.dumps(
+        results["by-311"]), results  # the device's own check
+    assert "by-5" not in results  # the broker dropped it: never delivered
