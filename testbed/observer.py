@@ -4,17 +4,21 @@ import threading
 import time
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 class Observer:
     def __init__(self, host, port, topics=("#",), on_message=None, client_id=None, clean=True,
-                 auth=None, reconnect=None, keepalive=30, record=True):
+                 auth=None, reconnect=None, keepalive=30, record=True, protocol="3.1.1"):
         """clean=False with a fixed client_id keeps a broker session, so messages published
         while this observer was away are delivered when it comes back. auth: (user, pw).
         reconnect: (first, longest) delay in s between attempts after a lost connection
         (paho's default is 1 s doubling to 2 minutes, long enough to miss a device's backlog
         with a clean session, or to hold up a run's figures with a kept one).
-        record=False keeps no list of messages (a long run with on_message only)."""
+        record=False keeps no list of messages (a long run with on_message only).
+        protocol: "3.1.1", "5", or "auto" (5, then 3.1.1 if 5 gets no CONNACK within 3 s);
+        with 5, a kept session (clean=False) asks the broker to keep it a day."""
         self.messages = []  # (monotonic time, topic, payload bytes, retain)
         self.cond = threading.Condition()
         self.on_message = on_message
@@ -22,10 +26,26 @@ class Observer:
         self.disconnects = 0  # connections lost, not counting close()
         self._closing = False
         self._where = (host, port, client_id, auth)
-        self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean
-        )
         self.clean = clean
+        self.v5 = protocol != "3.1.1"
+        args = (host, port, topics, client_id, clean, auth, reconnect, keepalive)
+        if not self._start(*args, wait=3 if protocol == "auto" else 10):
+            if protocol != "auto":
+                raise RuntimeError("observer could not subscribe")
+            self.c.loop_stop()
+            self.c.disconnect()
+            self.v5 = False
+            if not self._start(*args, wait=10):
+                raise RuntimeError("observer could not subscribe")
+
+    def _start(self, host, port, topics, client_id, clean, auth, reconnect, keepalive, wait):
+        if self.v5:
+            self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "",
+                                 protocol=mqtt.MQTTv5)
+        else:
+            self.c = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "", clean_session=clean
+            )
         self.c.on_message = self._on_message
         self.c.on_disconnect = self._on_disconnect
         if auth:
@@ -39,10 +59,17 @@ class Observer:
         # reconnects by itself, but the subscriptions are gone.
         subs = [(t, 1) for t in topics]
         self.c.on_connect = lambda c, u, f, rc, p=None: c.subscribe(subs)
-        self.c.connect(host, port, keepalive=keepalive)
+        if self.v5:
+            props = None
+            if not clean:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = 86400
+            self.c.connect(host, port, keepalive=keepalive, clean_start=clean,
+                           properties=props)
+        else:
+            self.c.connect(host, port, keepalive=keepalive)
         self.c.loop_start()
-        if not self._subscribed.wait(10):
-            raise RuntimeError("observer could not subscribe")
+        return self._subscribed.wait(wait)
 
     def _on_subscribe(self, *args):
         self.subacks += 1
@@ -96,7 +123,7 @@ class Observer:
         if forget and not self.clean:
             host, port, client_id, auth = self._where
             c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                            clean_session=True)
+                            clean_session=True)  # 3.1.1: ends a session of either version
             if auth:
                 c.username_pw_set(*auth)
             try:

@@ -579,6 +579,7 @@ def main(argv=None):
         on_message=on_msg, client_id=consumer_id,
         clean=False, reconnect=CONSUMER_RECONNECT, keepalive=10, record=False,
         auth=(a.user, a.password or "") if a.user is not None else None,
+        protocol="auto",  # 5 where the broker speaks it, as fleetctl
     ) for obs_host, obs_port in observe]
     echo = None if a.quiet else emit
     configs = [make_config(a, "sim-%04d" % n, dev_host, dev_port, more)
