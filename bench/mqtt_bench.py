@@ -1,5 +1,7 @@
 # MQTT client benchmark, run inside the Unix port by bench/run.py against a local mosquitto:
-# QoS 0 / pipelined QoS 1 / window-1 / awaited QoS 1 rates, PUBACK latency, client heap.
+# QoS 0 / pipelined QoS 1 / window-1 / awaited QoS 1 rates, PUBACK latency, client heap,
+# with MQTT 5 (what the firmware speaks to mosquitto) and the QoS 0 / pipelined QoS 1 rates
+# again with 3.1.1 (`_311`); the bytes a telemetry message takes on the wire in each.
 # Prints one JSON line of figures.
 #
 # Every rate counts messages the broker has taken: QoS 1 until the last PUBACK, QoS 0 until
@@ -20,6 +22,7 @@ import asyncio
 import json
 import time
 
+from mqtt import codec
 from mqtt.client import MQTTClient
 
 gc.collect()
@@ -36,8 +39,16 @@ def quiet(level, msg):
     pass
 
 
-async def connected(cid, window=16):
-    c = MQTTClient(cid, HOST, PORT, keepalive=60, clean=True, window=window, log=quiet)
+# A telemetry message as the firmware builds it (firmware/telemetry.py) and its topic.
+TEL_TOPIC = b"devices/sim-0001/telemetry"
+TEL = b'{"seq": 1234, "ts": 1796477143.123, "temp_c": 20.87, "boot": 3, "up": 864000123, "v": 1}'
+
+
+async def connected(cid, window=16, protocol="5"):
+    c = MQTTClient(cid, HOST, PORT, keepalive=60, clean=True, window=window, log=quiet,
+                   protocol=protocol)
+    c.alias(TOPIC)
+    c.alias(TEL_TOPIC)
     task = asyncio.create_task(c.run())
     await c.connected.wait()
     return c, task
@@ -59,6 +70,19 @@ async def rate(c, n, qos):
     await drain(c)
     t2 = time.ticks_us()
     return n * 1e6 / time.ticks_diff(t2, t0), n * 1e6 / time.ticks_diff(t1, t0)
+
+
+def wire_bytes(c):
+    """Bytes of the second telemetry PUBLISH (QoS 1) on c's connection, as the client encodes
+    it: with 5 the first one established the topic alias."""
+    n = 0
+    for _ in range(2):
+        if c.v5:
+            t, props = c._props(TEL_TOPIC)
+            n = len(codec.publish_view(c._txmv, t, TEL, 1, False, False, 1, props))
+        else:
+            n = len(codec.publish_view(c._txmv, TEL_TOPIC, TEL, 1, False, False, 1))
+    return n
 
 
 def median(xs):
@@ -94,8 +118,21 @@ async def main():
     lat.sort()
     out["puback_p50_ms"] = lat[len(lat) // 2] / 1000
     out["puback_p99_ms"] = lat[len(lat) * 99 // 100] / 1000
+    out["mqtt5_bytes_per_telemetry"] = wire_bytes(c)
     await c.disconnect()
     task.cancel()
+    c3, task3 = await connected("bench-c", protocol="3.1.1")
+    q0, q1 = [], []
+    for _ in range(3):
+        q0.append((await rate(c3, N, 0))[0])
+        q1.append((await rate(c3, N, 1))[0])
+    out["qos0_msg_s_311"] = median(q0)
+    out["qos1_pipelined_msg_s_311"] = median(q1)
+    out["qos0_5_vs_311"] = out["qos0_msg_s"] / out["qos0_msg_s_311"]
+    out["qos1_pipelined_5_vs_311"] = out["qos1_pipelined_msg_s"] / out["qos1_pipelined_msg_s_311"]
+    out["mqtt311_bytes_per_telemetry"] = wire_bytes(c3)
+    await c3.disconnect()
+    task3.cancel()
     c1, task1 = await connected("bench-b", window=1)
     w1 = []
     for _ in range(3):
