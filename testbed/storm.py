@@ -108,6 +108,9 @@ def parse_args(argv=None):
                    help="summaries, merged into this JSON file (default bench/storm.json)")
     p.add_argument("--series", default=os.path.join(ROOT, "bench", "storm-series.json"),
                    help="attempts per 100 ms, for the plot (default bench/storm-series.json)")
+    p.add_argument("--before", default=os.path.join(ROOT, "bench", "storm-series-before.json"),
+                   help="an earlier run's series whose firmware curve the plot shows too "
+                        "(default bench/storm-series-before.json; '' for none)")
     p.add_argument("--plot", default=os.path.join(ROOT, "bench", "storm.png"),
                    help="PNG of attempts over time (default bench/storm.png; '' for none)")
     p.add_argument("--quiet", action="store_true", help="only the final table")
@@ -661,7 +664,9 @@ def table(results):
     return "\n".join(lines)
 
 
-def plot(series, path):
+def plot(series, path, before=None):
+    """before: an earlier run's series (bench/storm-series-before.json): its firmware curve is
+    drawn too, to compare a change of the reconnect policy on the same panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -683,15 +688,20 @@ def plot(series, path):
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3.6 * len(panels)),
                              squeeze=False)
     for ax, (s, key, title, xlabel) in zip(axes[:, 0], panels):
-        for profile, style in (("baseline", "tab:red"), ("firmware", "tab:blue")):
-            d = series[s].get(profile)
+        curves = [("baseline", "tab:red", series[s].get("baseline"),
+                   "fixed 2 s, clean session"),
+                  ("firmware", "tab:blue", series[s].get("firmware"),
+                   "jittered, kept session, ceiling bound by the time offline")]
+        if before and s in before and before[s].get("firmware"):
+            curves.insert(1, ("firmware before", "tab:green", before[s]["firmware"],
+                              "issue 28: ceiling by attempt count only"))
+        for profile, style, d, what in curves:
             if not d or key not in d:
                 continue
             xs = [d["t0"] + i * d["bin_s"] for i in range(len(d[key]))]
             ys = [c / d["bin_s"] for c in d[key]]
             ax.step(xs, ys, where="post", color=style, lw=1,
-                    label="%s (%s)" % (profile, "fixed 2 s, clean session"
-                                        if profile == "baseline" else "jittered, kept session"))
+                    label="%s (%s)" % (profile, what))
             if d["reopen_s"]:
                 ax.axvline(d["reopen_s"], color="grey", ls="--", lw=0.8)
         ax.set_title(title)
@@ -740,8 +750,12 @@ def storm(argv=None):
                 merge_json(a.series, {scenario: {profile: s}})
     if a.series:
         if a.plot:
+            before = None
+            if a.before and os.path.exists(a.before):
+                with open(a.before) as f:
+                    before = json.load(f)
             with open(a.series) as f:
-                plot(json.load(f), a.plot)
+                plot(json.load(f), a.plot, before)
     return results
 
 

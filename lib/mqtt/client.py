@@ -331,15 +331,20 @@ class MQTTClient:
                 return False
             # _send_publish inlined: calling it costs 11k instructions of 82k per message
             # on the Cortex-M0 build (measured).
+            props = None
             if self.v5:
-                t, props = self._props(topic)
-                pkt = codec.publish_view(self._txmv, t, payload, 0, retain, False, 0, props)
-            else:
-                t = topic
-                props = None
-                pkt = codec.publish_view(self._txmv, topic, payload, 0, retain)
+                # Properties inline, as in _send_publish.
+                props = b"\x00"
+                i = self._alias_of.get(topic)
+                if i is not None and i <= self._alias_max:
+                    props = self._alias_props[i - 1]
+                    if self._alias_on[i - 1]:
+                        topic = b""
+                    else:
+                        self._alias_on[i - 1] = 1
+            pkt = codec.publish_view(self._txmv, topic, payload, 0, retain, False, 0, props)
             if pkt is None:
-                await self._send_big(t, payload, 0, retain, False, 0, props)
+                await self._send_big(topic, payload, 0, retain, False, 0, props)
             else:
                 await self._write(pkt)
             return True
@@ -748,18 +753,6 @@ class MQTTClient:
             self.log("I", "broker keeps the session %d s (asked %d)" % (
                 props[0x11], self.session_expiry))
 
-    def _props(self, topic):
-        """(topic, properties) of a PUBLISH on a 5 connection: an established alias sends
-        no topic."""
-        i = self._alias_of.get(topic)
-        if i is None or i > self._alias_max:
-            return topic, b"\x00"
-        props = self._alias_props[i - 1]
-        if self._alias_on[i - 1]:
-            return b"", props
-        self._alias_on[i - 1] = 1
-        return topic, props
-
     def _too_big(self, topic, payload, qos):
         if self._v5 is None or not self.v5:
             return False
@@ -1118,7 +1111,16 @@ class MQTTClient:
         # Not a coroutine: returns what to await (see _write).
         props = None
         if self.v5:
-            topic, props = self._props(topic)
+            # The properties: none, or a topic alias (an established one sends no topic).
+            # Inline: a call returning a tuple costs an allocation per message.
+            props = b"\x00"
+            i = self._alias_of.get(topic)
+            if i is not None and i <= self._alias_max:
+                props = self._alias_props[i - 1]
+                if self._alias_on[i - 1]:
+                    topic = b""
+                else:
+                    self._alias_on[i - 1] = 1
         pkt = codec.publish_view(self._txmv, topic, payload, qos, retain, dup, pid, props)
         if pkt is not None:
             return self._write(pkt)
