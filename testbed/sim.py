@@ -51,8 +51,10 @@ starts. device_id, broker.host and broker.port are the simulator's own (--broker
 
 --outage-every S puts testbed/proxy.FaultProxy between the devices and the broker and every S
 seconds cuts every connection and refuses new ones for --outage-for seconds (--outages N
-times at most); it takes one --broker. Outages and power cuts start once every device has said it is online (at
-most 60 s after the start).
+times at most; with --outages 1 the refusal may outlast the period, e.g. --outage-every 5
+--outage-for 20 --outages 1: a cut 5 s after the fleet is up); it takes one --broker.
+Outages and power cuts start once every device has said it is online (at most 60 s after the
+start).
 --health-interval S sets the devices' health_interval; the heap figures come from the
 heap_alloc of their devices/{id}/health messages. --build runs the compiled firmware
 (firmware/ and lib/ as .mpy in build/, as `make mpy` makes it). --micropython PATH (default
@@ -228,10 +230,12 @@ def parse_args(argv=None):
     if a.outage_every is not None:
         if a.outage_every <= 0 or a.outage_for <= 0:
             p.error("--outage-every and --outage-for must be positive")
-        if a.outage_for >= a.outage_every:
-            p.error("--outage-for must be shorter than --outage-every")
     if a.outages is not None and (a.outages < 1 or a.outage_every is None):
         p.error("--outages wants a count of at least 1 and --outage-every")
+    if a.outage_every is not None and a.outage_for >= a.outage_every and a.outages != 1:
+        # One outage has no next one to run into: --outage-every 5 --outage-for 20
+        # --outages 1 is a cut 5 s after the fleet is up, refused for 20 s.
+        p.error("--outage-for must be shorter than --outage-every (or give --outages 1)")
     if a.power_cut_every is not None:
         if a.power_cut_every <= 0:
             p.error("--power-cut-every must be positive")

@@ -1,7 +1,8 @@
 """Reconnect-storm simulator: a fleet of the real firmware through a mass disconnect.
 
     python testbed/storm.py [--devices N]
-                          [--scenarios mass-disconnect,overloaded-broker,region-failover]
+                          [--scenarios mass-disconnect,overloaded-broker,region-failover,
+                                       sim-outage]
                           [--profiles firmware,baseline] [--refuse S] [--fraction F]
                           [--rate R] [--down S] [--after-s S] [--probe-s S]
                           [--failback-window S] [--interval S] [--out FILE] [--plot FILE]
@@ -26,6 +27,15 @@ returned, and the devices still on the secondary after 1.5 probe_s + the window 
 margin). An observer on each broker feeds one ledger: a message is lost only if neither
 broker delivered it.
 
+sim-outage (firmware profile only): testbed/sim.py as an operator runs it, with its defaults
+(its own mosquitto, the fault proxy that --outage-every puts in front, start_fleet's packing,
+the devices' own health interval): one cut --sim-cut-after s after every device said it is
+online, new connections refused for --refuse s. A check, not a figure: it fails (storm.py
+exits 1) unless sim.py's summary has every device online at the end, no unexplained loss, no
+watchdog reset, no process exit and no MemoryError. The same cut 5 s after the start that
+once stalled every process's loop for over a minute on a real disk (an fsync per block
+written to the boards' flash images, unixflash.py) and had the runner reset all four as hung.
+
 Profiles: `firmware` is the firmware as shipped. `baseline` is the same firmware in its
 bootstrap `"profile": "baseline"`, the pattern of the popular blocking client: a fixed 2 s
 retry, clean session, hence a resubscription (config topics included) on every connect.
@@ -43,6 +53,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import threading
@@ -57,7 +68,7 @@ from testbed.ledger import Ledger  # noqa: E402
 from testbed.observer import Observer  # noqa: E402
 from testbed.proxy import FaultProxy  # noqa: E402
 
-SCENARIOS = ("mass-disconnect", "overloaded-broker", "region-failover")
+SCENARIOS = ("mass-disconnect", "overloaded-broker", "region-failover", "sim-outage")
 PROFILES = ("firmware", "baseline")
 BIN_S = 0.1
 STABLE_S = 30.0  # the firmware's default broker.reconnect.stable_s
@@ -93,6 +104,8 @@ def parse_args(argv=None):
                    help="region-failover: failover.failback_window_s (default 60)")
     p.add_argument("--interval", type=float, default=5.0,
                    help="telemetry period of the devices in s (default 5)")
+    p.add_argument("--sim-cut-after", type=float, default=5.0,
+                   help="sim-outage: the cut S s after every device is online (default 5)")
     p.add_argument("--health-interval", type=float, default=30.0,
                    help="health period of the devices in s (memory per device; default 30)")
     p.add_argument("--first-window", type=float,
@@ -378,6 +391,68 @@ class Run:
         return summary, series
 
 
+class SimOutageRun:
+    """sim-outage: testbed/sim.py in a process of its own, as an operator runs it (module
+    docstring); the summary is sim.py's JSON line, with `failures` saying what it lacks."""
+
+    # sim.py's wait for the fleet (UP_WAIT_S) and, after the refusal, the time the fleet gets
+    # to come back, telemetry flowing again (its `online` asks for some in the last 10 s).
+    UP_S = 60.0
+    BACK_S = 80.0
+
+    def __init__(self, scenario, profile, a, workdir, say):
+        self.scenario = scenario
+        self.profile = profile
+        self.a = a
+        self.dir = os.path.join(workdir, "%s-%s" % (scenario, profile))
+        os.makedirs(self.dir, exist_ok=True)
+        self.say = say
+
+    def argv(self):
+        a = self.a
+        duration = self.UP_S + a.sim_cut_after + a.refuse + self.BACK_S
+        args = [sys.executable, os.path.join(ROOT, "testbed", "sim.py"),
+                "--devices", str(a.devices), "--interval", "%g" % a.interval,
+                "--outage-every", "%g" % a.sim_cut_after, "--outage-for", "%g" % a.refuse,
+                "--outages", "1", "--duration", "%g" % duration, "--quiet",
+                "--workdir", os.path.join(self.dir, "sim")]
+        if a.processes:
+            args += ["--processes", str(a.processes)]
+        return args
+
+    def run(self):
+        a = self.a
+        argv = self.argv()
+        self.say("%s: %s" % (self.scenario, " ".join(argv[1:])))
+        r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                           timeout=float(argv[argv.index("--duration") + 1]) + 180)
+        with open(os.path.join(self.dir, "sim.out"), "w") as f:
+            f.write(r.stdout + r.stderr)
+        docs = [line for line in r.stdout.splitlines() if line.startswith("{")]
+        summary = json.loads(docs[-1]) if docs else {"devices": a.devices}
+        summary["sim_rc"] = r.returncode
+        summary["unexplained_loss"] = summary.get("gaps")
+        summary["failures"] = sim_outage_failures(summary, a.devices)
+        self.say("%s: %s" % (self.scenario, json.dumps(summary)))
+        return summary, None
+
+
+def sim_outage_failures(summary, devices):
+    """What a sim-outage run's summary lacks (empty: it passed)."""
+    out = []
+    if summary.get("sim_rc") != 0 or "online" not in summary:
+        out.append("sim.py exited with %s" % summary.get("sim_rc"))
+    if summary.get("outages") != 1 or summary.get("outage_cuts", 0) < devices:
+        out.append("the cut did not take every device (outages %s, cut %s)"
+                   % (summary.get("outages"), summary.get("outage_cuts")))
+    if summary.get("online") != devices:
+        out.append("%s of %d devices online at the end" % (summary.get("online"), devices))
+    for k in ("gaps", "watchdog_resets", "memory_errors", "process_exits", "never_online"):
+        if summary.get(k):
+            out.append("%s: %s" % (k, summary[k]))
+    return out
+
+
 def quantile(xs, q):
     """The q-quantile (nearest rank) of xs, None if empty."""
     xs = sorted(xs)
@@ -647,6 +722,8 @@ FAILOVER_KEYS = ("failover_s_median", "failover_s_max", "birth_failover_s_max",
                  "failback_busiest_second", "failback_subscribes", "failback_config_requests",
                  "failed_back", "failback_reconnects", "stuck_on_secondary",
                  "not_on_primary")
+SIM_KEYS = ("online", "telemetry", "outage_cuts", "reconnects", "refused", "watchdog_resets",
+            "process_exits", "failures")
 
 
 def table(results):
@@ -658,7 +735,8 @@ def table(results):
     lines = []
     for scenario, by in results.items():
         lines.append("\n%s\n| figure | firmware | baseline |\n|---|---|---|" % scenario)
-        for k in keys + (FAILOVER_KEYS if scenario == "region-failover" else ()):
+        more = {"region-failover": FAILOVER_KEYS, "sim-outage": SIM_KEYS}.get(scenario, ())
+        for k in keys + more:
             lines.append("| %s | %s | %s |" % (k, by.get("firmware", {}).get(k, "-"),
                                               by.get("baseline", {}).get(k, "-")))
     return "\n".join(lines)
@@ -739,13 +817,18 @@ def storm(argv=None):
     results, series = {}, {}
     for scenario in a.scenarios:
         for profile in a.profiles:
-            kind = FailoverRun if scenario == "region-failover" else Run
+            if scenario == "sim-outage" and profile != "firmware":
+                continue  # a check of the simulator at fleet scale, not a comparison
+            kind = {"region-failover": FailoverRun,
+                    "sim-outage": SimOutageRun}.get(scenario, Run)
             summary, s = kind(scenario, profile, a, workdir, say).run()
             results.setdefault(scenario, {})[profile] = summary
-            series.setdefault(scenario, {})[profile] = s
             # Written after each run: a later one that fails keeps what was measured.
             if a.out:
                 merge_json(a.out, {scenario: {profile: summary}})
+            if s is None:
+                continue  # no attempt series (sim-outage)
+            series.setdefault(scenario, {})[profile] = s
             if a.series:
                 merge_json(a.series, {scenario: {profile: s}})
     if a.series:
@@ -763,7 +846,11 @@ def main(argv=None):
     results = storm(argv)
     print(table(results))
     print("\nbaseline / firmware: %s" % json.dumps(ratios(results)))
-    return 0
+    failed = [(sc, p, r["failures"]) for sc, by in results.items() for p, r in by.items()
+              if r.get("failures")]
+    for sc, p, why in failed:
+        print("FAILED %s/%s: %s" % (sc, p, "; ".join(why)))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

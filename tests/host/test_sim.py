@@ -161,6 +161,33 @@ def test_sim_outages_and_health_give_heap_figures(sim_run):
     assert not any("MemoryError" in l for l in lines)
 
 
+def test_one_outage_may_outlast_its_period_and_storm_checks_the_summary():
+    # `make storm`'s sim-outage (testbed/storm.py): one cut 5 s after the fleet is up,
+    # refused for 20 s, which sim.py refuses for repeated outages (they would overlap).
+    from testbed.sim import parse_args
+    from testbed.storm import SimOutageRun, parse_args as storm_args, sim_outage_failures
+
+    a = parse_args(["--outage-every", "5", "--outage-for", "20", "--outages", "1"])
+    assert (a.outage_every, a.outage_for, a.outages) == (5, 20, 1)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "testbed", "sim.py"), "--outage-every", "5",
+         "--outage-for", "20", "--outages", "2"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--outage-for must be shorter" in r.stderr
+    argv = SimOutageRun("sim-outage", "firmware", storm_args(["--devices", "1000"]), "/tmp",
+                        lambda s: None).argv()
+    assert argv[argv.index("--outage-every") + 1] == "5"
+    assert argv[argv.index("--outage-for") + 1] == "20" and "--quiet" in argv
+    good = {"sim_rc": 0, "devices": 4, "online": 4, "gaps": 0, "watchdog_resets": 0,
+            "memory_errors": 0, "outages": 1, "outage_cuts": 4}
+    assert sim_outage_failures(good, 4) == []
+    # What the stalled run printed: devices missing, watchdog resets.
+    bad = dict(good, online=3, watchdog_resets=4, gaps=2)
+    assert sim_outage_failures(bad, 4) == ["3 of 4 devices online at the end", "gaps: 2",
+                                           "watchdog_resets: 4"]
+    assert sim_outage_failures(dict(good, sim_rc=1), 4) == ["sim.py exited with 1"]
+    assert sim_outage_failures(dict(good, outage_cuts=2), 4)
+
+
 # ---- settings from the command line ----------------------------------------------------
 
 

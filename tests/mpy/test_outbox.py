@@ -135,6 +135,45 @@ def test_flash_log_appends_recovers_consumes_and_drops():
     assert log2.count == 50 - n
 
 
+class _NoSync:
+    """The image's file, refusing flush(): on the Unix port that is fsync(2)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def seek(self, pos, whence=0):
+        return self.f.seek(pos, whence)
+
+    def write(self, buf):
+        return self.f.write(buf)
+
+    def readinto(self, buf):
+        return self.f.readinto(buf)
+
+    def flush(self):
+        raise AssertionError("a block write waited for the host's disk (fsync)")
+
+
+def test_image_block_writes_reach_the_file_at_once_without_waiting_for_the_disk():
+    # 250 boards of one process spilling their outboxes at once after a link loss did
+    # thousands of block writes; with an fsync each, the shared loop waited for the host's
+    # disk for over a minute and the runner reset the process as hung. A write must be in
+    # the host file when writeblocks returns (a power cut, SIGKILL, keeps it) without one.
+    path = fresh_image("nosync")
+    bdev = FileBlockDevice(path, 131072)
+    bdev.f = _NoSync(bdev.f)
+    vfs.VfsLfs2.mkfs(bdev)
+    fs = vfs.VfsLfs2(bdev)
+    log = FlashLog(fs, capacity=16384, segment=2048)
+    log.recover()
+    keys = [(1, i) for i in range(1, 9)]
+    assert log.append(_batch(keys), 8, keys[0], keys[-1])
+    assert bdev.writes
+    # A second reader of the image file (the next boot after a cut) sees the records.
+    log2 = FlashLog(open_flash(path, 131072)[1], capacity=16384, segment=2048)
+    assert log2.recover() == 8 and _keys(log2) == keys
+
+
 def _damaged_segment(tag, damage):
     """A flash log of ten 59-byte records in one segment, then damage(bytearray of the
     segment file) written back; returns (fs, keys)."""
