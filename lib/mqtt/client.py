@@ -194,6 +194,13 @@ class MQTTClient:
             "downgrades": 0,  # endpoints found to speak 3.1.1 only
         }
         self._hold_room()
+        if [1 for i in range(len(self.endpoints)) if self.protocol_of(i) == "5"]:
+            # Now, while the heap is young (and compiling it, from source, finds room),
+            # rather than at the first connect; not at all when every broker is known to
+            # speak 3.1.1 only.
+            from mqtt import v5
+
+            self._v5 = v5
         # What went wrong since the last successful connect; handed to the app (and reset)
         # when the next one succeeds, so refusals are reported once there is a link.
         self.outage = None

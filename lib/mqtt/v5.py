@@ -18,61 +18,63 @@ WILL_DELAY = const(0x18)
 MESSAGE_EXPIRY = const(0x02)
 USER_PROPERTY = const(0x26)
 
-# Size of each property's value: 1, 2, 4 bytes; 0 a variable byte integer; 5 a string or
-# binary (2-byte length); 6 a string pair. A property not here is a protocol error.
-_SIZES = {
-    0x01: 1, 0x17: 1, 0x19: 1, 0x24: 1, 0x25: 1, 0x28: 1, 0x29: 1, 0x2A: 1,
-    0x13: 2, 0x21: 2, 0x22: 2, 0x23: 2,
-    0x02: 4, 0x11: 4, 0x18: 4, 0x27: 4,
-    0x0B: 0,
-    0x03: 5, 0x08: 5, 0x09: 5, 0x12: 5, 0x15: 5, 0x16: 5, 0x1A: 5, 0x1C: 5, 0x1F: 5,
-    0x26: 6,
-}
+# Size of each property's value, by property id (0x00..0x2A): 1, 2, 4 bytes; 0 a variable
+# byte integer; 5 a string or binary (2-byte length); 6 a string pair; 255 no such property
+# (a protocol error). Bytes rather than a dict: nothing to build in the heap at import.
+_SIZES = b'\xff\x01\x04\x05\xff\xff\xff\xff\x05\x05\xff\x00\xff\xff\xff\xff\xff\x04\x05\x02\xff\x05\x05\x01\x04\x01\x05\xff\x05\xff\xff\x05\xff\x02\x02\x02\x01\x01\x06\x04\x01\x01\x01'
 
-REASONS = {
-    0x00: "success",
-    0x04: "disconnect with will message",
-    0x10: "no matching subscribers",
-    0x80: "unspecified error",
-    0x81: "malformed packet",
-    0x82: "protocol error",
-    0x83: "implementation specific error",
-    0x84: "unsupported protocol version",
-    0x85: "client identifier not valid",
-    0x86: "bad user name or password",
-    0x87: "not authorized",
-    0x88: "server unavailable",
-    0x89: "server busy",
-    0x8A: "banned",
-    0x8B: "server shutting down",
-    0x8C: "bad authentication method",
-    0x8D: "keep alive timeout",
-    0x8E: "session taken over",
-    0x8F: "topic filter invalid",
-    0x90: "topic name invalid",
-    0x91: "packet identifier in use",
-    0x93: "receive maximum exceeded",
-    0x94: "topic alias invalid",
-    0x95: "packet too large",
-    0x96: "message rate too high",
-    0x97: "quota exceeded",
-    0x98: "administrative action",
-    0x99: "payload format invalid",
-    0x9A: "retain not supported",
-    0x9B: "qos not supported",
-    0x9C: "use another server",
-    0x9D: "server moved",
-    0x9E: "shared subscriptions not supported",
-    0x9F: "connection rate exceeded",
-    0xA0: "maximum connect time",
-    0xA1: "subscription identifiers not supported",
-    0xA2: "wildcard subscriptions not supported",
-}
+# The error reasons' names, each after its code (0x80 and up; the names are ASCII, so a
+# byte of 0x80 or more starts the next): one constant in the bytecode, no dict in the heap.
+_NAMES = (
+    b"\x80unspecified error"
+    b"\x81malformed packet"
+    b"\x82protocol error"
+    b"\x83implementation specific error"
+    b"\x84unsupported protocol version"
+    b"\x85client identifier not valid"
+    b"\x86bad user name or password"
+    b"\x87not authorized"
+    b"\x88server unavailable"
+    b"\x89server busy"
+    b"\x8abanned"
+    b"\x8bserver shutting down"
+    b"\x8cbad authentication method"
+    b"\x8dkeep alive timeout"
+    b"\x8esession taken over"
+    b"\x8ftopic filter invalid"
+    b"\x90topic name invalid"
+    b"\x91packet identifier in use"
+    b"\x93receive maximum exceeded"
+    b"\x94topic alias invalid"
+    b"\x95packet too large"
+    b"\x96message rate too high"
+    b"\x97quota exceeded"
+    b"\x98administrative action"
+    b"\x99payload format invalid"
+    b"\x9aretain not supported"
+    b"\x9bqos not supported"
+    b"\x9cuse another server"
+    b"\x9dserver moved"
+    b"\x9eshared subscriptions not supported"
+    b"\x9fconnection rate exceeded"
+    b"\xa0maximum connect time"
+    b"\xa1subscription identifiers not supported"
+    b"\xa2wildcard subscriptions not supported"
+)
+_OK = {0x00: "success", 0x04: "disconnect with will message", 0x10: "no matching subscribers"}
 
 
 def reason(rc):
     """A reason code's name (an unknown one as its hex value)."""
-    return REASONS.get(rc) or "0x%02x" % rc
+    if rc < 0x80:
+        return _OK.get(rc) or "0x%02x" % rc
+    i = _NAMES.find(bytes((rc,)))
+    if i < 0:
+        return "0x%02x" % rc
+    j = i + 1
+    while j < len(_NAMES) and _NAMES[j] < 0x80:
+        j += 1
+    return _NAMES[i + 1:j].decode()
 
 
 def read_varint(b, off):
@@ -103,8 +105,8 @@ def read_props(b, off):
     while off < end:
         pid = b[off]
         off += 1
-        size = _SIZES.get(pid)
-        if size is None:
+        size = _SIZES[pid] if pid < len(_SIZES) else 255
+        if size == 255:
             raise ProtocolError("unknown property 0x%02x" % pid)
         if size == 0:
             v, off = read_varint(b, off)

@@ -129,6 +129,8 @@ def test_sim_rejects_bad_arguments(tmp_path):
 
 
 def test_sim_outages_and_health_give_heap_figures(sim_run):
+    # 320k: the firmware compiled from source on the 64-bit port, MQTT 5 included, needs
+    # about 288k (256k before it); a board's heap is measured on the board model (bench).
     # Two outages 4 s apart once both devices are online, through the sim's fault proxy; health
     # every ~0.5 s gives the heap figures. first_window 0.5 s and stable_s 1 s so that both
     # devices are back between the outages: with the default 30 s, connections of under 4 s
@@ -137,7 +139,7 @@ def test_sim_outages_and_health_give_heap_figures(sim_run):
     sim = sim_run("--devices", "2", "--processes", "2", "--interval", "0.5",
                   "--outage-every", "4", "--outage-for", "1.5", "--outages", "2",
                   "--first-window", "0.5",
-                  "--stable-s", "1", "--health-interval", "0.5", "--heapsize", "256k")
+                  "--stable-s", "1", "--health-interval", "0.5", "--heapsize", "320k")
     sim.wait_line(r"^sim: outage 2 ", 90)
     # Both back after the second outage, telemetry flowing, health to fit a slope on.
     mark = len(sim.lines)
@@ -156,7 +158,7 @@ def test_sim_outages_and_health_give_heap_figures(sim_run):
     births = [l for l in lines if "/status {" in l and '"online"' in l]
     assert len(births) >= 2 + 2, "a birth message per device and per reconnect"
     assert summary["heap_samples"] >= 10
-    assert 16 * 1024 < summary["heap_min_bytes"] <= summary["heap_max_bytes"] < 256 * 1024
+    assert 16 * 1024 < summary["heap_min_bytes"] <= summary["heap_max_bytes"] < 320 * 1024
     assert isinstance(summary["heap_slope_bytes_per_hour"], float)
     assert not any("MemoryError" in l for l in lines)
 
