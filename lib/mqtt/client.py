@@ -1006,9 +1006,16 @@ class MQTTClient:
             while not self._dead.is_set():
                 # PUBACKs dominate a pipelined stream: take every one already buffered
                 # without a coroutine or a slice per packet.
+                # With 5 a success may carry its reason: "no matching subscribers" (0x10)
+                # on every message nobody reads at the moment (mosquitto).
                 r0 = self._r0
-                while self._r1 - r0 >= 4 and buf[r0] == 0x40 and buf[r0 + 1] == 2:
-                    self._r0 = r0 + 4
+                v5 = self.v5
+                while self._r1 - r0 >= 4 and buf[r0] == 0x40:
+                    k = buf[r0 + 1]
+                    if k != 2 and not (v5 and k == 3 and self._r1 - r0 >= 5
+                                       and buf[r0 + 4] < 0x80):
+                        break
+                    self._r0 = r0 + 2 + k
                     self.stats["rx"] += 1
                     self._acked((buf[r0 + 2] << 8) | buf[r0 + 3])
                     r0 = self._r0

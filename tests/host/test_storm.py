@@ -35,7 +35,11 @@ def results(workdir):
 def test_the_fleet_comes_back_spread_out_on_its_sessions(results):
     f = results["firmware"]
     assert f["cut"] == N and f["all_back"], f
-    assert f["recovery_s"] <= 60, f
+    # Back within first_window + half the refusal (5 + 2.5 s) of the reopening: the delay
+    # after a failure is bounded by the time already offline. 1.5 s more for a busy
+    # machine; with the ceiling by count alone, a device failing just before the reopening
+    # could wait 10 s.
+    assert f["recovery_s"] <= 5 + 5 / 2 + 1.5, f
     # 50 first attempts drawn over the 5 s window average one per 100 ms; a simulation of
     # the policy never put more than 9 into any 100 ms (3,000 runs). The fixed 2 s retry
     # puts the whole fleet into one.
