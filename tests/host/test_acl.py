@@ -29,10 +29,13 @@ FAST = {"reconnect": {"first_window": 0.3}}
 def device_role(dev, groups, prefix="", deny=()):
     """Exactly the topics the firmware uses: it subscribes to its commands and config layers
     (`all`, its groups, its own) and publishes telemetry, status (and its will), health,
-    reported config and command results."""
+    reported config, command results, its update state (ota) and, with an application,
+    its state and events. (With MQTT 5 a publish the ACL denies is refused in the PUBACK,
+    and the device keeps it and sends it again: every topic it uses must be allowed.)"""
     t = Topics(prefix, dev)
     sub = [t.cmd_filter, t.desired] + [t.group_desired(g) for g in ["all"] + groups]
-    send = [t.telemetry, t.status, t.health, t.reported, t.cmd_prefix + "+/result"]
+    send = [t.telemetry, t.status, t.health, t.reported, t.cmd_prefix + "+/result", t.ota,
+            t.base + "state", t.base + "event/+"]
     acls = [{"acltype": "subscribeLiteral", "topic": x, "allow": True} for x in sub]
     acls += [{"acltype": "publishClientReceive", "topic": x, "allow": True} for x in sub]
     acls += [{"acltype": "publishClientSend", "topic": x, "allow": True}
@@ -72,9 +75,9 @@ def observer(broker):
 
 
 def device(fleet, dev, groups=None, **over):
+    broker = over.pop("broker", dict(FAST, user=dev, password=PASSWORDS[dev]))
     return fleet.device(dev, groups=groups if groups is not None else GROUPS[dev],
-                        telemetry_interval=0.3, health_interval=60,
-                        broker=dict(FAST, user=dev, password=PASSWORDS[dev]), **over)
+                        telemetry_interval=0.3, health_interval=60, broker=broker, **over)
 
 
 def cmd(observer, dev, name, rid, body=None):
@@ -104,8 +107,8 @@ def test_a_group_the_device_may_not_read_is_refused_and_reported(fleet, observer
     observer.publish("fleet/model-x/config/desired",
                      json.dumps({"version": 1, "log_level": "debug"}), retain=True)
     p = device(fleet, "acl-b", groups=["model-x", "secret"])
-    p.wait_line(r"acl-b E broker refused 1 subscription\(s\): \[b'fleet/secret/config/desired'\]",
-                15)
+    p.wait_line(r"acl-b E broker refused 1 subscription\(s\): fleet/secret/config/desired "
+                r"\(not authorized\)", 15)
     # It keeps working: telemetry, the layers it may read, commands.
     observer.wait(lambda m: len(observer.json("devices/acl-b/telemetry")) >= 3, 10, "telemetry")
     r = observer.wait(lambda m: [r for r in observer.json("devices/acl-b/config/reported")
@@ -204,9 +207,28 @@ def test_one_devices_credentials_cannot_reach_another_device(fleet, broker, obse
     assert "Denied PUBLISH from acl-a-spy" in log and "devices/acl-b/cmd/ping" in log
 
 
-def test_a_publish_outside_the_acl_is_acknowledged_and_dropped(fleet, broker, observer):
-    # acl-c's role lacks its telemetry topic: the device publishes it all the same.
+def test_a_publish_outside_the_acl_is_kept_by_a_device_on_5(fleet, broker, observer):
+    # acl-c's role lacks its telemetry topic. With MQTT 5 mosquitto says so in the PUBACK:
+    # the device keeps every such message (its queue grows, nothing dropped) and reports it.
     p = device(fleet, "acl-c")
+    p.wait_line(r"acl-c W broker refused a message on b'devices/acl-c/telemetry': not "
+                r"authorized; kept to send again", 15)
+    # A report (health at once) per answer until one shows the queue holding them.
+    for i in range(40):
+        cmd(observer, "acl-c", "report", "r%d" % i)
+        h = observer.wait(lambda m: observer.json("devices/acl-c/health"), 10, "health")[-1]
+        if h["outbox"]["queued"] > 2:
+            break
+    assert observer.json("devices/acl-c/telemetry") == []
+    assert h["outbox"]["dropped"] == 0 and h["mqtt"]["puback_errors"] >= 1, h
+    assert h["mqtt"]["last_reason"] == "not authorized", h["mqtt"]
+    assert p.alive() and "link lost" not in p.output()
+
+
+def test_a_publish_outside_the_acl_is_acknowledged_and_dropped_on_311(fleet, broker, observer):
+    # acl-c's role lacks its telemetry topic: the device publishes it all the same.
+    p = device(fleet, "acl-c", broker=dict(FAST, user="acl-c", password=PASSWORDS["acl-c"],
+                                           protocol="3.1.1"))
     observer.wait(lambda m: observer.json("devices/acl-c/status"), 15, "online")
     time.sleep(2)
     cmd(observer, "acl-c", "report", "r1")
@@ -230,6 +252,7 @@ pattern write devices/%u/status
 pattern write devices/%u/health
 pattern write devices/%u/config/reported
 pattern write devices/%u/cmd/+/result
+pattern write devices/%u/ota
 user operator
 topic readwrite #
 user acl-a
