@@ -19,10 +19,11 @@ def _seqs(observer, dev, boot):
                    if m["boot"] == boot})
 
 
-def _device(fleet, tmp_path, dev, **over):
+def _device(fleet, tmp_path, dev, will_delay_s=None, **over):
     ctl = tmp_path / (dev + ".ctl")
     ctl.write_text("")
-    cfg = fleet.config(dev, broker=FAST, **over)
+    b = FAST if will_delay_s is None else dict(FAST, will_delay_s=will_delay_s)
+    cfg = fleet.config(dev, broker=b, **over)
     return Spec(str(tmp_path / (dev + ".img")), config=cfg, control=str(ctl)), ctl
 
 
@@ -118,7 +119,9 @@ def test_safe_mode_keeps_what_was_queued_on_flash(fleet, observer, tmp_path):
 
 
 def test_a_link_outage_queues_then_everything_recovers(fleet, observer, tmp_path):
-    spec, ctl = _device(fleet, tmp_path, "ln1", telemetry_interval=0.2, health_interval=1)
+    # will_delay_s 0: the will at once (MQTT 5 would hold it 30 s, for a quick return).
+    spec, ctl = _device(fleet, tmp_path, "ln1", will_delay_s=0, telemetry_interval=0.2,
+                        health_interval=1)
     p = fleet.start(spec)
     observer.wait(lambda m: _online(observer, "ln1", 1), 15, "online")
     ctl.write_text("link-down")
