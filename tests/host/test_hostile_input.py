@@ -298,7 +298,11 @@ def test_a_running_device_rejects_reports_and_keeps_going(fleet, observer):
                       "health counting the rejected commands")[-1]
     assert h["config"]["rejected"] == len(E2E_DESIRED)
     assert h["commands"]["rejected"] == len(E2E_COMMANDS)
-    assert h["mqtt"]["oversized"] == 2 and h["mqtt"]["connects"] == 1, h["mqtt"]
+    # The two messages over max_frame never reach it: on MQTT 5 the device tells the broker
+    # its Maximum Packet Size and mosquitto drops them (3.1.1: read past and counted, 2;
+    # tests/host/test_rogue_broker.py).
+    assert h["mqtt"]["protocol"] == "5" and h["mqtt"]["oversized"] == 0, h["mqtt"]
+    assert h["mqtt"]["connects"] == 1, h["mqtt"]
     n = len(observer.json("devices/%s/telemetry" % dev))
     observer.wait(lambda m: len(observer.json("devices/%s/telemetry" % dev)) - n >= 3, 30,
                   "telemetry after the hostile input")
@@ -313,4 +317,4 @@ def test_a_running_device_rejects_reports_and_keeps_going(fleet, observer):
     out = p.output()
     assert p.alive() and "Traceback" not in out and "MemoryError" not in out, out
     assert "handler failed" not in out and "protocol error" not in out, out
-    assert out.count("E dropped a message of") == 2, out
+    assert out.count("E dropped a message of") == 0, out  # never sent to it (above)
