@@ -8,6 +8,11 @@ It also plays the boards' hardware watchdog, which the Unix port lacks: each boa
 and feeds it over UDP (firmware/boards/unix.py); when a board's feeds stop for its timeout,
 the process is killed with SIGKILL, as a reset would, and started again, the starved board
 told that its reset cause is `watchdog` (the others in the process lost power with it).
+It plays deep sleep: a lone board that sleeps ends its process (SLEEP_EXIT) and is started
+again after the sleep (times `sleep_scale`, so a test lives through hours of wakes in
+seconds), told `deepsleep`; its RTC memory is a host file beside its flash image (IMAGE.rtc)
+that survives sleeps and resets and is deleted when the power goes (a power cut, the first
+start). Boards sharing a process sleep inside it (firmware/boards/unix.py).
 It plays the one timer the loader uses too: a trial deadline (otaboot.arm_deadline, `deadline
 MS` over the same socket, `deadline 0` to disarm) that resets a lone board when it expires.
 
@@ -54,6 +59,10 @@ OFF_S = (0.5, 2.0)
 # Exit code of a lone board's reset (firmware/boards/unix.py RESET_EXIT): started again at
 # once, told `soft`, whether or not the runner restarts crashed processes.
 RESET_EXIT = 75
+# Exit code of a lone board's deep sleep (firmware/boards/unix.py SLEEP_EXIT), after a line
+# "LABEL deepsleep MS": started again MS later (times sleep_scale), told `deepsleep`.
+SLEEP_EXIT = 76
+_SLEEP_LINE = re.compile(r" deepsleep (\d+)$")
 # The Unix port's stand-in for a board's start-up (boot.py, then main.py).
 UNIXBOOT = os.path.join(ROOT, "unixboot.py")
 
@@ -186,7 +195,8 @@ class Spec:
 class DeviceProcess:
     def __init__(self, specs, workdir, heapsize=None, flash_size=None, echo=None, env=None,
                  main=None, watchdog=True, on_watchdog=None, restart=False, off_s=OFF_S,
-                 host_hang_s=HOST_HANG_S, rnd=None, micropython=None, ticks_before_wrap=None):
+                 host_hang_s=HOST_HANG_S, rnd=None, micropython=None, ticks_before_wrap=None,
+                 sleep_scale=1.0):
         if len(specs) > 1 and [s for s in specs if s.app]:
             # An app may keep module-level state, as it may on its board, where it is alone.
             raise ValueError("a board with an app runs in a process of its own")
@@ -223,6 +233,10 @@ class DeviceProcess:
         self.exits = []  # return codes of deaths the process caused itself (crashes)
         self.power_cuts = 0
         self.restarts = 0  # power-ups after a death (not counting watchdog resets)
+        self.sleep_scale = sleep_scale
+        self.sleeps = []  # deep sleeps asked for (ms, as the board asked), in order
+        self._timer = None  # the power-up (after a death or a sleep) that is pending
+        self._asleep = False
         self._cut = None  # the process a power cut is killing
         self._restarting = False  # dead, with the power coming back after the off time
         self._gen = 0  # spawns so far: the watchdog forgets what an earlier process armed
@@ -258,6 +272,10 @@ class DeviceProcess:
                 args += ["--reset-cause", self.causes[s.image]]
             if s.control:
                 args += ["--control", s.control]
+            if len(self.specs) == 1:
+                args += ["--rtc-memory", s.image + ".rtc"]
+            if self.sleep_scale != 1.0:
+                args += ["--sleep-scale", "%g" % self.sleep_scale]
             if s.app:
                 args += ["--app", app_dir(s.image, s.app)]
             files = dict(s.files)
@@ -281,6 +299,12 @@ class DeviceProcess:
         return self
 
     def _spawn(self):
+        for s in self.specs:
+            if self.causes.get(s.image, "power-on") == "power-on":
+                try:
+                    os.remove(s.image + ".rtc")  # the power went: so did the RTC memory
+                except OSError:
+                    pass
         self._gen += 1
         self.proc = subprocess.Popen(
             self.argv(),
@@ -309,14 +333,24 @@ class DeviceProcess:
             if proc is self._cut:
                 self._cut = None
                 self._up_cause = "power-on"
+            elif rc == SLEEP_EXIT:
+                ms = 0
+                for line in reversed(self.lines[-20:]):
+                    m = _SLEEP_LINE.search(line)
+                    if m:
+                        ms = int(m.group(1))
+                        break
+                self.sleeps.append(ms)
+                self._up_cause = "deepsleep"
+                self._restarting = self._asleep = True
+                self._later(ms / 1000 * self.sleep_scale)
+                return
             elif rc == RESET_EXIT:
                 # The board reset itself (a reboot, an update): its loader runs again.
                 self._note("runner: board reset")
                 self._up_cause = "soft"
                 self._restarting = True
-                t = threading.Timer(0.05, self._power_up)
-                t.daemon = True
-                t.start()
+                self._later(0.05)
                 return
             else:
                 self.exits.append(rc)
@@ -327,14 +361,19 @@ class DeviceProcess:
             if not self.restart:
                 return
             self._restarting = True
-            off = self.rnd.uniform(*self.off_s)
-        t = threading.Timer(off, self._power_up)
+            self._later(self.rnd.uniform(*self.off_s))
+
+    def _later(self, s):
+        """Power up again in s seconds (only the latest such timer does)."""
+        self._timer = t = threading.Timer(s, lambda: self._power_up(t))
         t.daemon = True
         t.start()
 
-    def _power_up(self):
+    def _power_up(self, timer):
         with self._lock:
-            self._restarting = False
+            if timer is not self._timer:
+                return  # replaced (a power cut while asleep) after it fired
+            self._restarting = self._asleep = False
             if self._closed:
                 return
             self.causes = {s.image: self._up_cause for s in self.specs}
@@ -344,9 +383,19 @@ class DeviceProcess:
 
     def power_cut(self):
         """SIGKILL, as pulling the power would; with `restart`, it comes back (see _died).
-        Returns False when there was no running process to cut."""
+        A board asleep loses its RTC memory and powers up after the off time, told
+        `power-on`. Returns False when there was no running process to cut."""
         with self._lock:
-            if self._closed or not self.alive():
+            if self._closed:
+                return False
+            if self._asleep:
+                self._timer.cancel()
+                self.power_cuts += 1
+                self._note("runner: power cut while asleep")
+                self._up_cause = "power-on"
+                self._later(self.rnd.uniform(*self.off_s))
+                return True
+            if not self.alive():
                 return False
             self._cut = self.proc
             self.power_cuts += 1

@@ -88,6 +88,16 @@ class BaseBoard:
     def reset_cause(self) -> str:
         return "unknown"
 
+    # Memory that a deep sleep keeps and a power cut loses (ESP32: the RTC's), with read()
+    # -> bytes and write(bytes) of at most `size` bytes; None: the board has none (RP2040:
+    # its deep sleep ends in a reset that clears RAM), and the duty cycle keeps its state on
+    # flash instead (firmware/duty.py).
+    sleep_memory = None
+
+    def deep_sleep(self, ms):
+        """Sleep `ms` and wake through a reset (cause "deepsleep"). A board does not return."""
+        raise NotImplementedError("this board cannot deep-sleep")
+
     def arm_watchdog(self, timeout_ms):
         pass
 

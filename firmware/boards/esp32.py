@@ -1,6 +1,7 @@
 # ESP32-family board: the chip's die temperature sensor as the built-in reading; the rest is
 # McuBoard.
 import esp32
+import machine
 
 from firmware.boards.mcu import McuBoard
 
@@ -16,6 +17,23 @@ def _die_sensor():
     return f
 
 
+class RtcMemory:
+    """The RTC's user memory: kept through deep sleep (and soft, watchdog and panic resets),
+    lost when the power goes. 2,048 bytes in the port's default configuration
+    (MICROPY_HW_RTC_USER_MEM_MAX)."""
+
+    size = 2048
+
+    def __init__(self):
+        self.rtc = machine.RTC()
+
+    def read(self):
+        return self.rtc.memory()
+
+    def write(self, data):
+        self.rtc.memory(data)
+
+
 class Board(McuBoard):
     name = "esp32"
     # tls_room stays 0: ESP-IDF's mbedTLS allocates from the system heap, not the GC heap.
@@ -23,6 +41,7 @@ class Board(McuBoard):
     def __init__(self):
         super().__init__()
         self.die_c = _die_sensor()
+        self.sleep_memory = RtcMemory()
 
     def read_sensors(self, rnd):
         # No sensor, or a failed read: telemetry without temp_c rather than none at all.

@@ -92,3 +92,9 @@ class McuBoard(BaseBoard):
 
     def reset(self):
         machine.reset()
+
+    def deep_sleep(self, ms):
+        # The radio first: a station left associated costs the first milliseconds of
+        # the next wake's join, and some ports do not power it down by themselves.
+        self.link.disconnect()
+        machine.deepsleep(ms)

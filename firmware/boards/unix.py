@@ -21,6 +21,40 @@ from unixflash import DEFAULT_FLASH, MOUNT, ROOT, FileBlockDevice, open_flash  #
 TICKS_BEFORE_WRAP_MS = const(60000)
 # A lone board's reset ends its process with this code (testbed/devices.py starts it again).
 RESET_EXIT = const(75)
+# A lone board's deep sleep ends its process with this code, after a line "deepsleep MS":
+# the runner starts it again MS later (scaled), with the reset cause "deepsleep".
+SLEEP_EXIT = const(76)
+
+
+class SleepMemory:
+    """An ESP32's RTC memory as the Unix board has it: kept through a deep sleep and a
+    reset, lost at a power cut. A lone board keeps it in a host file that the runner
+    deletes when it plays a power cut (testbed/devices.py); boards sharing a process sleep
+    inside it and keep it in RAM."""
+
+    size = 2048
+
+    def __init__(self, path=None):
+        self.path = path
+        self.data = b""
+
+    def read(self):
+        if self.path is None:
+            return self.data
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    def write(self, data):
+        if len(data) > self.size:
+            raise ValueError("RTC memory holds %d bytes" % self.size)
+        if self.path is None:
+            self.data = bytes(data)
+            return
+        with open(self.path, "wb") as f:
+            f.write(data)
 
 
 class Control:
@@ -163,6 +197,9 @@ class Board(BaseBoard):
         self.wdt_addr = None  # (host, port) of the runner's watchdog, if it has one
         self._wdt_sock = None
         self.shared = None  # SharedHeap when the process drives more than one board
+        self.sleep_memory = SleepMemory()  # --rtc-memory FILE: the runner's, for a lone board
+        self.sleep_scale = 1.0  # --sleep-scale: a test's deep sleeps last this share
+        self.slept_ms = None  # a deep sleep the device must play in this process (shared)
         self.ticker = None  # LoopTicker, likewise
         # app_dir, set by --app only: a host directory holding this board's package `app`.
 
@@ -282,6 +319,16 @@ class Board(BaseBoard):
 
     def feed_watchdog(self):
         self._wdt_send("feed " + self.label)
+
+    def deep_sleep(self, ms):
+        """A lone board ends its process (SLEEP_EXIT) and the runner starts it again after
+        the sleep; boards sharing a process cannot, so Device plays the sleep in it
+        (slept_ms) and boots again, as after an in-process reset."""
+        print("%s deepsleep %d" % (self.label, ms))
+        if self.ota_root is not None:
+            raise SystemExit(SLEEP_EXIT)
+        self.cause = "deepsleep"
+        self.slept_ms = int(ms * self.sleep_scale)
 
     def reset(self):
         """No hardware to reset. A lone board whose flash the loader mounted ends its

@@ -12,6 +12,7 @@ def _usage(msg):
         "usage: micropython main.py [--flash-size BYTES] [--wdt HOST:PORT] "
         "[--ticks-before-wrap S] --flash IMAGE "
         "[--put DEST=HOSTFILE]... [--reset-cause CAUSE] [--control HOSTFILE] [--app DIR] "
+        "[--rtc-memory HOSTFILE] [--sleep-scale F] "
         "[--flash IMAGE2 ...]"
     )
     sys.exit(2)
@@ -19,8 +20,9 @@ def _usage(msg):
 
 def boards_from_argv(argv, opened=None):
     """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
-    flash before it boots (what `mpremote cp` does for a real board); --reset-cause and
-    --control and --app (a directory holding the package `app`) also apply to the last
+    flash before it boots (what `mpremote cp` does for a real board); --reset-cause,
+    --control, --app (a directory holding the package `app`), --rtc-memory (the host file
+    of its RTC memory) and --sleep-scale (its deep sleeps scaled) also apply to the last
     --flash; --wdt is the runner's watchdog for all;
     --ticks-before-wrap S starts every board's ticks S seconds before their 2^30 wrap.
     `opened`: the images the loader opened already (unixflash.mount_single)."""
@@ -50,6 +52,10 @@ def boards_from_argv(argv, opened=None):
             _usage(a + " before any --flash")
         elif a == "--reset-cause":
             out[-1].cause = v
+        elif a == "--rtc-memory":
+            out[-1].sleep_memory.path = v
+        elif a == "--sleep-scale":
+            out[-1].sleep_scale = float(v)
         elif a == "--control":
             out[-1].control.path = v
         elif a == "--app":
