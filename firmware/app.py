@@ -64,6 +64,8 @@ class Device:
         self._rebooting = False
         self._restart = asyncio.Event()
         self._reboot_task = None
+        self.sleep_state = None  # firmware/duty.py's SleepState, on a board that wakes
+        self.duty = None  # firmware/duty.py's DutyCycle, during a duty-cycled wake
         # A list holding room taken early in the boot (main.py), released for our buffers.
         self.heap_reserve = None
 
@@ -117,9 +119,11 @@ class Device:
             if self.ssl is None:
                 self.ssl = ctx  # the first broker's: what an update's server is checked by
 
-    def _status(self, state, outage=None):
+    def _status(self, state, outage=None, extra=None):
         d = {"v": SCHEMA, "state": state, "boot": self.boot, "fw": FW_VERSION,
              "cause": self.bootrec.get("cause"), "prev_up_s": self.bootrec.get("prev_up_s")}
+        if extra:
+            d.update(extra)
         if self.safe:
             d["safe_mode"] = True
         if self.cfg and self.cfg["profile"] == "baseline":
@@ -227,6 +231,8 @@ class Device:
             "outbox.ram_bytes": o["ram_bytes"],
             "outbox.flash_bytes": o["flash_bytes"],
         }
+        for k, v in cfg["power"].items():
+            base["power." + k] = v
         # The refresh renews the command subscription too: a broker that claims a session
         # it does not have (session-present 1) would otherwise keep commands from us.
         self.sync = ConfigSync(self.board.fs, self.topics, cfg["groups"], self.client,
@@ -423,13 +429,15 @@ class Device:
 
     def _on_connect(self, session_present):
         # Birth message: retained, so a late subscriber sees the device online at once. Its
-        # PUBACK is one of the signs a new version waits for before it confirms itself.
-        self._fire(
-            self.client.publish(
-                self.topics.status, self._status("online", self.client.outage), 1, True,
-                wait=False, token=_BIRTH
-            ), "birth message"
-        )
+        # PUBACK is one of the signs a new version waits for before it confirms itself. A
+        # duty-cycled wake says `sleeping` instead, once it knows when it wakes next.
+        if self.duty is None:
+            self._fire(
+                self.client.publish(
+                    self.topics.status, self._status("online", self.client.outage), 1, True,
+                    wait=False, token=_BIRTH
+                ), "birth message"
+            )
         if self._ota_text:
             self._fire(self._publish_ota(self._ota_text), "ota state")
         if self.app and self.app.state:
@@ -467,6 +475,8 @@ class Device:
             self._birth_acked = True
         elif msg.token is not None:
             self.outbox.ack(msg.token)
+        if self.duty is not None:
+            self.duty.acked.set()
 
     # ---- over-the-air updates: what firmware/ota.py needs of the device ----------------
 
@@ -546,12 +556,18 @@ class Device:
 
     async def run(self):
         """Boot, then run until stopped. A `reboot` command on the Unix port (whose board
-        cannot reset) ends here and boots again in this process, as a board would."""
+        cannot reset) ends here and boots again in this process, as a board would; so
+        does a deep sleep of a board sharing its process, after the sleep."""
         while True:
             await self._run_boot()
             if not self._rebooting:
                 return
             await self._restart.wait()
+            ms = getattr(self.board, "slept_ms", None)
+            if ms is not None:
+                await asyncio.sleep_ms(ms)
+                self.board.slept_ms = None
+                self.board.start_uptime()
             self._rebooting = False
             self._reported_once = False
             self._birth_acked = False
@@ -568,7 +584,10 @@ class Device:
             self._start_boot(cfg)
             self.build(cfg)
             self._log_boot(cfg)
-            self._spawn_tasks(cfg)
+            if not self.safe and self.sync.twin.effective()["power.mode"] == "duty":
+                self._spawn_wake(cfg)
+            else:
+                self._spawn_tasks(cfg)
             await asyncio.gather(*[t.task for t in sup.tasks.values()])
         except asyncio.CancelledError:
             if not self._rebooting:
@@ -578,6 +597,18 @@ class Device:
 
     def _start_boot(self, cfg):
         sm = cfg["safe_mode"]
+        self.duty = self.sleep_state = None
+        if self.board.reset_cause() == "deepsleep":
+            # A wake, not a boot: the boot it belongs to is in the sleep state, and the
+            # record on flash is neither counted nor written (no short boot, no wear).
+            from firmware.duty import load_state
+
+            st = self.sleep_state = load_state(self.board)
+            if st is not None and st.boot:
+                self.bootrec = {"boot": st.boot, "cause": "deepsleep", "prev_up_s": None}
+                self.boot = st.boot
+                self.safe = False
+                return
         try:
             rec = self.bootlog.start(self.board.reset_cause(), sm["boots"])
         except OSError as e:
@@ -600,6 +631,74 @@ class Device:
         if self.safe:
             self.log("E", "safe mode: %d short boots in a row; network, MQTT, config and "
                           "commands only for %d s" % (rec["streak"], sm["healthy_s"]))
+
+    def _spawn_wake(self, cfg):
+        """A duty-cycled wake (firmware/duty.py): the link, the MQTT session, the drain and
+        the wake itself, which ends in a deep sleep; none of the uptime schedules."""
+        from firmware.duty import DutyCycle, SleepState
+
+        st = self.sleep_state
+        if st is None:
+            st = self.sleep_state = SleepState(self.board.sleep_memory, self.board.fs)
+            st.load()  # kept readings of a boot that ended in a reset
+        else:
+            self.client.had_session = True  # a wake of a boot that connected before
+        self.duty = DutyCycle(self, st)
+        self.commands.handlers["stay-awake"] = self._cmd_stay_awake
+        n = self.outbox.recover()
+        if n:
+            self.log("I", "outbox: %d message(s) on flash" % n)
+        sup = self.sup
+        budget = int(self.sync.twin.effective()["power.awake_max_s"] * 1000)
+        # The wake checks in once, for its whole budget: a hang anywhere in it (a sensor, a
+        # connect) stops the feeding, and the watchdog resets the board into the next wake.
+        sup.spawn("wake", self.duty.run, within_ms=budget + 2000)
+        sup.spawn("link", self.link.run, within_ms=1000)
+        sup.spawn("mqtt", self.client.run, within_ms=0)
+        sup.spawn("drain", self._drain)
+        if self.ota and self.ota.trial:
+            sup.spawn("ota", self._ota_task, critical=False)
+        elif self.ota:
+            if self.bootrec["cause"] != "deepsleep":
+                # Once per boot, not at every wake: it changes only with an update.
+                self._ota_text = json.dumps(self.ota.state)
+            self._ota_drop()
+        if self.board.ntp and self.board.unix_time() is None:
+            from firmware.ntp import TimeSync  # the RTC keeps the time through deep sleep
+
+            n = cfg["ntp"]
+            self.timesync = TimeSync(
+                self.board.set_time, self.rnd, self.log, self.board.ticks_ms, n["servers"],
+                interval_s=n["interval"], timeout_ms=n["timeout_ms"],
+                ticks_diff=self.board.ticks_diff,
+                beat=lambda ms: self._beat("ntp", ms), now=self.board.unix_time)
+            sup.spawn("ntp", self.timesync.run, critical=False, within_ms=n["timeout_ms"] + 5000)
+
+    async def _cmd_stay_awake(self, body):
+        s = body.get("stay_awake_s", 600)
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 86400:
+            raise ValueError("stay_awake_s must be a number of seconds in 0..86400")
+        self.duty.stay_awake(s)
+        return {"awake_s": s}
+
+    def ota_requested(self):
+        """An update is asked for and not yet done: a wake stays for it."""
+        return bool(self.ota and self.ota.trial)
+
+    async def deep_sleep(self, ms):
+        """End this wake: every task stopped, then the board's deep sleep (a board does not
+        come back from it; the Unix port's ends the process, or boots again in it)."""
+        self._rebooting = True
+        self._reboot_task = asyncio.create_task(self._sleep_now(ms))
+        await asyncio.sleep(60)  # cancelled by it
+
+    async def _sleep_now(self, ms):
+        self.log("I", "wake %d: awake %d ms; sleeping %.1f s" % (
+            self.sleep_state.wakes if self.sleep_state else 0, self.board.uptime_ms(),
+            ms / 1000))
+        self.sup.cancel_all()
+        self.board.deep_sleep(ms)
+        self._restart.set()
 
     def _spawn_tasks(self, cfg):
         sup = self.sup

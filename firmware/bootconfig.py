@@ -123,6 +123,7 @@ def validate(doc):
         raise ConfigError("ntp.servers must be a list of host names")
     cfg["ntp"]["servers"] = servers
     cfg["ota"] = _ota(doc.get("ota", {}))
+    cfg["power"] = _power(doc.get("power", {}))
     # "baseline" mimics the common blocking client, for storm comparisons only (README).
     cfg["profile"] = _str(doc, "profile", "standard")
     if cfg["profile"] not in ("standard", "baseline"):
@@ -261,6 +262,26 @@ SAFE_MODE = {
 
 # Boards set their clock by SNTP at boot and every `interval` s (jittered per device).
 NTP = {"interval": (3600, 1, 604800), "timeout_ms": (2000, 100, 30000)}
+
+
+# Battery boards (README "Battery devices"): "duty" wakes every `wake_every_s`, delivers on
+# every `send_every`th wake (and keeps the other wakes' readings), is asleep again within
+# `awake_max_s` whatever happens, and stays awake `stay_awake_s` when the fleet asks.
+POWER = {
+    "wake_every_s": (300.0, 1, 86400),
+    "send_every": (1, 1, 1000),
+    "awake_max_s": (30.0, 2, 3600),
+    "stay_awake_s": (0.0, 0, 86400),
+}
+POWER_MODES = ("always-on", "duty")
+
+
+def _power(p):
+    out = _section(p, "power", POWER, ("mode",))
+    out["mode"] = _str(p, "mode", "always-on")
+    if out["mode"] not in POWER_MODES:
+        raise ConfigError("power.mode must be always-on or duty")
+    return out
 
 
 def _section(r, name, table, other=()):

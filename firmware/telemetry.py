@@ -39,7 +39,8 @@ class Telemetry:
             msg["dropped"] = d
         return json.dumps(msg)
 
-    async def _reading(self):
+    async def take(self):
+        """One reading, queued (a duty-cycled wake takes exactly one)."""
         # A sensor read may wait on hardware; one that outlasts the supervisor's grace (the
         # watchdog timeout) stops the check-ins.
         self.beat(0)
@@ -51,12 +52,12 @@ class Telemetry:
     async def run(self):
         # The boot reading goes out at once (it shows the device is back); the schedule
         # after it starts at a random phase.
-        await self._reading()
+        await self.take()
         phase = self.rnd.uniform(0, self.interval)
         self.beat(int(phase * 1000))
         await asyncio.sleep(phase)
         while True:
-            await self._reading()
+            await self.take()
             # The interval can change live (config twin); the promise follows it.
             self.beat(int(self.interval * 1000))
             await asyncio.sleep(self.interval)

@@ -393,24 +393,26 @@ class MQTTClient:
             self._space.clear()
             await self._space.wait()
 
-    async def disconnect(self, final=None, reader_alive=True):
+    async def disconnect(self, final=None, reader_alive=True, linger=True):
         """Graceful stop: an optional final (topic, payload, retain) QoS 1 publish, then
         DISCONNECT so the broker discards the last will. TCP keeps the two in order, so
         this does not wait for the PUBACK. It does wait (bounded) for the broker to close:
         closing with unread bytes makes the kernel send RST, which can destroy the
         DISCONNECT before the broker reads it and fire the will after all.
-        reader_alive=False when the loop that ran the read task is gone (after Ctrl-C)."""
+        reader_alive=False when the loop that ran the read task is gone (after Ctrl-C).
+        linger=False closes right after the DISCONNECT, without that round trip: for a
+        caller that has every answer it waited for (a duty-cycled wake, firmware/duty.py)."""
         self._stop = True
         if self.connected.is_set():
             try:
-                await self._leave(final, reader_alive)
+                await self._leave(final, reader_alive, linger)
                 self.log("I", "disconnected")
             except (OSError, asyncio.TimeoutError) as e:
                 self.log("W", "graceful disconnect incomplete: %r" % (e,))
         self._kill()
         await self._close()
 
-    async def _leave(self, final, reader_alive=True):
+    async def _leave(self, final, reader_alive=True, linger=True):
         """The final publish, DISCONNECT and the wait for the broker to close (disconnect()
         says why)."""
         if final:
@@ -421,6 +423,8 @@ class MQTTClient:
                 self.session.add(msg, True)
                 await self._send_msg(msg, False)
         await self._send(codec.DISCONNECT_PACKET)
+        if not linger:
+            return
         if reader_alive:
             await asyncio.wait_for(self._dead.wait(), self.timeout)
         else:

@@ -1,0 +1,307 @@
+# Battery boards (README "Battery devices"): a life lived in wakes. Each wake takes a reading;
+# every `send_every`th one (or one with something owed) connects with the kept session,
+# delivers everything queued, takes what the broker queued for the device while it slept,
+# says `sleeping` and when it wakes next, and deep-sleeps: one round trip for CONNACK, one for
+# the PUBACKs, no SUBSCRIBE. The state of the wakes (the boot they belong to, the readings not
+# sent yet, the schedules) lives where a deep sleep keeps it: the RTC's memory, or a flash
+# file on a board without one.
+import asyncio
+import struct
+from binascii import crc32
+
+from micropython import const
+
+from outbox import record
+
+_MAGIC = b"DUT1"
+# magic | crc32 of what follows it | boot | seq | wakes | fails | flags | refresh at | health at
+_HDR = "<4sIIIIHHII"
+_HDR_LEN = const(32)
+_FLASH_PATH = "/sleep.bin"
+_FLASH_SIZE = const(2048)  # as an ESP32's RTC memory: the same wake on every board
+# flags
+STABLE = const(1)  # this boot's record on flash says stable (one write per boot)
+REPORTED = const(2)  # config/reported went out in this boot
+# The jitter of a wake's period: phases drift apart, so a fleet powered on at once does not
+# stay in step.
+_JITTER = 0.1
+_LATE_WAKES = 64  # at most this many wakes between refreshes (or health reports)
+
+
+class SleepState:
+    """What one wake leaves the next: a header and the readings not yet sent, as outbox
+    records (lib/outbox/record.py, topic left out). `mem`: the board's sleep memory, or None
+    for a flash file (counted in `flash_writes`, which is what it costs)."""
+
+    def __init__(self, mem, fs):
+        self.mem = mem
+        self.fs = fs
+        self.size = mem.size if mem is not None else _FLASH_SIZE
+        self.boot = self.seq = self.wakes = self.fails = self.flags = 0
+        self.refresh_at = self.health_at = 0
+        self.recs = bytearray()
+        self.flash_writes = 0
+
+    def load(self):
+        """True if a whole state was there (not after a power cut, on RTC memory)."""
+        try:
+            if self.mem is not None:
+                b = self.mem.read()
+            else:
+                with self.fs.open(_FLASH_PATH, "rb") as f:
+                    b = f.read()
+        except OSError:
+            return False
+        if len(b) < _HDR_LEN or b[:4] != _MAGIC:
+            return False
+        h = struct.unpack_from(_HDR, b, 0)
+        if crc32(memoryview(b)[8:]) != h[1]:
+            return False
+        (_, _, self.boot, self.seq, self.wakes, self.fails, self.flags, self.refresh_at,
+         self.health_at) = h
+        self.recs = bytearray(memoryview(b)[_HDR_LEN:])
+        return True
+
+    def save(self):
+        b = bytearray(_HDR_LEN + len(self.recs))
+        b[_HDR_LEN:] = self.recs
+        struct.pack_into(_HDR, b, 0, _MAGIC, 0, self.boot, self.seq, self.wakes, self.fails,
+                         self.flags, self.refresh_at, self.health_at)
+        struct.pack_into("<I", b, 4, crc32(memoryview(b)[8:]))
+        if self.mem is not None:
+            self.mem.write(b)
+            return
+        from firmware.bootlog import write_atomic
+
+        write_atomic(self.fs, _FLASH_PATH, b)
+        self.flash_writes += 1
+
+    def fits(self, payload):
+        return _HDR_LEN + len(self.recs) + record.size(b"", payload) <= self.size
+
+    def add(self, payload, boot, seq):
+        if isinstance(payload, str):
+            payload = payload.encode()
+        n = len(self.recs)
+        self.recs.extend(bytes(record.size(b"", payload)))
+        record.encode_into(self.recs, n, b"", payload, boot, seq)
+
+    def records(self):
+        """(payload, boot, seq) of each kept reading, oldest first."""
+        mv = memoryview(self.recs)
+        off = 0
+        while off < len(mv):
+            n = record.check(mv, off, len(mv))
+            if n <= 0:
+                break  # not written whole: what follows cannot be trusted
+            _, p, boot, seq = record.fields(mv, off)
+            yield bytes(p), boot, seq
+            off += n
+
+    def count(self):
+        return sum(1 for _ in self.records())
+
+
+def load_state(board):
+    st = SleepState(board.sleep_memory, board.fs)
+    return st if st.load() else None
+
+
+class DutyCycle:
+    """One wake of the device `dev` (firmware/app.py Device, built for this boot)."""
+
+    def __init__(self, dev, state):
+        self.dev = dev
+        self.st = state
+        self.acked = asyncio.Event()  # set by the device at each PUBACK
+        self.awake_until = None  # uptime s: stay awake until then (the fleet asked)
+        self.next_s = None  # the sleep this wake plans, said in its status
+        self._new = None  # this wake's reading, while it is held back
+
+    def power(self, key):
+        return self.dev.sync.twin.effective()["power." + key]
+
+    def _interval_wakes(self, interval_s):
+        """Wakes until the next refresh or health report: the interval in wakes, at a
+        random point of [T/2, 3T/2] so a fleet asks at different wakes."""
+        n = interval_s / self.power("wake_every_s")
+        w = int(n * self.dev.rnd.uniform(0.5, 1.5)) + 1
+        return self.st.wakes + (w if w < _LATE_WAKES else _LATE_WAKES)
+
+    def stay_awake(self, s):
+        """The fleet needs the device awake for s seconds from now (a command, an update)."""
+        until = self.dev._uptime() + s
+        if self.awake_until is None or until > self.awake_until:
+            self.awake_until = until
+
+    async def run(self):
+        dev = self.dev
+        try:
+            await self._wake()
+        except Exception as e:  # a fault in this wake must not keep the board awake
+            dev.log("E", "wake %d failed: %r" % (self.st.wakes, e))
+            dev._spill()
+            await self._sleep(self.power("wake_every_s") * dev.rnd.uniform(0.5, 1.5))
+
+    async def _wake(self):
+        dev = self.dev
+        st = self.st
+        tel = dev.telemetry
+        eff = dev.sync.twin.effective()
+        new_boot = st.boot != dev.boot
+        if new_boot:
+            # A new boot (power-on, watchdog, update): its readings carry its number and
+            # count from 1; the kept ones of the old boot still go out under theirs.
+            st.boot = dev.boot
+            st.seq = st.flags = 0
+            st.refresh_at = self._interval_wakes(eff["refresh_interval"])
+            st.health_at = self._interval_wakes(eff["health_interval"])
+        st.wakes += 1
+        dev._reported_once = bool(st.flags & REPORTED)
+        period = self.power("wake_every_s")
+        refresh = st.wakes >= st.refresh_at
+        health = st.wakes >= st.health_at
+        stay = self.power("stay_awake_s")
+        send = (new_boot or st.fails or refresh or health or stay or dev.ota_requested()
+                or st.wakes % self.power("send_every") == 0)
+        tel.seq = st.seq
+        tel.publish = self._keep if not send else self._collect
+        await tel.take()
+        st.seq = tel.seq
+        if not send and self._new is None:
+            return await self._sleep(self._period(period))
+        if stay:
+            self.stay_awake(stay)
+        # The kept readings after those on flash (older) and before this wake's (newer).
+        for p, boot, seq in st.records():
+            dev._enqueue(dev.topics.telemetry, p, boot, seq)
+        st.recs = bytearray()
+        for r in self._new:
+            dev._enqueue(*r)
+        self._new = None
+        budget = self.power("awake_max_s")
+        try:
+            await asyncio.wait_for(self._deliver(refresh, health), budget)
+            ok = True
+        except asyncio.TimeoutError:
+            ok = False
+        if ok:
+            await self._stay()
+            st.fails = 0
+            if refresh:
+                st.refresh_at = self._interval_wakes(eff["refresh_interval"])
+            if health:
+                st.health_at = self._interval_wakes(eff["health_interval"])
+            if dev._reported_once:
+                st.flags |= REPORTED
+            if not st.flags & STABLE:
+                # A boot that delivered is a good boot: a later hang starts no crash loop.
+                st.flags |= STABLE
+                dev._save_uptime(stable=True)
+            await dev.client.disconnect(linger=False)
+            sleep_s = self.next_s
+        else:
+            st.fails = min(st.fails + 1, 1000)
+            # A fleet that failed together must not come back together: the next attempt
+            # at a random point of [T/2, 3T/2].
+            sleep_s = period * dev.rnd.uniform(0.5, 1.5)
+            dev.log("W", "wake %d: not delivered within %d s (%d failed wakes in a row); "
+                         "sleeping %.1f s" % (st.wakes, budget, st.fails, sleep_s))
+            dev._spill()  # what was not acknowledged waits on flash
+            if dev.client.is_connected():
+                await dev.client.disconnect(
+                    (dev.topics.status, self.status(sleep_s), True), linger=False)
+            else:
+                await dev.client.disconnect()
+        await self._sleep(sleep_s)
+
+    def _collect(self, topic, payload, boot, seq):
+        self._new = [(topic, payload, boot, seq)]
+
+    def _keep(self, topic, payload, boot, seq):
+        """Telemetry's queue on a wake that does not send: the reading joins the kept ones.
+        When they fill the sleep memory, all of them go to the outbox's flash ring, oldest
+        first, after what is there already; if flash fails too, this wake sends."""
+        st = self.st
+        if st.fits(payload):
+            st.add(payload, boot, seq)
+            return
+        ob = self.dev.outbox
+        for kp, kb, ks in st.records():
+            ob.put(topic, kp, kb, ks)
+        st.recs = bytearray()
+        ob.put(topic, payload, boot, seq)
+        if not ob.spill():
+            self.dev.log("E", "wake: the kept readings could not go to flash: sending them")
+            self._new = []  # a wake that sends, with the readings in the outbox already
+
+    def _period(self, period):
+        return period * self.dev.rnd.uniform(1 - _JITTER, 1 + _JITTER)
+
+    def status(self, sleep_s, state="sleeping"):
+        d = self.dev
+        extra = {"wake": self.st.wakes, "sleep_s": int(sleep_s + 0.5)}
+        ts = d.board.unix_time()
+        if ts is not None and state == "sleeping":
+            extra["next_wake"] = round(ts + sleep_s)
+        if self.st.mem is None:
+            extra["state_flash_writes"] = self.st.flash_writes
+        return d._status(state, d.client.outage, extra)
+
+    async def _deliver(self, refresh, health):
+        """Connected, everything queued acknowledged, the broker's queued messages taken."""
+        dev = self.dev
+        c = dev.client
+        ob = dev.outbox
+        await c.connected.wait()
+        if refresh:
+            # The retained layers come after the SUBACK; the status below, sent after it,
+            # is acknowledged after them (one connection is one ordered stream).
+            await dev.sync.refresh()
+        if health:
+            await dev.health.publish()
+        # Every record handed to the session, then the status in the same flight: its
+        # PUBACK comes after whatever the broker queued for us while we slept.
+        while ob.inflight < len(ob):
+            self.acked.clear()
+            await self.acked.wait()
+        self.next_s = self._period(self.power("wake_every_s"))
+        await c.publish(dev.topics.status, self.status(self.next_s), 1, True, wait=False,
+                        token="birth")
+        await self._settled()
+
+    async def _settled(self):
+        c = self.dev.client
+        while len(c.session) or len(self.dev.outbox):
+            self.acked.clear()
+            await self.acked.wait()
+
+    async def _stay(self):
+        """Awake for as long as the fleet asked (a command, power.stay_awake_s), online."""
+        dev = self.dev
+        if self.awake_until is None:
+            return
+        c = dev.client
+        left = self.awake_until - dev._uptime()
+        if left <= 0:
+            return
+        dev.log("I", "staying awake %.0f s" % left)
+        await c.publish(dev.topics.status, dev._status("online", None, {"awake_s": round(left)}),
+                        1, True, wait=False)
+        while True:
+            left = self.awake_until - dev._uptime()
+            if left <= 0 and not dev.ota:
+                break
+            dev._beat("wake", 2000)
+            await asyncio.sleep(min(left, 1) if left > 0 else 1)
+        self.next_s = self._period(self.power("wake_every_s"))
+        await c.publish(dev.topics.status, self.status(self.next_s), 1, True, wait=False)
+        await asyncio.wait_for(self._settled(), self.dev.client.timeout)
+
+    async def _sleep(self, s):
+        st = self.st
+        try:
+            st.save()
+        except OSError as e:
+            self.dev.log("E", "wake state not saved (%r): the kept readings wait on flash" % (e,))
+        await self.dev.deep_sleep(int(s * 1000))
