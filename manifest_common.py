@@ -9,7 +9,7 @@ package("p256", base_path="lib")
 
 FIRMWARE = (
     "__init__.py", "api.py", "app.py", "apphost.py", "bootconfig.py", "bootlog.py", "clock.py", "commands.py",
-    "configcache.py", "configsync.py", "failover.py", "health.py", "ntp.py", "ota.py", "otacheck.py", "otahttp.py", "protocols.py", "run.py",
+    "configcache.py", "configsync.py", "duty.py", "failover.py", "health.py", "ntp.py", "ota.py", "otacheck.py", "otahttp.py", "protocols.py", "run.py",
     "settings.py", "supervisor.py", "telemetry.py", "tlsctx.py", "topics.py", "twin.py", "version.py", "wifi.py",
     "boards/__init__.py", "boards/base.py", "boards/mcu.py", "boards/mcuhw.py", "boards/esp32.py", "boards/rp2.py",
 )

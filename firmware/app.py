@@ -644,6 +644,7 @@ class Device:
         else:
             self.client.had_session = True  # a wake of a boot that connected before
         self.duty = DutyCycle(self, st)
+        self.client.nodelay = True
         self.commands.handlers["stay-awake"] = self._cmd_stay_awake
         n = self.outbox.recover()
         if n:

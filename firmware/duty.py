@@ -206,7 +206,7 @@ class DutyCycle:
             # at a random point of [T/2, 3T/2].
             sleep_s = period * dev.rnd.uniform(0.5, 1.5)
             dev.log("W", "wake %d: not delivered within %d s (%d failed wakes in a row); "
-                         "sleeping %.1f s" % (st.wakes, budget, st.fails, sleep_s))
+                         "sleeping %.2f s" % (st.wakes, budget, st.fails, sleep_s))
             dev._spill()  # what was not acknowledged waits on flash
             if dev.client.is_connected():
                 await dev.client.disconnect(
@@ -240,7 +240,9 @@ class DutyCycle:
 
     def status(self, sleep_s, state="sleeping"):
         d = self.dev
-        extra = {"wake": self.st.wakes, "sleep_s": int(sleep_s + 0.5)}
+        # seq: the last reading taken; one not delivered by the next boot was lost (a power
+        # cut takes the RTC memory), and the consumer can tell.
+        extra = {"wake": self.st.wakes, "sleep_s": int(sleep_s + 0.5), "seq": self.st.seq}
         ts = d.board.unix_time()
         if ts is not None and state == "sleeping":
             extra["next_wake"] = round(ts + sleep_s)
@@ -253,21 +255,24 @@ class DutyCycle:
         dev = self.dev
         c = dev.client
         ob = dev.outbox
+        # Every reading handed to the session before the connection is up, then the
+        # status: the connect's resume sends them as one flight (client.nodelay), and the
+        # status's PUBACK comes after whatever the broker queued for us while we slept.
+        while ob.inflight < len(ob) and not c.session.full():
+            await asyncio.sleep_ms(0)  # the drain task's turn
+        self.next_s = self._period(self.power("wake_every_s"))
+        if not refresh:
+            await c.publish(dev.topics.status, self.status(self.next_s), 1, True,
+                            wait=False, token="birth")
         await c.connected.wait()
         if refresh:
-            # The retained layers come after the SUBACK; the status below, sent after it,
-            # is acknowledged after them (one connection is one ordered stream).
+            # The retained layers come after the SUBACK; the status, sent after it, is
+            # acknowledged after them (one connection is one ordered stream).
             await dev.sync.refresh()
+            await c.publish(dev.topics.status, self.status(self.next_s), 1, True,
+                            wait=False, token="birth")
         if health:
             await dev.health.publish()
-        # Every record handed to the session, then the status in the same flight: its
-        # PUBACK comes after whatever the broker queued for us while we slept.
-        while ob.inflight < len(ob):
-            self.acked.clear()
-            await self.acked.wait()
-        self.next_s = self._period(self.power("wake_every_s"))
-        await c.publish(dev.topics.status, self.status(self.next_s), 1, True, wait=False,
-                        token="birth")
         await self._settled()
 
     async def _settled(self):

@@ -418,6 +418,7 @@ class DeviceProcess:
 
     def _watch(self):
         """The watchdog: `arm IMAGE MS` sets a board's timeout, `feed IMAGE` restarts it,
+        `disarm IMAGE` stops it (a board asleep in a shared process),
         `tick LAG_MS` says the process's loop runs and was LAG_MS late (module docstring)."""
         armed = {}  # image -> (timeout s, last feed)
         deadline = None  # when the loader's trial deadline resets the process
@@ -448,6 +449,8 @@ class DeviceProcess:
                 words = data.decode().split()
                 if words[0] == "arm":
                     armed[words[1]] = (int(words[2]) / 1000, now)
+                elif words[0] == "disarm":
+                    armed.pop(words[1], None)  # asleep in a shared process; the wake arms
                 elif words[0] == "feed" and words[1] in armed:
                     armed[words[1]] = (armed[words[1]][0], now)
                 elif words[0] == "deadline":

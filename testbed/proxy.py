@@ -466,3 +466,24 @@ def _reset(writer):
         except OSError:
             pass
     writer.close()
+
+
+def round_trips(packets):
+    """How many times a device waited on the broker in one connection's packets (in the
+    order forwarded): once per CONNECT, SUBSCRIBE or PINGREQ, and once per flight of
+    PUBLISHes, a flight ending when every PUBLISH sent so far is acknowledged (a PUBLISH
+    sent with nothing outstanding waited for the answers before it). A DISCONNECT awaits
+    nothing."""
+    n = 0
+    out = set()
+    for p in packets:
+        if p.dir == UP:
+            if p.type in ("CONNECT", "SUBSCRIBE", "PINGREQ"):
+                n += 1
+            elif p.type == "PUBLISH" and p.qos:
+                if not out:
+                    n += 1
+                out.add(p.pid)
+        elif p.type == "PUBACK":
+            out.discard(p.pid)
+    return n

@@ -329,6 +329,7 @@ class Board(BaseBoard):
             raise SystemExit(SLEEP_EXIT)
         self.cause = "deepsleep"
         self.slept_ms = int(ms * self.sleep_scale)
+        self._wdt_send("disarm " + self.label)  # a sleeping chip's watchdog does not run
 
     def reset(self):
         """No hardware to reset. A lone board whose flash the loader mounted ends its

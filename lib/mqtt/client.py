@@ -6,6 +6,7 @@ import asyncio
 import gc
 import select
 import socket
+import sys
 import time
 from errno import EINPROGRESS
 
@@ -16,6 +17,7 @@ from backoff import Backoff, Rng
 
 _MAX_ADDRS = 4  # addresses of one name tried per attempt
 _MAX_ALIASES = 8  # topics declared for Topic Alias (5): bounded memory
+_CORK_MAX = 1400  # a gathered flight is written once it holds a TCP segment's worth
 
 
 class MQTTError(Exception):
@@ -98,6 +100,11 @@ class MQTTClient:
         self.client_id = client_id
         self.keepalive = keepalive
         self.clean = clean
+        # Every packet on the wire at once (TCP_NODELAY), for a caller whose time awake is
+        # what counts (a duty-cycled wake): with Nagle, the PUBLISHes after the first of a
+        # flight wait for its ACK, a round trip more per wake.
+        self.nodelay = False
+        self._cork = None  # the resume's flight, gathered into one write (with nodelay)
         self.will = will
         # "auto" (5, then 3.1.1 for a broker that does not speak it), "5" or "3.1.1"; an
         # endpoint's own "protocol" wins. An endpoint found to speak only 3.1.1 is marked
@@ -628,6 +635,8 @@ class MQTTClient:
         self._r0 = self._r1 = 0
         self._step = "tcp"
         s = self._sock = socket.socket(ai[0], ai[1], ai[2])
+        if self.nodelay:
+            _no_delay(s)
         await _tcp_connect(s, ai, self.timeout)
         if self.ssl:
             self._step = "tls"
@@ -804,6 +813,10 @@ class MQTTClient:
                         self.on_ack(m)
         epoch = self._epoch
         resent = sent = 0
+        if self.nodelay:
+            # Without Nagle every packet would be a segment of its own: the flight goes out
+            # in as few as fit, and the broker answers it in one round trip.
+            self._cork = bytearray()
         while True:
             todo = [m for m in self.session.pending() if m.sent != epoch]
             if not todo:
@@ -812,6 +825,7 @@ class MQTTClient:
                 while self._rm < len(self.session) and self._unacked(epoch) >= self._rm:
                     # More kept than the broker takes at once (its Receive Maximum): the
                     # rest follows as acknowledgements come.
+                    await self._uncork()
                     self._space.clear()
                     await self._space.wait()
                     if self._dead.is_set():
@@ -824,6 +838,7 @@ class MQTTClient:
                 await self._send_msg(m, dup)
                 if self._dead.is_set():
                     raise OSError("link lost while resending")
+        await self._uncork()
         self.connected.set()
         o = self.outage
         self.log("I", "connected (session present: %d, resent: %d, sent: %d)%s" % (
@@ -876,6 +891,7 @@ class MQTTClient:
 
     async def _close(self):
         self.connected.clear()
+        self._cork = None
         w = self._writer
         s = self._sock
         self._writer = self._reader = self._sock = None
@@ -1146,10 +1162,20 @@ class MQTTClient:
 
     async def _send_big(self, topic, payload, qos, retain, dup, pid, props=None):
         # Rare (config reports, big commands): two writes under the lock, in order.
+        if self._cork:
+            await self._uncork()
+            self._cork = bytearray()
         off = codec.publish_header_into(self._txbuf, topic, len(payload), qos, retain, dup,
                                         pid, props)
         await self._write_locked(bytes(self._txmv[:off]), payload)
         self.stats["tx"] += 1
+
+    async def _uncork(self):
+        buf = self._cork
+        self._cork = None
+        if buf:
+            self.stats["tx"] -= 1  # its packets were counted as they were gathered
+            await self._write(buf)
 
     def _write(self, pkt):
         """Write one whole packet; returns what the caller must await at once (not a
@@ -1162,6 +1188,15 @@ class MQTTClient:
         w = self._writer
         if w is None:
             raise OSError("not connected")
+        cork = self._cork
+        if cork is not None:
+            cork.extend(pkt)  # a copy: the tx buffer is reused for the next packet
+            self.stats["tx"] += 1
+            if len(cork) < _CORK_MAX:
+                return asyncio.sleep_ms(0)
+            self._cork = bytearray()
+            self.stats["tx"] -= 1
+            return self._write_queued(cork)
         if self._gate[1]:
             # The tx buffer is reused while this one waits its turn.
             return self._write_queued(bytes(pkt))
@@ -1293,6 +1328,20 @@ def _is_ip(host):
 
 def _no_beat(ms):
     pass
+
+
+def _no_delay(s):
+    opt = getattr(socket, "TCP_NODELAY", None)  # lwIP's value is not Linux's
+    if opt is not None:
+        level = socket.IPPROTO_TCP
+    elif sys.platform == "linux":
+        level, opt = 6, 1  # the Unix port has neither constant
+    else:
+        return
+    try:
+        s.setsockopt(level, opt, 1)
+    except OSError:
+        pass  # Nagle stays: slower, not wrong
 
 
 async def _tcp_connect(s, ai, timeout):
