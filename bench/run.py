@@ -55,6 +55,7 @@ TARGETS = {
     "board_model_ota_download_heap_bytes": "<= 12288",
     "mcu_m0_peers_ratio": "qos0 vs umqtt.simple <= 1; qos1 vs mqtt_as <= 0.5",
     "mcu_rv32_peers_ratio": "qos0 vs umqtt.simple <= 1; qos1 vs mqtt_as <= 0.5",
+    "duty_round_trips_per_wake": "<= 2 (CONNACK, PUBACKs)",
 }
 
 
@@ -167,7 +168,17 @@ def run_board_model_ota_verify(quick, binaries):
     return {"board_model_" + k: v for k, v in figures.items()}
 
 
-PARTS = ("mqtt", "outbox", "ota_verify", "device", "ota", "board_model", "app", "mcu")
+def run_duty_bench(quick, binaries):
+    """bench/duty_bench.py: a battery board's wakes (README "Battery devices"); on the board
+    model too (binaries[0], frozen firmware: imports as a board's), prefixed board_model_."""
+    figures = run_script("duty_bench.py", quick)
+    if binaries:
+        bm = run_script("duty_bench.py", quick, ["--micropython", binaries[0]])
+        figures["board_model_duty_awake_ms"] = bm["duty_awake_ms"]
+    return figures
+
+
+PARTS = ("mqtt", "outbox", "ota_verify", "device", "ota", "board_model", "app", "mcu", "duty")
 
 
 # Figures each part exists to produce: None or absent fails the run (missing_figures).
@@ -179,6 +190,7 @@ REQUIRED = {
     "device": ("boot_to_first_publish_ms", "boot_min_heap_kb", "soak_telemetry",
                "soak_heap_samples"),
     "ota": ("ota_download_heap_bytes",),
+    "duty": ("duty_awake_ms", "duty_round_trips_per_wake", "duty_bytes_per_wake"),
 }
 
 
@@ -234,6 +246,8 @@ def main(argv=None):
             figures.update(run_app_bench(quick, binaries))
         else:
             print("app figures skipped: %s" % why, flush=True)
+    if "duty" in parts:
+        figures.update(run_duty_bench(quick, binaries))
     if "mcu" in parts:
         got, why_not = run_mcu_bench(quick)
         if got:

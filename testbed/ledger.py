@@ -41,7 +41,9 @@ class Ledger:
         return sum(
             1
             for dev, t in self.last_seen.items()
-            if now - t <= window_s and self.status.get(dev, {}).get("state") == "online"
+            # A battery device between wakes says "sleeping" (README "Battery devices").
+            if now - t <= window_s
+            and self.status.get(dev, {}).get("state") in ("online", "sleeping")
         )
 
     def summary(self, devices, online=None, now=None):

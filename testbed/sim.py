@@ -211,6 +211,9 @@ def parse_args(argv=None):
     p.add_argument("--ticks-before-wrap", type=float, metavar="S", default=60.0,
                    help="the boards' ticks (a board's 2^30 ms period) start S s before their "
                         "wrap, so a run crosses one (default 60)")
+    p.add_argument("--sleep-scale", type=float, metavar="F", default=1.0,
+                   help="battery devices (--set power.mode=duty): their deep sleeps last F "
+                        "of what they ask (default 1)")
     p.add_argument("--health-interval", type=float, metavar="S",
                    help="health_interval of the devices (health messages give the heap figures)")
     p.add_argument("--first-window", type=float, metavar="S",
@@ -565,7 +568,7 @@ def main(argv=None):
                 if (isinstance(msg.get("endpoint"), int) and msg.get("state") == "online"
                         and not retain):
                     endpoint[parts[1]] = msg["endpoint"]
-                if msg.get("state") == "online" and not retain:  # not an earlier run's
+                if msg.get("state") in ("online", "sleeping") and not retain:  # this run's
                     up.seen_online(parts[1])
             elif topic.endswith(health_suffix) and isinstance(msg.get("heap_alloc"), int):
                 heap.append((t - t_start[0], parts[1], msg["heap_alloc"]))
@@ -593,6 +596,7 @@ def main(argv=None):
     fleet = start_fleet(configs, workdir, processes=a.processes, heapsize=a.heapsize,
                         echo=echo, main=main_py, restart=not a.no_restart,
                         micropython=a.micropython, ticks_before_wrap=a.ticks_before_wrap,
+                        sleep_scale=a.sleep_scale,
                         app=a.app)
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -6,52 +6,26 @@ import subprocess
 
 import pytest
 
+from testbed import pki
 from testbed.broker import Mosquitto, free_port
 from testbed.devices import ROOT, Spec, micropython_path
 from testbed.observer import Observer
 
 
-def _ssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _ca(d, name):
-    _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", name + ".key", cwd=d)
-    _ssl("req", "-x509", "-new", "-key", name + ".key", "-subj", "/CN=" + name, "-days", "2",
-         "-out", name + ".pem", cwd=d)
-    _ssl("x509", "-in", name + ".pem", "-outform", "DER", "-out", name + ".der", cwd=d)
-
-
-def _leaf(d, name, ca, san=None):
-    _ssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", name + ".key", cwd=d)
-    _ssl("req", "-new", "-key", name + ".key", "-subj", "/CN=" + name, "-out", name + ".csr",
-         cwd=d)
-    ext = d / (name + ".ext")
-    ext.write_text("subjectAltName=%s\n" % san if san else "basicConstraints=CA:FALSE\n")
-    _ssl("x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey", ca + ".key",
-         "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", name + ".pem", cwd=d)
-    _ssl("x509", "-in", name + ".pem", "-outform", "DER", "-out", name + ".der", cwd=d)
-    _ssl("ec", "-in", name + ".key", "-outform", "DER", "-out", name + ".key.der", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue-ca")
-    _leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
-    _leaf(d, "dev-t2", "ca")
+    pki.ca(d, "ca")
+    pki.ca(d, "rogue-ca")
+    pki.leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
+    pki.leaf(d, "dev-t2", "ca")
     return d
 
 
 @pytest.fixture
 def tls_broker(tmp_path, certs):
     tls_port, mtls_port = free_port(), free_port()
-    conf = "".join(
-        "listener %d 127.0.0.1\ncafile %s\ncertfile %s\nkeyfile %s\nrequire_certificate %s\n"
-        % (port, certs / "ca.pem", certs / "server.pem", certs / "server.key", req)
-        for port, req in ((tls_port, "false"), (mtls_port, "true"))
-    )
+    conf = pki.tls_listeners(certs, tls_port, mtls_port)
     m = Mosquitto(tmp_path / "tls-broker", extra_conf=conf).start()
     m.tls_port, m.mtls_port = tls_port, mtls_port
     yield m
@@ -194,7 +168,7 @@ def test_an_update_downloads_over_https_verified_like_the_broker(
     out = str(tmp_path / "srv" / "v2")
     bundle.build(out, 2, name="2.0.0")
     sha = bundle.sign(out, str(tmp_path / "keys" / "k.pem"))
-    _leaf(certs, "rogue-files", "rogue-ca", san="DNS:localhost,IP:127.0.0.1")
+    pki.leaf(certs, "rogue-files", "rogue-ca", san="DNS:localhost,IP:127.0.0.1")
     good = FileServer(str(tmp_path / "srv"), tls=(str(certs / "server.pem"),
                                                   str(certs / "server.key"))).start()
     rogue = FileServer(str(tmp_path / "srv"), tls=(str(certs / "rogue-files.pem"),

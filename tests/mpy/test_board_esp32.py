@@ -33,9 +33,28 @@ def _fakes(esp32):
             return self.value
 
     machine.ADC = ADC
+
+    class RTC:
+        kept = b""  # the chip's: every RTC object reads the same memory
+
+        def memory(self, data=None):
+            if data is None:
+                return RTC.kept
+            assert len(data) <= 2048
+            RTC.kept = bytes(data)
+
+    machine.RTC = RTC
+    machine.slept = []
+    machine.deepsleep = machine.slept.append
     network = Fake()
     network.STA_IF = 0
-    network.WLAN = lambda iface: Fake()
+
+    def wlan(iface):
+        w = Fake()
+        w.disconnect = lambda: machine.slept.append("radio off")
+        return w
+
+    network.WLAN = wlan
     return {"esp32": esp32, "machine": machine, "network": network}
 
 
@@ -142,3 +161,21 @@ def test_the_fakes_are_gone_afterwards():
     assert "firmware.boards.esp32" not in sys.modules
     assert "firmware.boards.mcu" not in sys.modules
     assert "esp32" not in dir(firmware.boards) and "mcu" not in dir(firmware.boards)
+
+
+def test_esp32_sleep_memory_is_the_rtc_memory_and_deep_sleep_turns_the_radio_off_first():
+    def check(b, fakes):
+        assert b.sleep_memory.size == 2048
+        b.sleep_memory.write(b"kept")
+        assert fakes["machine"].RTC().memory() == b"kept" == b.sleep_memory.read()
+        b.deep_sleep(1500)
+        assert fakes["machine"].slept == ["radio off", 1500]
+
+    _with_board("esp32", _esp32(), check)
+
+
+def test_rp2_has_no_sleep_memory():
+    def check(b, fakes):
+        assert b.sleep_memory is None  # the duty cycle keeps its state on flash
+
+    _with_board("rp2", _esp32(), check)
