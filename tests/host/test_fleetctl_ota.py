@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.host.test_fleetctl import fleetctl
-from tests.host.test_tls import _ca, _leaf
+from testbed import pki
 from tools import bundle
 from testbed.broker import free_port
 from testbed.fileserver import FileServer
@@ -41,9 +41,9 @@ def certs(tmp_path_factory):
     """A CA and a server certificate for 127.0.0.1 it signed, and a CA that signed nothing
     here."""
     d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _ca(d, "rogue-ca")
-    _leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
+    pki.ca(d, "ca")
+    pki.ca(d, "rogue-ca")
+    pki.leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
     return d
 
 

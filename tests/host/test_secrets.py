@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_tls import _ca, _leaf
+from testbed import pki
 from testbed.broker import Mosquitto, free_port
 from testbed.devices import Spec
 from testbed.observer import Observer
@@ -26,9 +26,9 @@ OPERATOR = ("operator", "op-secret-Hh2j")
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
-    _ca(d, "ca")
-    _leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
-    _leaf(d, "sec-1", "ca")
+    pki.ca(d, "ca")
+    pki.leaf(d, "server", "ca", san="DNS:localhost,IP:127.0.0.1")
+    pki.leaf(d, "sec-1", "ca")
     return d
 
 
