@@ -438,7 +438,10 @@ class Device:
                     wait=False, token=_BIRTH
                 ), "birth message"
             )
-        if self._ota_text:
+        if self._ota_text and (self.duty is None or self.ota is not None
+                               or self.bootrec["cause"] != "deepsleep"):
+            # A wake sends it only while an update is under way, or once per boot: it is
+            # retained, and between updates it does not change.
             self._fire(self._publish_ota(self._ota_text), "ota state")
         if self.app and self.app.state:
             # Retained, but a broker may have lost it (restarted without persistence).
@@ -657,13 +660,10 @@ class Device:
         sup.spawn("link", self.link.run, within_ms=1000)
         sup.spawn("mqtt", self.client.run, within_ms=0)
         sup.spawn("drain", self._drain)
-        if self.ota and self.ota.trial:
+        if self.ota:
+            # A trial to judge, or an update the cached config asks for: the updater says
+            # which, and lets go at once when idle (the wake then does not stay for it).
             sup.spawn("ota", self._ota_task, critical=False)
-        elif self.ota:
-            if self.bootrec["cause"] != "deepsleep":
-                # Once per boot, not at every wake: it changes only with an update.
-                self._ota_text = json.dumps(self.ota.state)
-            self._ota_drop()
         if self.board.ntp and self.board.unix_time() is None:
             from firmware.ntp import TimeSync  # the RTC keeps the time through deep sleep
 

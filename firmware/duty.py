@@ -26,6 +26,9 @@ REPORTED = const(2)  # config/reported went out in this boot
 # stay in step.
 _JITTER = 0.1
 _LATE_WAKES = 64  # at most this many wakes between refreshes (or health reports)
+# An update keeps a wake awake this long at most (or power.stay_awake_s if longer): one that
+# is still not done then goes on at the next sending wake (downloads resume).
+_OTA_AWAKE_S = 900
 
 
 class SleepState:
@@ -281,24 +284,32 @@ class DutyCycle:
             self.acked.clear()
             await self.acked.wait()
 
-    async def _stay(self):
-        """Awake for as long as the fleet asked (a command, power.stay_awake_s), online."""
+    def _left(self, ota_until):
+        """Seconds the wake must stay awake from now: the fleet's ask, or an update."""
         dev = self.dev
-        if self.awake_until is None:
-            return
+        now = dev._uptime()
+        left = self.awake_until - now if self.awake_until is not None else 0
+        if dev.ota is not None and ota_until - now > left:
+            left = ota_until - now
+        return left
+
+    async def _stay(self):
+        """Awake for as long as the fleet asked (a command, power.stay_awake_s) or an update
+        is under way (one a layer asked for, or a new version on trial), online."""
+        dev = self.dev
         c = dev.client
-        left = self.awake_until - dev._uptime()
+        ota_until = dev._uptime() + max(self.power("stay_awake_s"), _OTA_AWAKE_S)
+        left = self._left(ota_until)
         if left <= 0:
             return
-        dev.log("I", "staying awake %.0f s" % left)
+        dev.log("I", "staying awake up to %.0f s%s" % (
+            left, " for the update" if dev.ota is not None else ""))
         await c.publish(dev.topics.status, dev._status("online", None, {"awake_s": round(left)}),
                         1, True, wait=False)
-        while True:
-            left = self.awake_until - dev._uptime()
-            if left <= 0 and not dev.ota:
-                break
+        while left > 0:
             dev._beat("wake", 2000)
-            await asyncio.sleep(min(left, 1) if left > 0 else 1)
+            await asyncio.sleep(min(left, 1))
+            left = self._left(ota_until)
         self.next_s = self._period(self.power("wake_every_s"))
         await c.publish(dev.topics.status, self.status(self.next_s), 1, True, wait=False)
         await asyncio.wait_for(self._settled(), self.dev.client.timeout)

@@ -6,6 +6,7 @@ wake costs one round trip for CONNACK and one for the PUBACKs, with no SUBSCRIBE
 import json
 import time
 
+from test_ota import ota_device, ota_states, releases, request  # noqa: F401 (a fixture)
 from testbed.devices import Spec
 from testbed.proxy import round_trips
 
@@ -169,3 +170,24 @@ def test_a_command_keeps_a_sleeping_device_awake_and_it_sleeps_again_after(fleet
     n = len(_sleeping(observer, "a1"))
     observer.wait(lambda m: len(_sleeping(observer, "a1")) > n, 30, "asleep again")
     assert "Traceback" not in p.output()
+
+
+def test_an_update_asked_of_a_sleeping_device_keeps_its_next_wake_awake_until_confirmed(
+        fleet, observer, tmp_path, releases):
+    v2 = releases.build("v2", 2)
+    p = fleet.start(ota_device(fleet, tmp_path, "u1", releases, power=_duty()),
+                    sleep_scale=SCALE)
+    observer.wait(lambda m: _sleeping(observer, "u1"), 60, "asleep on v1")
+    n = len(p.sleeps)
+    _until(lambda: len(p.sleeps) > n, 30, "between wakes")
+    request(observer, v2, reboot="now")  # retained, and queued in its kept session
+    observer.wait(lambda m: [s for s in ota_states(observer, "u1")
+                             if s["state"] == "confirmed" and s["version"] == 2], 120,
+                  "v2 confirmed")
+    # It stayed awake for the update (no sleep between the request's wake and the
+    # confirmation: the reset into v2 is a reset, not a sleep), then sleeps on v2.
+    observer.wait(lambda m: [s for s in _sleeping(observer, "u1") if s["fw"] == "2.0.0"], 60,
+                  "asleep on v2")
+    assert "runner: board reset" in p.output()
+    on = [s for s in observer.json("devices/u1/status") if s["state"] == "online"]
+    assert on and on[-1]["fw"] == "2.0.0" and on[-1]["cause"] == "soft"
