@@ -120,6 +120,7 @@ class DutyCycle:
         self.awake_until = None  # uptime s: stay awake until then (the fleet asked)
         self.next_s = None  # the sleep this wake plans, said in its status
         self._new = None  # this wake's reading, while it is held back
+        self._first = False  # the first wake of a boot
 
     def power(self, key):
         return self.dev.sync.twin.effective()["power." + key]
@@ -151,7 +152,7 @@ class DutyCycle:
         st = self.st
         tel = dev.telemetry
         eff = dev.sync.twin.effective()
-        new_boot = st.boot != dev.boot
+        new_boot = self._first = st.boot != dev.boot
         if new_boot:
             # A new boot (power-on, watchdog, update): its readings carry its number and
             # count from 1; the kept ones of the old boot still go out under theirs.
@@ -172,7 +173,7 @@ class DutyCycle:
         await tel.take()
         st.seq = tel.seq
         if not send and self._new is None:
-            return await self._sleep(self._period(period))
+            return await self._sleep(self._period(period, new_boot))
         if stay:
             self.stay_awake(stay)
         # The kept readings after those on flash (older) and before this wake's (newer).
@@ -238,8 +239,12 @@ class DutyCycle:
             self.dev.log("E", "wake: the kept readings could not go to flash: sending them")
             self._new = []  # a wake that sends, with the readings in the outbox already
 
-    def _period(self, period):
-        return period * self.dev.rnd.uniform(1 - _JITTER, 1 + _JITTER)
+    def _period(self, period, first=False):
+        """The next sleep: the period, jittered; after a boot's first wake anywhere in
+        [T/2, 3T/2], so that a fleet powered on together (a site's mains back) wakes
+        spread from then on."""
+        j = 0.5 if first else _JITTER
+        return period * self.dev.rnd.uniform(1 - j, 1 + j)
 
     def status(self, sleep_s, state="sleeping"):
         d = self.dev
@@ -263,7 +268,7 @@ class DutyCycle:
         # status's PUBACK comes after whatever the broker queued for us while we slept.
         while ob.inflight < len(ob) and not c.session.full():
             await asyncio.sleep_ms(0)  # the drain task's turn
-        self.next_s = self._period(self.power("wake_every_s"))
+        self.next_s = self._period(self.power("wake_every_s"), self._first)
         if not refresh:
             await c.publish(dev.topics.status, self.status(self.next_s), 1, True,
                             wait=False, token="birth")

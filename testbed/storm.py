@@ -27,6 +27,12 @@ returned, and the devices still on the secondary after 1.5 probe_s + the window 
 margin). An observer on each broker feeds one ledger: a message is lost only if neither
 broker delivered it.
 
+sleep-outage (firmware profile only): N battery devices (power.mode duty, a wake every
+--wake-every s in real time) through a broker that refuses every connection for --down s:
+the connection attempts per second before, during and after (peak over 100 ms bins, mean),
+so that a fleet that failed together is seen to wake spread again, and the time until every
+device has delivered again.
+
 sim-outage (firmware profile only): testbed/sim.py as an operator runs it, with its defaults
 (its own mosquitto, the fault proxy that --outage-every puts in front, start_fleet's packing,
 the devices' own health interval): one cut --sim-cut-after s after every device said it is
@@ -68,7 +74,8 @@ from testbed.ledger import Ledger  # noqa: E402
 from testbed.observer import Observer  # noqa: E402
 from testbed.proxy import FaultProxy  # noqa: E402
 
-SCENARIOS = ("mass-disconnect", "overloaded-broker", "region-failover", "sim-outage")
+SCENARIOS = ("mass-disconnect", "overloaded-broker", "region-failover", "sim-outage",
+             "sleep-outage")
 PROFILES = ("firmware", "baseline")
 BIN_S = 0.1
 STABLE_S = 30.0  # the firmware's default broker.reconnect.stable_s
@@ -102,6 +109,8 @@ def parse_args(argv=None):
                    help="region-failover: failover.probe_s of the devices (default 15)")
     p.add_argument("--failback-window", type=float, default=60.0,
                    help="region-failover: failover.failback_window_s (default 60)")
+    p.add_argument("--wake-every", type=float, default=60.0,
+                   help="sleep-outage: the battery devices' wake period in s (default 60)")
     p.add_argument("--interval", type=float, default=5.0,
                    help="telemetry period of the devices in s (default 5)")
     p.add_argument("--sim-cut-after", type=float, default=5.0,
@@ -437,6 +446,94 @@ class SimOutageRun:
         return summary, None
 
 
+class SleepOutageRun(Run):
+    """sleep-outage: N battery devices (power.mode duty, a wake every --wake-every s, real
+    time) through a broker that refuses every connection for --down s. Measured at the
+    proxy: connection attempts per second in a wake period before the outage, during it
+    and in 1.5 periods after it (the peak over 100 ms bins, as the other scenarios, and the
+    mean), the time until every device has delivered again, and loss by the ledger."""
+
+    def __init__(self, *args):
+        Run.__init__(self, *args)
+        self.slept = {}  # device -> times of its "sleeping" statuses
+
+    def _on_msg(self, t, topic, payload, retain, broker=0):
+        Run._on_msg(self, t, topic, payload, retain, broker)
+        if topic.endswith("/status") and b'"sleeping"' in payload and not retain:
+            with self.lock:
+                self.slept.setdefault(topic.split("/")[1], []).append(t)
+
+    def _all_slept_since(self, t0, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.lock:
+                n = sum(1 for ts in self.slept.values() if ts[-1] >= t0)
+            if n >= self.a.devices:
+                return True
+            time.sleep(0.5)
+        return False
+
+    def run(self):
+        a = self.a
+        T = a.wake_every
+        broker = Mosquitto(os.path.join(self.dir, "broker")).start()
+        proxy = FaultProxy(broker.host, broker.port, record="control").start()
+        obs = Observer(broker.host, broker.port,
+                       topics=("devices/+/telemetry", "devices/+/status"),
+                       on_message=self._on_msg)
+        fleet = []
+        try:
+            configs = self.configs(
+                proxy.host, proxy.port,
+                power={"mode": "duty", "wake_every_s": T, "awake_max_s": 10},
+                refresh_interval=604800)
+            for c in configs:
+                c["health_interval"] = 86400  # one health report a day: not the figure here
+            t0 = time.monotonic()
+            fleet.extend(start_fleet(configs, self.dir, processes=a.processes))
+            if not self._all_slept_since(t0, a.timeout):
+                raise RuntimeError("sleep-outage: not every device delivered at the start")
+            # The first sleep of a boot is anywhere in [T/2, 3T/2]: after 1.5 T the fleet
+            # wakes as it will from then on.
+            self.say("sleep-outage: %d devices delivered once; spreading for %.0f s"
+                     % (a.devices, 1.5 * T))
+            time.sleep(1.5 * T)
+            m0 = proxy.mark()
+            time.sleep(T)
+            before = [t for t, _ in proxy.attempts_since(m0)]
+            proxy.refuse(True)
+            m1 = proxy.mark()
+            self.say("sleep-outage: refusing for %.0f s" % a.down)
+            time.sleep(a.down)
+            proxy.refuse(False)
+            m2 = proxy.mark()
+            t_open = time.monotonic()
+            during = [t for t, _ in proxy.attempts_since(m1) if t < t_open]
+            back = self._all_slept_since(t_open, 3 * T + a.timeout)
+            t_back = time.monotonic()
+            time.sleep(max(0.0, t_open + 1.5 * T - time.monotonic()))
+            after = [t for t, _ in proxy.attempts_since(m2) if t < t_open + 1.5 * T]
+
+            def rates(ts, span):
+                return {"peak": round(busiest(ts) / BIN_S, 1) if ts else 0,
+                        "mean": round(len(ts) / span, 1)}
+            summary = {
+                "devices": a.devices, "wake_every_s": T, "down_s": a.down,
+                "attempts_per_s_before": rates(before, T),
+                "attempts_per_s_during": rates(during, a.down),
+                "attempts_per_s_after": rates(after, 1.5 * T),
+                "peak_attempts_per_s": rates(after, 1.5 * T)["peak"],
+                "all_back": back,
+                "recovery_s": round(t_back - t_open, 1) if back else None,
+            }
+            summary["watchdog_resets"] = sum(len(p.resets) for p in fleet)
+        finally:
+            marks = self.wind_up(fleet, [obs], [proxy, broker])
+        self.tally(summary, fleet, marks)
+        self.say("sleep-outage: %s" % json.dumps(summary))
+        return summary, None
+
+
 def sim_outage_failures(summary, devices):
     """What a sim-outage run's summary lacks (empty: it passed)."""
     out = []
@@ -724,6 +821,8 @@ FAILOVER_KEYS = ("failover_s_median", "failover_s_max", "birth_failover_s_max",
                  "not_on_primary")
 SIM_KEYS = ("online", "telemetry", "outage_cuts", "reconnects", "refused", "watchdog_resets",
             "process_exits", "failures")
+SLEEP_KEYS = ("wake_every_s", "down_s", "attempts_per_s_before", "attempts_per_s_during",
+              "attempts_per_s_after", "all_back", "watchdog_resets")
 
 
 def table(results):
@@ -735,7 +834,8 @@ def table(results):
     lines = []
     for scenario, by in results.items():
         lines.append("\n%s\n| figure | firmware | baseline |\n|---|---|---|" % scenario)
-        more = {"region-failover": FAILOVER_KEYS, "sim-outage": SIM_KEYS}.get(scenario, ())
+        more = {"region-failover": FAILOVER_KEYS, "sim-outage": SIM_KEYS,
+                "sleep-outage": SLEEP_KEYS}.get(scenario, ())
         for k in keys + more:
             lines.append("| %s | %s | %s |" % (k, by.get("firmware", {}).get(k, "-"),
                                               by.get("baseline", {}).get(k, "-")))
@@ -819,15 +919,17 @@ def storm(argv=None):
         for profile in a.profiles:
             if scenario == "sim-outage" and profile != "firmware":
                 continue  # a check of the simulator at fleet scale, not a comparison
-            kind = {"region-failover": FailoverRun,
-                    "sim-outage": SimOutageRun}.get(scenario, Run)
+            if scenario == "sleep-outage" and profile != "firmware":
+                continue  # the baseline client has no duty cycle
+            kind = {"region-failover": FailoverRun, "sim-outage": SimOutageRun,
+                    "sleep-outage": SleepOutageRun}.get(scenario, Run)
             summary, s = kind(scenario, profile, a, workdir, say).run()
             results.setdefault(scenario, {})[profile] = summary
             # Written after each run: a later one that fails keeps what was measured.
             if a.out:
                 merge_json(a.out, {scenario: {profile: summary}})
             if s is None:
-                continue  # no attempt series (sim-outage)
+                continue  # no attempt series (sim-outage, sleep-outage)
             series.setdefault(scenario, {})[profile] = s
             if a.series:
                 merge_json(a.series, {scenario: {profile: s}})
