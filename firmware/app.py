@@ -479,6 +479,8 @@ class Device:
         elif msg.token is not None:
             self.outbox.ack(msg.token)
         if self.duty is not None:
+            if msg.token is not None and msg.token != _BIRTH:
+                self.duty.on_ack(msg.token)
             self.duty.acked.set()
 
     # ---- over-the-air updates: what firmware/ota.py needs of the device ----------------
@@ -665,15 +667,7 @@ class Device:
             # which, and lets go at once when idle (the wake then does not stay for it).
             sup.spawn("ota", self._ota_task, critical=False)
         if self.board.ntp and self.board.unix_time() is None:
-            from firmware.ntp import TimeSync  # the RTC keeps the time through deep sleep
-
-            n = cfg["ntp"]
-            self.timesync = TimeSync(
-                self.board.set_time, self.rnd, self.log, self.board.ticks_ms, n["servers"],
-                interval_s=n["interval"], timeout_ms=n["timeout_ms"],
-                ticks_diff=self.board.ticks_diff,
-                beat=lambda ms: self._beat("ntp", ms), now=self.board.unix_time)
-            sup.spawn("ntp", self.timesync.run, critical=False, within_ms=n["timeout_ms"] + 5000)
+            self._spawn_ntp(cfg)  # the RTC keeps the time through deep sleep
 
     async def _cmd_stay_awake(self, body):
         s = body.get("stay_awake_s", 600)
@@ -681,6 +675,10 @@ class Device:
             raise ValueError("stay_awake_s must be a number of seconds in 0..86400")
         self.duty.stay_awake(s)
         return {"awake_s": s}
+
+    def kick(self):
+        """Records were put into the outbox directly: the drain looks again."""
+        self._queued.set()
 
     def ota_requested(self):
         """An update is asked for and not yet done: a wake stays for it."""
@@ -701,6 +699,18 @@ class Device:
         self.board.deep_sleep(ms)
         self._restart.set()
 
+    def _spawn_ntp(self, cfg):
+        from firmware.ntp import TimeSync  # only boards without a set clock pay for it
+
+        n = cfg["ntp"]
+        self.timesync = TimeSync(
+            self.board.set_time, self.rnd, self.log, self.board.ticks_ms, n["servers"],
+            interval_s=n["interval"], timeout_ms=n["timeout_ms"],
+            ticks_diff=self.board.ticks_diff,
+            beat=lambda ms: self._beat("ntp", ms), now=self.board.unix_time)
+        self.sup.spawn("ntp", self.timesync.run, critical=False,
+                       within_ms=n["timeout_ms"] + 5000)
+
     def _spawn_tasks(self, cfg):
         sup = self.sup
         c = self.client
@@ -718,15 +728,7 @@ class Device:
             self._ota_text = json.dumps(self.ota.state)  # still reported at each connect
             self._ota_drop()
         if self.board.ntp:
-            from firmware.ntp import TimeSync  # only boards without a set clock pay for it
-
-            n = cfg["ntp"]
-            self.timesync = TimeSync(
-                self.board.set_time, self.rnd, self.log, self.board.ticks_ms, n["servers"],
-                interval_s=n["interval"], timeout_ms=n["timeout_ms"],
-                ticks_diff=self.board.ticks_diff,
-                beat=lambda ms: self._beat("ntp", ms), now=self.board.unix_time)
-            sup.spawn("ntp", self.timesync.run, critical=False, within_ms=n["timeout_ms"] + 5000)
+            self._spawn_ntp(cfg)
         if self.safe:
             return  # nothing that may have caused the crash loop
         n = self.outbox.recover()

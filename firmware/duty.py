@@ -119,7 +119,7 @@ class DutyCycle:
         self.acked = asyncio.Event()  # set by the device at each PUBACK
         self.awake_until = None  # uptime s: stay awake until then (the fleet asked)
         self.next_s = None  # the sleep this wake plans, said in its status
-        self._new = None  # this wake's reading, while it is held back
+        self._overflow = False  # readings in the outbox's RAM only: this wake must send
         self._first = False  # the first wake of a boot
 
     def power(self, key):
@@ -144,7 +144,8 @@ class DutyCycle:
             await self._wake()
         except Exception as e:  # a fault in this wake must not keep the board awake
             dev.log("E", "wake %d failed: %r" % (self.st.wakes, e))
-            dev._spill()
+            if self._overflow:
+                dev._spill()
             await self._sleep(self.power("wake_every_s") * dev.rnd.uniform(0.5, 1.5))
 
     async def _wake(self):
@@ -169,20 +170,21 @@ class DutyCycle:
         send = (new_boot or st.fails or refresh or health or stay or dev.ota_requested()
                 or st.wakes % self.power("send_every") == 0)
         tel.seq = st.seq
-        tel.publish = self._keep if not send else self._collect
+        tel.publish = self._keep
         await tel.take()
         st.seq = tel.seq
-        if not send and self._new is None:
+        if not send and not self._overflow:
             return await self._sleep(self._period(period, new_boot))
         if stay:
             self.stay_awake(stay)
-        # The kept readings after those on flash (older) and before this wake's (newer).
+        # The kept readings, this wake's the newest, after those on flash (older). Each
+        # leaves the sleep memory only at its PUBACK (on_ack): a reset in the middle of the
+        # wake sends none of them twice and loses none (RTC memory; on flash, what was
+        # acknowledged since the wake began may go out again).
         for p, boot, seq in st.records():
-            dev._enqueue(dev.topics.telemetry, p, boot, seq)
-        st.recs = bytearray()
-        for r in self._new:
-            dev._enqueue(*r)
-        self._new = None
+            dev.outbox.put(dev.topics.telemetry, p, boot, seq)
+        dev.kick()
+        self._save()
         budget = self.power("awake_max_s")
         try:
             await asyncio.wait_for(self._deliver(refresh, health), budget)
@@ -211,7 +213,8 @@ class DutyCycle:
             sleep_s = period * dev.rnd.uniform(0.5, 1.5)
             dev.log("W", "wake %d: not delivered within %d s (%d failed wakes in a row); "
                          "sleeping %.2f s" % (st.wakes, budget, st.fails, sleep_s))
-            dev._spill()  # what was not acknowledged waits on flash
+            if self._overflow:
+                dev._spill()  # readings that are in no sleep memory go to flash
             if dev.client.is_connected():
                 await dev.client.disconnect(
                     (dev.topics.status, self.status(sleep_s), True), linger=False)
@@ -219,13 +222,24 @@ class DutyCycle:
                 await dev.client.disconnect()
         await self._sleep(sleep_s)
 
-    def _collect(self, topic, payload, boot, seq):
-        self._new = [(topic, payload, boot, seq)]
+    def on_ack(self, key):
+        """A PUBACK for the outbox record `key` (boot, seq): a kept reading leaves the
+        sleep memory (they are acknowledged in order, the oldest kept first)."""
+        st = self.st
+        if not st.recs:
+            return
+        mv = memoryview(st.recs)
+        if tuple(record.key(mv, 0)) != tuple(key):
+            return  # one from the flash ring
+        n = record.check(mv, 0, len(mv))
+        st.recs = st.recs[n:] if n > 0 else bytearray()
+        if st.mem is not None:
+            self._save()  # RAM: cheap; on flash it waits for the sleep (wear)
 
     def _keep(self, topic, payload, boot, seq):
-        """Telemetry's queue on a wake that does not send: the reading joins the kept ones.
-        When they fill the sleep memory, all of them go to the outbox's flash ring, oldest
-        first, after what is there already; if flash fails too, this wake sends."""
+        """Telemetry's queue in a wake: the reading joins the kept ones. When they fill the
+        sleep memory, all of them go to the outbox's flash ring, oldest first, after what
+        is there already; if flash fails too, this wake sends them from RAM."""
         st = self.st
         if st.fits(payload):
             st.add(payload, boot, seq)
@@ -237,7 +251,7 @@ class DutyCycle:
         ob.put(topic, payload, boot, seq)
         if not ob.spill():
             self.dev.log("E", "wake: the kept readings could not go to flash: sending them")
-            self._new = []  # a wake that sends, with the readings in the outbox already
+            self._overflow = True
 
     def _period(self, period, first=False):
         """The next sleep: the period, jittered; after a boot's first wake anywhere in
@@ -319,10 +333,12 @@ class DutyCycle:
         await c.publish(dev.topics.status, self.status(self.next_s), 1, True, wait=False)
         await asyncio.wait_for(self._settled(), self.dev.client.timeout)
 
-    async def _sleep(self, s):
-        st = self.st
+    def _save(self):
         try:
-            st.save()
+            self.st.save()
         except OSError as e:
-            self.dev.log("E", "wake state not saved (%r): the kept readings wait on flash" % (e,))
+            self.dev.log("E", "wake state not saved: %r" % (e,))
+
+    async def _sleep(self, s):
+        self._save()
         await self.dev.deep_sleep(int(s * 1000))
