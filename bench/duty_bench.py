@@ -3,6 +3,8 @@ duty-cycled board on the Unix port (a process per wake, as a board's deep sleep 
 against a local mosquitto, through a FaultProxy that sees every packet. Prints progress on
 stderr and one JSON line of figures on stdout.
 
+The firmware runs compiled (build/, as `make mpy`), or frozen on a binary that has it.
+
 duty_awake_ms: from the spawn of the wake's process (the board's reset) to its "deepsleep"
 line (the sleep call), median and p95 over the wakes of each kind: "1" a wake that sends one
 reading (send_every 1), "10" one that sends ten (send_every 10: nine readings kept in the
@@ -33,8 +35,9 @@ sys.path.insert(0, ROOT)
 
 from testbed import pki  # noqa: E402
 from testbed.broker import Mosquitto, free_port  # noqa: E402
-from testbed.devices import DeviceProcess, Spec, device_config  # noqa: E402
+from testbed.devices import DeviceProcess, Spec, binary_info, device_config  # noqa: E402
 from testbed.proxy import FaultProxy, round_trips  # noqa: E402
+from testbed.sim import build_mpy  # noqa: E402
 
 SCALE = 0.01  # a wake every 10 s of device time: 0.1 s of sleep here
 
@@ -98,7 +101,7 @@ def _wire(proxy):
     return out
 
 
-def run(tmp, micropython, send_every, wakes, tls=None):
+def run(tmp, micropython, main, send_every, wakes, tls=None):
     """One board through `wakes` wakes; returns its (wakes, wire) figures."""
     with Mosquitto(Path(tmp) / "broker", extra_conf=tls["conf"] if tls else "") as broker:
         port = tls["port"] if tls else broker.port
@@ -112,7 +115,7 @@ def run(tmp, micropython, send_every, wakes, tls=None):
             cfg = device_config("b1", proxy.host, proxy.port, **over)
             img = os.path.join(tmp, "b%d%s.img" % (send_every, "t" if tls else ""))
             p = _Timed([Spec(img, config=cfg, files=files)], tmp, sleep_scale=SCALE,
-                       micropython=micropython)
+                       micropython=micropython, main=main)
             p.start()
             end = time.monotonic() + 600
             while len(_wakes(p.events)) < wakes and time.monotonic() < end:
@@ -126,6 +129,10 @@ def main():
     ap.add_argument("--micropython", default=os.environ.get("MICROPYTHON"))
     a = ap.parse_args()
     quick = os.environ.get("QUICK") == "1"
+    # As a board runs it: compiled (make mpy), or frozen into the binary (the board model).
+    main = None
+    if not binary_info(a.micropython)["frozen"]:
+        main = build_mpy()[0]
     n1 = 12 if quick else 40
     figures = {}
     awake = {}
@@ -147,7 +154,7 @@ def main():
                                       ("1_mtls", 1, mtls), ("10_mtls", 10, mtls)):
             n = n1 if send_every == 1 else n1 * 5
             log("duty: %s, %d wakes" % (kind, n))
-            w, wire = run(tmp, a.micropython, send_every, n, tls)
+            w, wire = run(tmp, a.micropython, main, send_every, n, tls)
             awake[kind] = _stats([ms for ms, sent in w if sent])
             if kind == "10":
                 awake["keep"] = _stats([ms for ms, sent in w if not sent])

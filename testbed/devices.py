@@ -180,8 +180,11 @@ class Spec:
     """One simulated board: flash image path and, optionally, files to put on it first."""
 
     def __init__(self, image, config=None, raw_config=None, files=None, control=None,
-                 app=None):
+                 app=None, sleep_memory=True):
         self.image = image
+        # False: a board without memory that deep sleep keeps (an RP2040's), so a duty
+        # cycle keeps its state on flash.
+        self.sleep_memory = sleep_memory
         # Host directory of the board's application package (it is imported as `app`),
         # or None: the board has none. One board per process may have one.
         self.app = app
@@ -272,7 +275,9 @@ class DeviceProcess:
                 args += ["--reset-cause", self.causes[s.image]]
             if s.control:
                 args += ["--control", s.control]
-            if len(self.specs) == 1:
+            if not s.sleep_memory:
+                args += ["--rtc-memory", "none"]
+            elif len(self.specs) == 1:
                 args += ["--rtc-memory", s.image + ".rtc"]
             if self.sleep_scale != 1.0:
                 args += ["--sleep-scale", "%g" % self.sleep_scale]

@@ -22,7 +22,7 @@ def boards_from_argv(argv, opened=None):
     """--flash IMAGE starts a device; --put DEST=SRC copies a host file onto that device's
     flash before it boots (what `mpremote cp` does for a real board); --reset-cause,
     --control, --app (a directory holding the package `app`), --rtc-memory (the host file
-    of its RTC memory) and --sleep-scale (its deep sleeps scaled) also apply to the last
+    of its RTC memory, or `none` for a board without one) and --sleep-scale (its deep sleeps scaled) also apply to the last
     --flash; --wdt is the runner's watchdog for all;
     --ticks-before-wrap S starts every board's ticks S seconds before their 2^30 wrap.
     `opened`: the images the loader opened already (unixflash.mount_single)."""
@@ -53,7 +53,10 @@ def boards_from_argv(argv, opened=None):
         elif a == "--reset-cause":
             out[-1].cause = v
         elif a == "--rtc-memory":
-            out[-1].sleep_memory.path = v
+            if v == "none":
+                out[-1].sleep_memory = None  # as an RP2040: the duty state goes to flash
+            else:
+                out[-1].sleep_memory.path = v
         elif a == "--sleep-scale":
             out[-1].sleep_scale = float(v)
         elif a == "--control":

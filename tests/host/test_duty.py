@@ -98,6 +98,22 @@ def test_a_wake_delivers_in_two_round_trips_without_subscribing(fleet, proxy, ob
     assert got == list(range(1, len(got) + 1))
 
 
+def test_a_board_without_sleep_memory_keeps_its_readings_on_flash(fleet, observer, tmp_path):
+    # As an RP2040: the state of the wakes is a flash file, and its writes are counted.
+    cfg = fleet.config("f1", broker=FAST, power=_duty(send_every=3))
+    p = fleet.start(Spec(str(tmp_path / "f1.img"), config=cfg, sleep_memory=False),
+                    sleep_scale=SCALE)
+    observer.wait(lambda m: len(_sleeping(observer, "f1")) >= 3, 60, "three sending wakes")
+    got = _seqs(observer, "f1")
+    assert got == list(range(1, len(got) + 1)) and len(got) >= 4, got
+    st = _sleeping(observer, "f1")
+    assert [s["wake"] % 3 for s in st[1:]] == [0] * (len(st) - 1)  # kept between them
+    # One write per wake (and one per acknowledged kept reading's wake end), not per ack.
+    assert 0 < st[-1]["state_flash_writes"] <= 2
+    assert not (tmp_path / "f1.img.rtc").exists()
+    assert "Traceback" not in p.output()
+
+
 def test_a_power_cut_while_asleep_or_mid_wake_sends_nothing_twice(fleet, observer):
     p = fleet.start(fleet.spec("c1", broker=FAST, power=_duty()), sleep_scale=SCALE,
                     restart=True)
