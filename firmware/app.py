@@ -388,6 +388,9 @@ class Device:
             self.log("E", "boot record not saved: %r" % (e,))
 
     def _spill(self):
+        if self.duty is not None:
+            self.duty.spill()  # kept readings stay in the sleep memory, not on flash as well
+            return
         if self.outbox and not self.safe:
             try:
                 self.outbox.spill()
@@ -592,6 +595,7 @@ class Device:
             if not self.safe and self.sync.twin.effective()["power.mode"] == "duty":
                 self._spawn_wake(cfg)
             else:
+                self.leave_duty()
                 self._spawn_tasks(cfg)
             await asyncio.gather(*[t.task for t in sup.tasks.values()])
         except asyncio.CancelledError:
@@ -603,13 +607,17 @@ class Device:
     def _start_boot(self, cfg):
         sm = cfg["safe_mode"]
         self.duty = self.sleep_state = None
-        if self.board.reset_cause() == "deepsleep":
-            # A wake, not a boot: the boot it belongs to is in the sleep state, and the
-            # record on flash is neither counted nor written (no short boot, no wear).
-            from firmware.duty import load_state
+        cause = self.board.reset_cause()
+        # An RP2040's deep sleep ends in a watchdog reset: its sleep state says whether
+        # that one was a sleep's (firmware/duty.py SLEEPING).
+        if cause == "deepsleep" or (cause == "watchdog" and self.board.sleep_memory is None):
+            from firmware.duty import SLEEPING, load_state
 
             st = self.sleep_state = load_state(self.board)
-            if st is not None and st.boot:
+            if st is not None and st.boot and (cause == "deepsleep" or st.flags & SLEEPING):
+                # A wake, not a boot: the boot it belongs to is in the sleep state, and
+                # the record on flash is neither counted nor written (no short boot, no
+                # wear).
                 self.bootrec = {"boot": st.boot, "cause": "deepsleep", "prev_up_s": None}
                 self.boot = st.boot
                 self.safe = False
@@ -638,8 +646,8 @@ class Device:
                           "commands only for %d s" % (rec["streak"], sm["healthy_s"]))
 
     def _spawn_wake(self, cfg):
-        """A duty-cycled wake (firmware/duty.py): the link, the MQTT session, the drain and
-        the wake itself, which ends in a deep sleep; none of the uptime schedules."""
+        """A duty-cycled wake (firmware/duty.py), which ends in a deep sleep; none of the
+        uptime schedules. The network comes only if the wake sends (wake_network)."""
         from firmware.duty import DutyCycle, SleepState
 
         st = self.sleep_state
@@ -648,17 +656,23 @@ class Device:
             st.load()  # kept readings of a boot that ended in a reset
         else:
             self.client.had_session = True  # a wake of a boot that connected before
+            self._adopt_boot_record()
         self.duty = DutyCycle(self, st)
         self.client.nodelay = True
         self.commands.handlers["stay-awake"] = self._cmd_stay_awake
         n = self.outbox.recover()
         if n:
             self.log("I", "outbox: %d message(s) on flash" % n)
-        sup = self.sup
         budget = int(self.sync.twin.effective()["power.awake_max_s"] * 1000)
-        # The wake checks in once, for its whole budget: a hang anywhere in it (a sensor, a
+        # The wake checks in for its whole budget: a hang anywhere in it (a sensor, a
         # connect) stops the feeding, and the watchdog resets the board into the next wake.
-        sup.spawn("wake", self.duty.run, within_ms=budget + 2000)
+        self.sup.spawn("wake", self.duty.run, within_ms=budget + 2000)
+
+    def wake_network(self):
+        """The wake sends: the link, the MQTT session and the drain (and an update, and
+        SNTP if the clock is not set). Not on a wake that only keeps its reading: the radio
+        stays off."""
+        sup = self.sup
         sup.spawn("link", self.link.run, within_ms=1000)
         sup.spawn("mqtt", self.client.run, within_ms=0)
         sup.spawn("drain", self._drain)
@@ -667,7 +681,57 @@ class Device:
             # which, and lets go at once when idle (the wake then does not stay for it).
             sup.spawn("ota", self._ota_task, critical=False)
         if self.board.ntp and self.board.unix_time() is None:
-            self._spawn_ntp(cfg)  # the RTC keeps the time through deep sleep
+            self._spawn_ntp(self.cfg)  # the RTC keeps the time through deep sleep
+
+    def _adopt_boot_record(self):
+        """A wake's boot record is the one on flash (it was not started again): loaded, so
+        that marking the boot stable and keeping its uptime work as in any boot."""
+        from firmware import bootlog
+
+        rec = bootlog.read(self.board.fs)
+        if rec.get("boot") == self.boot:
+            self.bootlog.rec = rec
+
+    def _stranded_state(self):
+        """A sleep state left by an earlier duty cycle (power.mode changed since), or None;
+        firmware/duty.py is loaded only if there is one."""
+        mem = self.board.sleep_memory
+        try:
+            if mem is not None:
+                if not mem.read():
+                    return None
+            else:
+                self.board.fs.stat("/sleep.bin")
+        except OSError:
+            return None
+        from firmware.duty import load_state
+
+        st = load_state(self.board)
+        if st is None:
+            forget("firmware.duty")
+        return st
+
+    def leave_duty(self):
+        """power.mode is no longer duty and this boot began as a wake: it goes on as the
+        same boot (the readings' seq continues, the kept ones go to the outbox)."""
+        st = self.sleep_state
+        if st is None:
+            st = self._stranded_state()
+            if st is None:
+                return
+        if st.boot == self.boot:
+            self.telemetry.seq = st.seq
+            if self.bootrec["cause"] == "deepsleep":
+                self._adopt_boot_record()
+        for p, boot, seq in st.records():
+            self.outbox.put(self.topics.telemetry, p, boot, seq)
+        self.outbox.spill()  # on flash before the sleep memory lets go of them
+        try:
+            st.clear()  # no wake belongs to this boot any more
+        except OSError as e:
+            self.log("E", "sleep state not cleared: %r" % (e,))
+        self.sleep_state = None
+        forget("firmware.duty")
 
     async def _cmd_stay_awake(self, body):
         s = body.get("stay_awake_s", 600)
@@ -686,7 +750,10 @@ class Device:
 
     async def deep_sleep(self, ms):
         """End this wake: every task stopped, then the board's deep sleep (a board does not
-        come back from it; the Unix port's ends the process, or boots again in it)."""
+        come back from it; the Unix port's ends the process, or boots again in it). A reset
+        already on its way (a reboot command, an update) goes first."""
+        if self._reboot_task is not None and not self._reboot_task.done():
+            await asyncio.sleep(60)  # cancelled by the reset
         self._rebooting = True
         self._reboot_task = asyncio.create_task(self._sleep_now(ms))
         await asyncio.sleep(60)  # cancelled by it

@@ -22,6 +22,9 @@ _FLASH_SIZE = const(2048)  # as an ESP32's RTC memory: the same wake on every bo
 # flags
 STABLE = const(1)  # this boot's record on flash says stable (one write per boot)
 REPORTED = const(2)  # config/reported went out in this boot
+# Saved with the state at each sleep, cleared at each wake: a reset that finds it set ended a
+# sleep (an RP2040's deep sleep ends in a watchdog reset), one that does not is a hang's.
+SLEEPING = const(4)
 # The jitter of a wake's period: phases drift apart, so a fleet powered on at once does not
 # stay in step.
 _JITTER = 0.1
@@ -78,6 +81,17 @@ class SleepState:
 
         write_atomic(self.fs, _FLASH_PATH, b)
         self.flash_writes += 1
+
+    def clear(self):
+        """No state at all (the board no longer lives in wakes)."""
+        self.recs = bytearray()
+        if self.mem is not None:
+            self.mem.write(b"")
+            return
+        try:
+            self.fs.remove(_FLASH_PATH)
+        except OSError:
+            pass  # not there
 
     def fits(self, payload):
         return _HDR_LEN + len(self.recs) + record.size(b"", payload) <= self.size
@@ -144,8 +158,11 @@ class DutyCycle:
             await self._wake()
         except Exception as e:  # a fault in this wake must not keep the board awake
             dev.log("E", "wake %d failed: %r" % (self.st.wakes, e))
-            if self._overflow:
-                dev._spill()
+            self.spill()
+            try:
+                await self._leave(None)
+            except Exception:  # noqa: BLE001 - asleep is better than stuck
+                pass
             await self._sleep(self.power("wake_every_s") * dev.rnd.uniform(0.5, 1.5))
 
     async def _wake(self):
@@ -162,6 +179,10 @@ class DutyCycle:
             st.refresh_at = self._interval_wakes(eff["refresh_interval"])
             st.health_at = self._interval_wakes(eff["health_interval"])
         st.wakes += 1
+        if st.flags & SLEEPING:
+            st.flags &= ~SLEEPING
+            if st.mem is None:
+                self._save()  # on flash: or a hang in this wake would pass for a sleep
         dev._reported_once = bool(st.flags & REPORTED)
         period = self.power("wake_every_s")
         refresh = st.wakes >= st.refresh_at
@@ -177,12 +198,21 @@ class DutyCycle:
             return await self._sleep(self._period(period, new_boot))
         if stay:
             self.stay_awake(stay)
+        dev.wake_network()
         # The kept readings, this wake's the newest, after those on flash (older). Each
         # leaves the sleep memory only at its PUBACK (on_ack): a reset in the middle of the
         # wake sends none of them twice and loses none (RTC memory; on flash, what was
         # acknowledged since the wake began may go out again).
-        for p, boot, seq in st.records():
-            dev.outbox.put(dev.topics.telemetry, p, boot, seq)
+        ob = dev.outbox
+        if ob.policy == "always" or len(st.recs) > len(ob.ring.buf):
+            # The outbox would put them on flash itself: then flash holds them, not both.
+            for p, boot, seq in st.records():
+                ob.put(dev.topics.telemetry, p, boot, seq)
+            ob.spill()
+            st.recs = bytearray()
+        else:
+            for p, boot, seq in st.records():
+                ob.put(dev.topics.telemetry, p, boot, seq)
         dev.kick()
         self._save()
         budget = self.power("awake_max_s")
@@ -204,7 +234,7 @@ class DutyCycle:
                 # A boot that delivered is a good boot: a later hang starts no crash loop.
                 st.flags |= STABLE
                 dev._save_uptime(stable=True)
-            await dev.client.disconnect(linger=False)
+            await self._leave(None)
             sleep_s = self.next_s
         else:
             st.fails = min(st.fails + 1, 1000)
@@ -213,14 +243,24 @@ class DutyCycle:
             sleep_s = period * dev.rnd.uniform(0.5, 1.5)
             dev.log("W", "wake %d: not delivered within %d s (%d failed wakes in a row); "
                          "sleeping %.2f s" % (st.wakes, budget, st.fails, sleep_s))
-            if self._overflow:
-                dev._spill()  # readings that are in no sleep memory go to flash
-            if dev.client.is_connected():
-                await dev.client.disconnect(
-                    (dev.topics.status, self.status(sleep_s), True), linger=False)
-            else:
-                await dev.client.disconnect()
+            self.spill()
+            await self._leave((dev.topics.status, self.status(sleep_s), True))
         await self._sleep(sleep_s)
+
+    def spill(self):
+        """Before a sleep or a reset: readings that are in no sleep memory go to flash;
+        the kept ones stay where they are (copying them to flash too would send them
+        twice)."""
+        if self._overflow:
+            self.dev.outbox.spill()
+
+    async def _leave(self, final):
+        """DISCONNECT (no last will), after `final` if connected; then wait a moment for
+        the broker's close, so the radio does not go off with the DISCONNECT still in the
+        network stack's buffers."""
+        c = self.dev.client
+        self.dev._beat("wake", int(c.timeout * 1000) + 2000)
+        await c.disconnect(final if c.is_connected() else None, linger=min(1.0, c.timeout))
 
     def on_ack(self, key):
         """A PUBACK for the outbox record `key` (boot, seq): a kept reading leaves the
@@ -330,8 +370,15 @@ class DutyCycle:
             await asyncio.sleep(min(left, 1))
             left = self._left(ota_until)
         self.next_s = self._period(self.power("wake_every_s"))
-        await c.publish(dev.topics.status, self.status(self.next_s), 1, True, wait=False)
-        await asyncio.wait_for(self._settled(), self.dev.client.timeout)
+        dev._beat("wake", int(c.timeout * 1000) + 2000)
+        try:
+            await c.publish(dev.topics.status, self.status(self.next_s), 1, True,
+                            wait=False)
+            await asyncio.wait_for(self._settled(), c.timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            # The link went while awake: what was not acknowledged stays kept.
+            dev.log("W", "wake %d: status after staying awake not acknowledged: %r"
+                    % (self.st.wakes, e))
 
     def _save(self):
         try:
@@ -340,5 +387,6 @@ class DutyCycle:
             self.dev.log("E", "wake state not saved: %r" % (e,))
 
     async def _sleep(self, s):
+        self.st.flags |= SLEEPING
         self._save()
         await self.dev.deep_sleep(int(s * 1000))

@@ -23,8 +23,9 @@ SETTINGS = (
     ("outbox.policy", CHOICE, "offline", ("offline", "always"), None, False),
     ("outbox.ram_bytes", INT, 4096, 1024, 262144, False),
     ("outbox.flash_bytes", INT, 262144, 0, 16777216, False),
-    # Battery boards (bootconfig.POWER): every wake is a boot, so "live" means the next wake.
-    ("power.mode", CHOICE, "always-on", ("always-on", "duty"), None, True),
+    # Battery boards (bootconfig.POWER): the others apply from the next wake on; the mode at
+    # the next boot (reported as pending_reboot until then).
+    ("power.mode", CHOICE, "always-on", ("always-on", "duty"), None, False),
     ("power.wake_every_s", NUM, 300, 1, 86400, True),
     ("power.send_every", INT, 1, 1, 1000, True),
     ("power.awake_max_s", NUM, 30, 2, 3600, True),

@@ -348,6 +348,7 @@ class DeviceProcess:
                 self.sleeps.append(ms)
                 self._up_cause = "deepsleep"
                 self._restarting = self._asleep = True
+                self._gen += 1  # its watchdog sleeps with it
                 self._later(ms / 1000 * self.sleep_scale)
                 return
             elif rc == RESET_EXIT:
@@ -381,7 +382,9 @@ class DeviceProcess:
             self._restarting = self._asleep = False
             if self._closed:
                 return
-            self.causes = {s.image: self._up_cause for s in self.specs}
+            # An RP2040 (no sleep memory) reports a deep sleep's end as a watchdog reset.
+            self.causes = {s.image: "watchdog" if self._up_cause == "deepsleep"
+                           and not s.sleep_memory else self._up_cause for s in self.specs}
             self.restarts += 1
             self._note("runner: power back after a restart")
             self._spawn()
@@ -395,10 +398,14 @@ class DeviceProcess:
                 return False
             if self._asleep:
                 self._timer.cancel()
+                self._timer = None
                 self.power_cuts += 1
                 self._note("runner: power cut while asleep")
                 self._up_cause = "power-on"
-                self._later(self.rnd.uniform(*self.off_s))
+                self._asleep = False
+                self._restarting = self.restart
+                if self.restart:
+                    self._later(self.rnd.uniform(*self.off_s))
                 return True
             if not self.alive():
                 return False
@@ -474,7 +481,8 @@ class DeviceProcess:
                 continue
             starved = self._starved(armed, now, tick if shared else None)
             if starved:
-                self._reset(*starved)  # or nothing, if the process is gone or stopping
+                # Or nothing, if the process is gone, stopping, or another since (a wake).
+                self._reset(*starved, gen=gen)
                 armed.clear()
         self._wdt.close()
 
@@ -494,7 +502,7 @@ class DeviceProcess:
             return image, starved, "; the process's loop stopped for %.1f s" % silent
         return None  # the loop is in one long step: wait for its tick, which says how long
 
-    def _reset(self, image, starved, why=""):
+    def _reset(self, image, starved, why="", gen=None):
         def starved_one():
             self.resets.append(image)
             if self.on_watchdog:
@@ -502,7 +510,7 @@ class DeviceProcess:
             return dict({s.image: "power-on" for s in self.specs}, **{image: "watchdog"})
 
         self._respawn("runner: watchdog reset of %s after %.1f s without a feed%s"
-                      % (image, starved, why), starved_one)
+                      % (image, starved, why), starved_one, gen)
 
     def _timer_reset(self):
         """The loader's trial deadline expired: machine.reset() on a board, here the process
@@ -510,12 +518,12 @@ class DeviceProcess:
         self._respawn("runner: board reset by the trial deadline",
                       lambda: {s.image: "soft" for s in self.specs})
 
-    def _respawn(self, note, causes):
+    def _respawn(self, note, causes, gen=None):
         """A reset the runner plays (watchdog, timer): the running process killed, `note`
         logged, and a new one started at once with causes() as the boards' reset causes.
         Nothing when the process is gone or stopping."""
         with self._lock:
-            if self._closed or not self.alive():
+            if self._closed or not self.alive() or gen not in (None, self._gen):
                 return
             self.proc.kill()
             self.proc.wait()

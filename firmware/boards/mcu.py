@@ -54,6 +54,9 @@ class McuBoard(BaseBoard):
     ntp = True
     power_save = True
     max_wdt_ms = WDT_MAX_MS["esp32"]  # boot.py armed it at this (otaboot)
+    # The longest deep sleep in one call (a small int on a 32-bit port); a longer one wakes
+    # early, which only means an early reading.
+    max_sleep_ms = 0x3FFFFFFF
 
     def __init__(self):
         self.fs = RootFs()
@@ -97,4 +100,4 @@ class McuBoard(BaseBoard):
         # The radio first: a station left associated costs the first milliseconds of
         # the next wake's join, and some ports do not power it down by themselves.
         self.link.disconnect()
-        machine.deepsleep(ms)
+        machine.deepsleep(min(ms, self.max_sleep_ms))

@@ -10,6 +10,9 @@ class Board(McuBoard):
     name = "rp2"
     power_save = False
     max_wdt_ms = WDT_MAX_MS["rp2"]  # the RP2040 watchdog's longest timeout
+    # machine.deepsleep is a lightsleep (then a watchdog reset), which refuses 2^32 us or
+    # more: about 71 minutes.
+    max_sleep_ms = 4294000
     # mbedTLS allocates from the GC heap here: a 16 KiB receive and a 4 KiB send record.
     tls_room = 21504
 

@@ -400,15 +400,14 @@ class MQTTClient:
             self._space.clear()
             await self._space.wait()
 
-    async def disconnect(self, final=None, reader_alive=True, linger=True):
+    async def disconnect(self, final=None, reader_alive=True, linger=None):
         """Graceful stop: an optional final (topic, payload, retain) QoS 1 publish, then
         DISCONNECT so the broker discards the last will. TCP keeps the two in order, so
         this does not wait for the PUBACK. It does wait (bounded) for the broker to close:
         closing with unread bytes makes the kernel send RST, which can destroy the
         DISCONNECT before the broker reads it and fire the will after all.
         reader_alive=False when the loop that ran the read task is gone (after Ctrl-C).
-        linger=False closes right after the DISCONNECT, without that round trip: for a
-        caller that has every answer it waited for (a duty-cycled wake, firmware/duty.py)."""
+        linger: the longest wait for that close in s (None: timeout; 0: none)."""
         self._stop = True
         if self.connected.is_set():
             try:
@@ -419,7 +418,7 @@ class MQTTClient:
         self._kill()
         await self._close()
 
-    async def _leave(self, final, reader_alive=True, linger=True):
+    async def _leave(self, final, reader_alive=True, linger=None):
         """The final publish, DISCONNECT and the wait for the broker to close (disconnect()
         says why)."""
         if final:
@@ -430,12 +429,13 @@ class MQTTClient:
                 self.session.add(msg, True)
                 await self._send_msg(msg, False)
         await self._send(codec.DISCONNECT_PACKET)
-        if not linger:
+        t = self.timeout if linger is None else linger
+        if not t:
             return
         if reader_alive:
-            await asyncio.wait_for(self._dead.wait(), self.timeout)
+            await asyncio.wait_for(self._dead.wait(), t)
         else:
-            await asyncio.wait_for(self._discard_until_eof(), self.timeout)
+            await asyncio.wait_for(self._discard_until_eof(), t)
 
     async def abort(self):
         """Drop the connection without DISCONNECT, as a crash would: the broker publishes
@@ -1332,12 +1332,11 @@ def _no_beat(ms):
 
 def _no_delay(s):
     opt = getattr(socket, "TCP_NODELAY", None)  # lwIP's value is not Linux's
-    if opt is not None:
-        level = socket.IPPROTO_TCP
-    elif sys.platform == "linux":
+    level = getattr(socket, "IPPROTO_TCP", None)
+    if opt is None or level is None:
+        if sys.platform != "linux":
+            return
         level, opt = 6, 1  # the Unix port has neither constant
-    else:
-        return
     try:
         s.setsockopt(level, opt, 1)
     except OSError:

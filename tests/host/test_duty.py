@@ -123,8 +123,10 @@ def test_a_power_cut_while_asleep_or_mid_wake_sends_nothing_twice(fleet, observe
     observer.wait(lambda m: [s for s in _sleeping(observer, "c1") if s["boot"] == 2], 60,
                   "the next boot")
     p.wait_line(r"c1 I boot 2, .*reset cause power-on", 5)
-    _until(p.alive, 30, "a wake")
-    p.power_cut()  # mid-wake, or as good as: whatever it took is not acknowledged
+    # Mid-wake, or as good as: whatever it took is not acknowledged. (A wake can end just
+    # before the cut: then the next one is cut.)
+    _until(lambda: p.alive() and p.power_cut(), 30, "a cut while awake")
+    assert "runner: power cut\n" in p.output() + "\n"
     observer.wait(lambda m: [s for s in _sleeping(observer, "c1") if s["boot"] == 3], 60,
                   "the boot after")
     for boot in (1, 2):
@@ -185,12 +187,14 @@ def test_a_command_keeps_a_sleeping_device_awake_and_it_sleeps_again_after(fleet
     on = observer.wait(lambda m: [s for s in observer.json("devices/a1/status")
                                   if s["state"] == "online"], 60, "awake")[0]
     assert 0 < on["awake_s"] <= 3
-    # Awake: a command is answered at once, not at the next wake.
-    observer.publish("devices/a1/cmd/ping", json.dumps({"id": "now"}), qos=1)
-    observer.wait(lambda m: [r for r in observer.json("devices/a1/cmd/ping/result")
-                             if r["id"] == "now"], 10, "ping answered while awake")
+    # Awake: a command is answered at once, before the wake's next `sleeping`.
     n = len(_sleeping(observer, "a1"))
+    observer.publish("devices/a1/cmd/ping", json.dumps({"id": "now"}), qos=1)
     observer.wait(lambda m: len(_sleeping(observer, "a1")) > n, 30, "asleep again")
+    order = [t for _, t, pl, _ in observer.messages
+             if t == "devices/a1/cmd/ping/result" or (t == "devices/a1/status"
+                                                      and b'"sleeping"' in pl)]
+    assert order[n:n + 2] == ["devices/a1/cmd/ping/result", "devices/a1/status"], order
     assert "Traceback" not in p.output()
 
 
@@ -213,3 +217,27 @@ def test_an_update_asked_of_a_sleeping_device_keeps_its_next_wake_awake_until_co
     assert "runner: board reset" in p.output()
     on = [s for s in observer.json("devices/u1/status") if s["state"] == "online"]
     assert on and on[-1]["fw"] == "2.0.0" and on[-1]["cause"] == "soft"
+
+
+def test_leaving_duty_takes_a_reboot_and_loses_no_kept_reading(fleet, observer):
+    p = fleet.start(fleet.spec("m1", broker=FAST, power=_duty(send_every=3)),
+                    sleep_scale=SCALE)
+    observer.wait(lambda m: len(_sleeping(observer, "m1")) >= 2, 60, "asleep")
+    observer.publish("devices/m1/config/desired",
+                     json.dumps({"version": 2, "power.mode": "always-on"}), retain=True)
+    rep = observer.wait(lambda m: [r for r in observer.json("devices/m1/config/reported")
+                                   if r["versions"].get("device") == 2], 60, "layer")[-1]
+    assert rep.get("pending_reboot") == ["power.mode"]
+    observer.publish("devices/m1/cmd/reboot", json.dumps({"id": "r"}), qos=1)
+    b = observer.wait(lambda m: [s for s in observer.json("devices/m1/status")
+                                 if s["state"] == "online" and s["boot"] == 2], 60,
+                      "always on after the reboot")[0]
+    assert b["cause"] == "soft"
+    slept = len(p.sleeps)
+    observer.wait(lambda m: len(_seqs(observer, "m1", boot=2)) >= 3, 30, "telemetry")
+    assert len(p.sleeps) == slept  # always on: no sleep since
+    # The readings boot 1 kept in its RTC memory arrived under their own numbers.
+    got = _seqs(observer, "m1", boot=1)
+    last = [s["seq"] for s in _sleeping(observer, "m1") if s["boot"] == 1][-1]
+    assert sorted(got) == list(range(1, max(got) + 1)) and len(set(got)) == len(got)
+    assert max(got) >= last
