@@ -232,6 +232,23 @@ def test_sim_set_reaches_every_device_and_a_bad_one_stops_before_the_start(sim_r
     assert "mosquitto on" not in r.stdout, "nothing started"
 
 
+def test_a_sleeping_fleet_runs_in_the_sim_and_counts_as_up(sim_run):
+    # Battery devices (README "Battery devices"), three boards in one process sleeping in it:
+    # each says `sleeping` and delivers every 2nd wake, its readings in order.
+    sim = sim_run("--devices", "3", "--processes", "1", "--set", "power.mode=duty",
+                  "--set", "power.wake_every_s=20", "--set", "power.send_every=2",
+                  "--sleep-scale", "0.05")
+    for n in range(3):
+        head = "devices/sim-%04d/" % n
+        sim.wait(lambda ls, h=head: len([l for l in ls if l.startswith(h + "status {")
+                                         and '"sleeping"' in l]) >= 3, 60, head + " asleep")
+    summary = sim.finish()
+    assert summary["online"] == 3 and summary["gaps"] == 0 and summary["duplicates"] == 0
+    for n in range(3):
+        got = _tele(sim.lines, "sim-%04d" % n)
+        assert got == list(range(1, len(got) + 1)) and len(got) >= 4, got
+
+
 def test_the_consumer_keeps_its_session_across_its_own_lost_connection(
         broker, observer, sim_run):
     # The devices publish to the broker; the consumer reads through a proxy (--observe)
