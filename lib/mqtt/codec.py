@@ -129,15 +129,22 @@ def _b(s):
     return s.encode() if isinstance(s, str) else s
 
 
-def connect_packet(client_id, keepalive, clean=False, will=None, user=None, password=None):
-    """CONNECT. will is (topic, payload, qos, retain) or None. Built once per connect."""
+def connect_packet(client_id, keepalive, clean=False, will=None, user=None, password=None,
+                   props=None, will_props=None):
+    """CONNECT. will is (topic, payload, qos, retain) or None. Built once per connect.
+    props (bytes, under 128): protocol level 5 with this CONNECT property section, and the
+    will's will_props (mqtt.v5 builds both); None: 3.1.1."""
     client_id = _b(client_id)
     flags = 0x02 if clean else 0
     size = 10 + 2 + len(client_id)
+    if props is not None:
+        size += 1 + len(props)
     if will:
         wt, wm, wq, wr = _b(will[0]), _b(will[1]), will[2], will[3]
         flags |= 0x04 | (wq << 3) | (0x20 if wr else 0)
         size += 4 + len(wt) + len(wm)
+        if props is not None:
+            size += 1 + len(will_props)
     if user is not None:
         user = _b(user)
         flags |= 0x80
@@ -150,12 +157,17 @@ def connect_packet(client_id, keepalive, clean=False, will=None, user=None, pass
     buf[0] = CONNECT
     off = write_varlen(buf, 1, size)
     off = _put_str(buf, off, b"MQTT")
-    buf[off] = 4  # protocol level 3.1.1
+    buf[off] = 4 if props is None else 5  # protocol level 3.1.1 or 5
     buf[off + 1] = flags
     buf[off + 2] = keepalive >> 8
     buf[off + 3] = keepalive & 0xFF
-    off = _put_str(buf, off + 4, client_id)
+    off += 4
+    if props is not None:
+        off = _put_props(buf, off, props)
+    off = _put_str(buf, off, client_id)
     if will:
+        if props is not None:
+            off = _put_props(buf, off, will_props)
         off = _put_str(buf, off, wt)
         off = _put_str(buf, off, wm)
     if user is not None:
@@ -163,6 +175,13 @@ def connect_packet(client_id, keepalive, clean=False, will=None, user=None, pass
         if password is not None:
             off = _put_str(buf, off, password)
     return buf
+
+
+def _put_props(buf, off, props):
+    """An MQTT 5 property section of under 128 bytes: its length, then it."""
+    buf[off] = len(props)
+    buf[off + 1:off + 1 + len(props)] = props
+    return off + 1 + len(props)
 
 
 def publish_size(topic, payload, qos, props=None):

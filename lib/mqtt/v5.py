@@ -3,7 +3,8 @@
 # imported only when a connection speaks 5, so a 3.1.1 device never loads it.
 from micropython import const
 
-from mqtt.codec import CONNECT, ProtocolError, _b, _put_str, varlen_size, write_varlen
+from mqtt.codec import ProtocolError, _b, _put_str, varlen_size, write_varlen
+from mqtt.codec import connect_packet as _connect
 
 SESSION_EXPIRY = const(0x11)
 RECEIVE_MAX = const(0x21)
@@ -141,49 +142,13 @@ def connect_packet(client_id, keepalive, clean=False, will=None, user=None, pass
                    session_expiry=0, max_packet=0, will_delay=0):
     """CONNECT for protocol level 5: Session Expiry Interval and Maximum Packet Size in its
     properties (0: left out), Will Delay Interval in the will's. Built once per connect."""
-    client_id = _b(client_id)
     props = b""
     if session_expiry:
         props += b"\x11" + _u32(session_expiry)
     if max_packet:
         props += b"\x27" + _u32(max_packet)
-    flags = 0x02 if clean else 0
-    size = 10 + 1 + len(props) + 2 + len(client_id)
-    if will:
-        wt, wm, wq, wr = _b(will[0]), _b(will[1]), will[2], will[3]
-        wprops = (b"\x18" + _u32(will_delay)) if will_delay else b""
-        flags |= 0x04 | (wq << 3) | (0x20 if wr else 0)
-        size += 1 + len(wprops) + 4 + len(wt) + len(wm)
-    if user is not None:
-        user = _b(user)
-        flags |= 0x80
-        size += 2 + len(user)
-        if password is not None:
-            password = _b(password)
-            flags |= 0x40
-            size += 2 + len(password)
-    buf = bytearray(1 + varlen_size(size) + size)
-    buf[0] = CONNECT
-    off = write_varlen(buf, 1, size)
-    off = _put_str(buf, off, b"MQTT")
-    buf[off] = 5
-    buf[off + 1] = flags
-    buf[off + 2] = keepalive >> 8
-    buf[off + 3] = keepalive & 0xFF
-    buf[off + 4] = len(props)  # < 128: one byte
-    off += 5
-    buf[off:off + len(props)] = props
-    off = _put_str(buf, off + len(props), client_id)
-    if will:
-        buf[off] = len(wprops)
-        buf[off + 1:off + 1 + len(wprops)] = wprops
-        off = _put_str(buf, off + 1 + len(wprops), wt)
-        off = _put_str(buf, off, wm)
-    if user is not None:
-        off = _put_str(buf, off, user)
-        if password is not None:
-            off = _put_str(buf, off, password)
-    return buf
+    wprops = (b"\x18" + _u32(will_delay)) if will and will_delay else b""
+    return _connect(client_id, keepalive, clean, will, user, password, props, wprops)
 
 
 def decode_connack(body):
