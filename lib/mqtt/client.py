@@ -201,13 +201,15 @@ class MQTTClient:
             "downgrades": 0,  # endpoints found to speak 3.1.1 only
         }
         self._hold_room()
-        if [1 for i in range(len(self.endpoints)) if self.protocol_of(i) == "5"]:
-            # Now, while the heap is young (and compiling it, from source, finds room),
-            # rather than at the first connect; not at all when every broker is known to
-            # speak 3.1.1 only.
-            from mqtt import v5
+        for i in range(len(self.endpoints)):
+            if self.protocol_of(i) == "5":
+                # Now, while the heap is young (and compiling it, from source, finds room),
+                # rather than at the first connect; not at all when every broker is known
+                # to speak 3.1.1 only.
+                from mqtt import v5
 
-            self._v5 = v5
+                self._v5 = v5
+                break
         # What went wrong since the last successful connect; handed to the app (and reset)
         # when the next one succeeds, so refusals are reported once there is a link.
         self.outage = None
@@ -774,7 +776,7 @@ class MQTTClient:
                 props[0x11], self.session_expiry))
 
     def _too_big(self, topic, payload, qos):
-        if self._v5 is None or not self.v5:
+        if not self.v5:  # (a 5 connection has loaded mqtt.v5)
             return False
         n = codec.publish_size(topic, payload, qos, b"\x00")
         if n <= self._max_out:
