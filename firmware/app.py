@@ -723,8 +723,7 @@ class Device:
             self.telemetry.seq = st.seq
             if self.bootrec["cause"] == "deepsleep":
                 self._adopt_boot_record()
-        for p, boot, seq in st.records():
-            self.outbox.put(self.topics.telemetry, p, boot, seq)
+        st.into(self.outbox, self.topics.telemetry)
         self.outbox.spill()  # on flash before the sleep memory lets go of them
         try:
             st.clear()  # no wake belongs to this boot any more

@@ -115,8 +115,10 @@ class SleepState:
             yield bytes(p), boot, seq
             off += n
 
-    def count(self):
-        return sum(1 for _ in self.records())
+    def into(self, outbox, topic):
+        """Every kept reading into the outbox, oldest first (they stay kept here too)."""
+        for p, boot, seq in self.records():
+            outbox.put(topic, p, boot, seq)
 
 
 def load_state(board):
@@ -204,15 +206,11 @@ class DutyCycle:
         # wake sends none of them twice and loses none (RTC memory; on flash, what was
         # acknowledged since the wake began may go out again).
         ob = dev.outbox
+        st.into(ob, dev.topics.telemetry)
         if ob.policy == "always" or len(st.recs) > len(ob.ring.buf):
-            # The outbox would put them on flash itself: then flash holds them, not both.
-            for p, boot, seq in st.records():
-                ob.put(dev.topics.telemetry, p, boot, seq)
+            # The outbox put them (some) on flash itself: then flash holds them, not both.
             ob.spill()
             st.recs = bytearray()
-        else:
-            for p, boot, seq in st.records():
-                ob.put(dev.topics.telemetry, p, boot, seq)
         dev.kick()
         self._save()
         budget = self.power("awake_max_s")
@@ -285,8 +283,7 @@ class DutyCycle:
             st.add(payload, boot, seq)
             return
         ob = self.dev.outbox
-        for kp, kb, ks in st.records():
-            ob.put(topic, kp, kb, ks)
+        st.into(ob, topic)
         st.recs = bytearray()
         ob.put(topic, payload, boot, seq)
         if not ob.spill():

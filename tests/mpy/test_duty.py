@@ -23,7 +23,6 @@ def test_state_and_kept_readings_survive_a_save_and_load():
     assert (got.boot, got.seq, got.wakes, got.fails, got.flags) == (7, 12, 40, 2, 3)
     assert (got.refresh_at, got.health_at) == (90, 55)
     assert list(got.records()) == [(b'{"seq": 11}', 7, 11), (b'{"seq": 12}', 7, 12)]
-    assert got.count() == 2
 
 
 def test_a_lost_or_damaged_memory_is_no_state():
