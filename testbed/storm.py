@@ -179,8 +179,8 @@ def bins(times, t0, t1):
     return out
 
 
-class Run:
-    """One scenario with one profile: its own broker, proxy, fleet and observer."""
+class Scenario:
+    """What every scenario run has: its name, profile, arguments and a directory of its own."""
 
     def __init__(self, scenario, profile, a, workdir, say):
         self.scenario = scenario
@@ -189,6 +189,13 @@ class Run:
         self.dir = os.path.join(workdir, "%s-%s" % (scenario, profile))
         os.makedirs(self.dir, exist_ok=True)
         self.say = say
+
+
+class Run(Scenario):
+    """One scenario with one profile: its own broker, proxy, fleet and observer."""
+
+    def __init__(self, *args):
+        Scenario.__init__(self, *args)
         self.ledger = Ledger()
         self.lock = threading.Lock()
         self.births = {}  # device -> [(t, status doc, broker index)] of online births
@@ -400,7 +407,7 @@ class Run:
         return summary, series
 
 
-class SimOutageRun:
+class SimOutageRun(Scenario):
     """sim-outage: testbed/sim.py in a process of its own, as an operator runs it (module
     docstring); the summary is sim.py's JSON line, with `failures` saying what it lacks."""
 
@@ -408,14 +415,6 @@ class SimOutageRun:
     # to come back, telemetry flowing again (its `online` asks for some in the last 10 s).
     UP_S = 60.0
     BACK_S = 80.0
-
-    def __init__(self, scenario, profile, a, workdir, say):
-        self.scenario = scenario
-        self.profile = profile
-        self.a = a
-        self.dir = os.path.join(workdir, "%s-%s" % (scenario, profile))
-        os.makedirs(self.dir, exist_ok=True)
-        self.say = say
 
     def argv(self):
         a = self.a
